@@ -1,0 +1,137 @@
+"""Attention against independent references: torch.nn.MultiheadAttention, torch's fused kernel, gradcheck."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.model.attention import (
+    KVCache,
+    MultiHeadAttention,
+    fused_attention,
+    scaled_dot_product_attention,
+)
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([ours.w_q.weight, ours.w_k.weight, ours.w_v.weight]))
+        ref.in_proj_bias.copy_(torch.cat([ours.w_q.bias, ours.w_k.bias, ours.w_v.bias]))
+        ref.out_proj.weight.copy_(ours.w_o.weight)
+        ref.out_proj.bias.copy_(ours.w_o.bias)
+
+
+def randomise(module: nn.Module) -> None:
+    """Random biases too, so that a mistake in any parameter shows."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["self-causal", "self-padding", "cross-padding"])
+def test_multi_head_attention_matches_torch(dtype: torch.dtype, kind: str) -> None:
+    torch.manual_seed(0)
+    batch, q_len, k_len, d_model, heads = 3, 6, 6 if kind.startswith("self") else 9, 32, 4
+    ours = MultiHeadAttention(d_model, heads, fused=False).to(dtype)
+    randomise(ours)
+    ref = nn.MultiheadAttention(d_model, heads, batch_first=True).to(dtype)
+    copy_into_reference(ours, ref)
+    x = torch.randn(batch, q_len, d_model, dtype=dtype)
+    memory = None if kind.startswith("self") else torch.randn(batch, k_len, d_model, dtype=dtype)
+    kv = x if memory is None else memory
+
+    lengths = torch.tensor([k_len, k_len - 2, 3])
+    keep = torch.arange(k_len)[None, :] < lengths[:, None]  # (batch, k_len) True = real token
+    if kind == "self-causal":
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril()
+        our_mask, ref_kwargs = allowed, {"attn_mask": ~allowed}
+    else:
+        our_mask, ref_kwargs = keep[:, None, None, :], {"key_padding_mask": ~keep}
+
+    out, weights = ours(x, memory, our_mask, need_weights=True)
+    ref_out, ref_weights = ref(x, kv, kv, **ref_kwargs, need_weights=True, average_attn_weights=True)
+    assert weights.shape == (batch, heads, q_len, k_len)
+    assert (out - ref_out).abs().max() < TOL[dtype]
+    assert (weights.mean(dim=1) - ref_weights).abs().max() < TOL[dtype]
+
+    ours.fused = True  # the fused kernel gives the same output
+    fused_out, _ = ours(x, memory, our_mask)
+    assert (fused_out - ref_out).abs().max() < TOL[dtype]
+
+
+def test_explicit_matches_fused_kernel_with_masks() -> None:
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True
+    out, _ = scaled_dot_product_attention(q, k, v, mask)
+    assert torch.allclose(out, fused_attention(q, k, v, mask), atol=1e-6)
+
+
+def test_hand_computed_case() -> None:
+    # One query, two keys: scores = [1·2, 1·0]/√1 -> weights softmax([2, 0]); output = weighted values.
+    q = torch.tensor([[[[1.0]]]])
+    k = torch.tensor([[[[2.0], [0.0]]]])
+    v = torch.tensor([[[[10.0], [20.0]]]])
+    out, weights = scaled_dot_product_attention(q, k, v)
+    w0 = math.exp(2) / (math.exp(2) + 1)
+    assert weights.flatten().tolist() == pytest.approx([w0, 1 - w0])
+    assert out.item() == pytest.approx(10 * w0 + 20 * (1 - w0))
+    # The scale is 1/√d_k: with d_k = 4 the same dot product is divided by 2.
+    q4, k4 = torch.ones(1, 1, 1, 4) / 2, torch.stack([torch.ones(4), torch.zeros(4)])[None, None]
+    _, w4 = scaled_dot_product_attention(q4, k4, torch.zeros(1, 1, 2, 4))
+    assert w4[0, 0, 0, 0].item() == pytest.approx(math.exp(1) / (math.exp(1) + 1))
+
+
+def test_rows_sum_to_one_masked_exactly_zero_fully_masked_no_nan() -> None:
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.ones(2, 1, 4, 6, dtype=torch.bool)
+    mask[0, :, :, 4:] = False  # padding
+    mask[1, :, 2, :] = False  # query 2 of sequence 1 may see nothing
+    out, weights = scaled_dot_product_attention(q, k, v, mask)
+    assert not torch.isnan(out).any() and not torch.isnan(weights).any()
+    assert torch.all(weights[~mask.expand_as(weights)] == 0.0)  # exactly zero, not merely small
+    sums = weights.sum(-1)
+    assert torch.allclose(sums[0], torch.ones_like(sums[0]))
+    assert torch.all(sums[1, :, 2] == 0.0) and torch.all(out[1, :, 2] == 0.0)
+    assert torch.allclose(sums[1, :, [0, 1, 3]], torch.ones(2, 3))
+    q.requires_grad_(True)
+    scaled_dot_product_attention(q, k, v, mask)[0].sum().backward()
+    assert torch.isfinite(q.grad).all()
+    # The fused kernel also gives zeros, not NaN, for the fully masked row.
+    assert torch.allclose(fused_attention(q.detach(), k, v, mask), out, atol=1e-6)
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(3)
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, True, True, False, False])[None, None, None, :]
+    assert torch.autograd.gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, mask)[0], (q, k, v))
+    mha = MultiHeadAttention(8, 2, fused=False).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: mha(x)[0], (x,))
+
+
+def test_cache_appends_and_reorders() -> None:
+    torch.manual_seed(4)
+    mha = MultiHeadAttention(8, 2).eval()
+    x = torch.randn(3, 5, 8)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    full, _ = mha(x, mask=causal)
+    cache = KVCache(max_len=8)
+    steps = []
+    for t in range(5):
+        out, _ = mha(x[:, t : t + 1], cache=cache, layer=0)
+        cache.advance()
+        steps.append(out)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-6)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    k, _ = cache.self_kv[0]
+    assert torch.equal(k[0], k[1]) and not torch.equal(k[0], k[2])

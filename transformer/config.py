@@ -1,0 +1,160 @@
+"""Configuration: frozen dataclasses, saved in every checkpoint, with the paper's presets.
+
+A config is a value, not a bag of globals: it is built once (from a preset, a YAML file and `key=value`
+overrides), written beside the weights, and read back to rebuild exactly the model that was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from transformer.errors import TransformerError
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of the encoder–decoder, named as in Vaswani et al. (2017)."""
+
+    src_vocab_size: int = 8000
+    tgt_vocab_size: int = 8000
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1  # P_drop of the paper: sublayer outputs and embedding sums
+    attention_dropout: float = 0.0  # on attention weights (not in the paper; fairseq's attention_dropout)
+    activation_dropout: float = 0.0  # inside the FFN, after the activation (not in the paper)
+    activation: Literal["relu", "gelu"] = "relu"
+    norm_first: bool = False  # False: post-LN as in the paper; True: pre-LN (trains without warm-up)
+    positional: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
+    max_len: int = 1024  # longest sequence the positional table covers
+    share_embeddings: bool = False  # one embedding matrix for source and target (needs a joint vocabulary)
+    tie_output: bool = True  # the pre-softmax projection reuses the target embedding (paper §3.4)
+    pad_id: int = 0
+    attention: Literal["fused", "explicit"] = "fused"  # fused: torch SDPA kernel; explicit: the formula
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise TransformerError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise TransformerError(
+                "share_embeddings needs src_vocab_size == tgt_vocab_size (a joint vocabulary)"
+            )
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise TransformerError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        for name in ("d_model", "n_heads", "d_ff", "max_len", "src_vocab_size", "tgt_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TransformerError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def d_k(self) -> int:
+        """Width of one head's queries and keys (and values: d_v = d_k in the paper)."""
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """A named preset (`small`, `base`, `big`), with any field overridden."""
+        if name not in MODEL_PRESETS:
+            raise TransformerError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+# Table 3 of the paper: base (65M parameters) and big (213M) with a shared 37k BPE vocabulary, three-way
+# weight tying (§3.4), P_drop 0.1 and 0.3 (the EN-DE big model). `small` is sized for a 2-core CPU and
+# Multi30k: 3+3 layers of width 256.
+MODEL_PRESETS: dict[str, TransformerConfig] = {
+    "small": TransformerConfig(
+        d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=3, n_decoder_layers=3, share_embeddings=True
+    ),
+    "base": TransformerConfig(
+        src_vocab_size=37000,
+        tgt_vocab_size=37000,
+        d_model=512,
+        n_heads=8,
+        d_ff=2048,
+        dropout=0.1,
+        share_embeddings=True,
+    ),
+    "big": TransformerConfig(
+        src_vocab_size=37000,
+        tgt_vocab_size=37000,
+        d_model=1024,
+        n_heads=16,
+        d_ff=4096,
+        dropout=0.3,
+        share_embeddings=True,
+    ),
+}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
+    """Build a dataclass from a dict, refusing unknown keys and values of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise TransformerError(f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    checked = {key: _coerce(hints[key], value, f"{source}: {key}") for key, value in values.items()}
+    return cls(**checked)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check (and gently convert, e.g. int -> float, "3" -> 3 from the command line) one value."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise TransformerError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise TransformerError(f"{where} must be of type {hint.__name__}, got {value!r}")
+
+
+def save_json(config: Any, path: Path) -> None:
+    path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")

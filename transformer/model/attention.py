@@ -1,0 +1,148 @@
+"""Scaled dot-product attention and multi-head attention (Vaswani et al. 2017, §3.2).
+
+Masks are boolean and broadcast to (batch, heads, q_len, k_len): True means "may attend". Padding masks
+have shape (batch, 1, 1, k_len); the causal mask has shape (q_len, k_len).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """softmax(QKᵀ/√d_k)·V, written out; returns (output, weights).
+
+    This is the readable reference and the path that can return the weights. Masked positions are set to
+    -inf before the softmax, so they receive exactly zero weight (exp(-inf) = 0), not a small number as
+    with a -1e9 fill. A query whose every key is masked would give 0/0 = NaN; such rows are given zero
+    weight everywhere instead, so they produce a zero output and no NaN reaches the gradients.
+    """
+    d_k = q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (batch, heads, q_len, k_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        has_any_key = mask.any(dim=-1, keepdim=True)  # (batch, heads|1, q_len|1, 1)
+        scores = scores.masked_fill(~has_any_key, 0.0)  # softmax of a fully masked row is then finite...
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)  # ...and zeroed here, with the masked entries of every row
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights  # (batch, heads, q_len, d_k), (batch, heads, q_len, k_len)
+
+
+def fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """The same function through torch's fused kernel (flash / memory-efficient), which never materialises
+    the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@dataclass
+class KVCache:
+    """Keys and values kept between decoding steps, for every decoder layer.
+
+    Self-attention keys/values grow by one position per step and are written into buffers preallocated
+    for `max_len` positions, so a step costs no copy of the prefix. Cross-attention keys/values depend only
+    on the source and are computed once. `reorder` follows the surviving hypotheses of a beam.
+    """
+
+    max_len: int
+    length: int = 0  # positions filled so far
+    self_kv: dict[int, tuple[Tensor, Tensor]] = field(
+        default_factory=dict
+    )  # layer -> (batch, heads, max_len, d_k)
+    cross_kv: dict[int, tuple[Tensor, Tensor]] = field(
+        default_factory=dict
+    )  # layer -> (batch, heads, src_len, d_k)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values at positions [length, length + new) and return the whole prefix."""
+        if layer not in self.self_kv:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.self_kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+        k_buf, v_buf = self.self_kv[layer]
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; step would reach {end}")
+        k_buf[:, :, self.length : end] = k
+        v_buf[:, :, self.length : end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def advance(self, n: int = 1) -> None:
+        """Called once per decoding step, after every layer has appended."""
+        self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search: the parents of the surviving hypotheses)."""
+        for store in (self.self_kv, self.cross_kv):
+            for layer, (k, v) in store.items():
+                store[layer] = (k.index_select(0, index), v.index_select(0, index))
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1, …, head_h)·W_O, head_i = Attention(Q·W_Q_i, K·W_K_i, V·W_V_i).
+
+    The h per-head projections are stored side by side in one (d_model, d_model) matrix per role, so all
+    heads are projected by one matmul and then split: (batch, len, d_model) -> (batch, heads, len, d_k).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:
+        super().__init__()
+        assert d_model % n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads, self.d_k = n_heads, d_model // n_heads
+        self.w_q = nn.Linear(d_model, d_model)
+        self.w_k = nn.Linear(d_model, d_model)
+        self.w_v = nn.Linear(d_model, d_model)
+        self.w_o = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.fused = fused
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.d_k).transpose(1, 2)  # (batch, heads, len, d_k)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Self-attention when `memory` is None, else encoder–decoder attention: queries from `x`
+        (batch, q_len, d_model), keys and values from `memory` (batch, k_len, d_model).
+
+        With a `cache`, self-attention appends this step's keys/values to the prefix, and cross-attention
+        projects `memory` only on the first step. Returns (output, per-head weights or None).
+        """
+        q = self._split_heads(self.w_q(x))  # (batch, heads, q_len, d_k)
+        if memory is None:
+            k, v = self._split_heads(self.w_k(x)), self._split_heads(self.w_v(x))
+            if cache is not None:
+                k, v = cache.append(layer, k, v)  # (batch, heads, prefix_len, d_k)
+        elif cache is not None and layer in cache.cross_kv:
+            k, v = cache.cross_kv[layer]
+        else:
+            k, v = self._split_heads(self.w_k(memory)), self._split_heads(self.w_v(memory))
+            if cache is not None:
+                cache.cross_kv[layer] = (k, v)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights or not self.fused:
+            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p)
+        else:
+            out, weights = fused_attention(q, k, v, mask, dropout_p), None
+        batch, _, q_len, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.d_k)  # concatenate the heads
+        return self.w_o(out), (weights if need_weights else None)
