@@ -1,0 +1,343 @@
+"""Tests of corpus reading, the SentencePiece tokenizer and token-budget batching."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import random
+import re
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformer.data.batching import Batch, collate, shard_batches, token_batches
+from transformer.data.corpus import corpus_paths, filter_pairs, read_lines, read_parallel
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, round_trip_mismatches
+from transformer.errors import TransformerError
+
+MULTI30K = Path(__file__).resolve().parents[1] / "data" / "multi30k"
+SPLITS = ("train", "val", "test2016")
+# Text SentencePiece gets wrong by default: "▁" is its space symbol, NFKC would rewrite "ﬁ", "①" and the
+# decomposed "é", repeated spaces would be collapsed; emoji, \x07 and most scripts never occur in Multi30k.
+ODD_TEXTS = [
+    "a\u2581b",
+    "\u2581",
+    "\u2581\u2581x \u2581",
+    "Emoji 😀🚀 and 漢字 and عربى and Ελληνικά",
+    "bell\x07 and nul\x00 and del\x7f",
+    "two  spaces,\ttab, three   spaces",
+    "ligature ﬁ, circled ①, decomposed e\u0301, fullwidth ＡＢ",
+    "a\x0bb\x0cc\u2028d",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \U0010fffd",
+    "",
+]
+
+
+def write(path: Path, text: str) -> Path:
+    """Write UTF-8 text, gzip-compressed if the name ends in .gz."""
+    data = text.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.mark.parametrize("name", ["text.txt", "text.txt.gz"])
+def test_read_lines_strips_and_splits_only_on_newline(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path / name, "  a b \n\tc\r\n\nx\x0by\u2028z\nlast")
+    assert read_lines(path) == ["a b", "c", "", "x\x0by\u2028z", "last"]
+
+
+def test_read_lines_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(TransformerError, match=re.escape("nowhere.de")):
+        read_lines(tmp_path / "nowhere.de")
+
+
+def test_read_lines_corrupt_gzip_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.de.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(TransformerError, match=re.escape("broken.de.gz")):
+        read_lines(path)
+
+
+@pytest.mark.parametrize(
+    ("src_name", "tgt_name"), [("a.de", "a.en"), ("a.de.gz", "a.en.gz"), ("a.de", "a.en.gz")]
+)
+def test_read_parallel_two_files(tmp_path: Path, src_name: str, tgt_name: str) -> None:
+    src = write(tmp_path / src_name, "Ein Hund .\n  Zwei  Katzen \n")
+    tgt = write(tmp_path / tgt_name, "A dog .\nTwo  cats\t\n")
+    assert read_parallel(src, tgt) == [("Ein Hund .", "A dog ."), ("Zwei  Katzen", "Two  cats")]
+
+
+@pytest.mark.parametrize("name", ["pairs.tsv", "pairs.tsv.gz"])
+def test_read_parallel_tsv(tmp_path: Path, name: str) -> None:
+    path = write(tmp_path / name, "Ein Hund .\tA dog .\n Zwei Katzen \t Two cats \n\tempty source\n")
+    assert read_parallel(path) == [
+        ("Ein Hund .", "A dog ."),
+        ("Zwei Katzen", "Two cats"),
+        ("", "empty source"),
+    ]
+
+
+@pytest.mark.parametrize("bad_line", ["no tab here", "one\ttwo\tthree"])
+def test_read_parallel_tsv_rejects_line_without_exactly_one_tab(tmp_path: Path, bad_line: str) -> None:
+    path = write(tmp_path / "pairs.tsv", f"a\tb\n{bad_line}\nc\td\n")
+    with pytest.raises(TransformerError, match=r"pairs\.tsv line 2 has [02] tabs"):
+        read_parallel(path)
+
+
+def test_read_parallel_mismatched_counts_names_both_files(tmp_path: Path) -> None:
+    src = write(tmp_path / "train.de.gz", "a\nb\nc\n")
+    tgt = write(tmp_path / "train.en.gz", "a\nb\n")
+    with pytest.raises(TransformerError) as info:
+        read_parallel(src, tgt)
+    message = str(info.value)
+    assert "train.de.gz has 3 lines but" in message
+    assert "train.en.gz has 2:" in message
+    assert "aligned line by line" in message
+
+
+def test_corpus_paths_finds_plain_or_gz(tmp_path: Path) -> None:
+    write(tmp_path / "val.de", "x\n")
+    write(tmp_path / "val.en.gz", "x\n")
+    assert corpus_paths(tmp_path, "val", "de", "en") == (tmp_path / "val.de", tmp_path / "val.en.gz")
+    with pytest.raises(TransformerError, match=r"neither val\.fr nor val\.fr\.gz found"):
+        corpus_paths(tmp_path, "val", "de", "fr")
+    write(tmp_path / "val.de.gz", "x\n")
+    with pytest.raises(TransformerError, match=re.escape("both val.de and val.de.gz")):
+        corpus_paths(tmp_path, "val", "de", "en")
+    with pytest.raises(TransformerError, match="does not exist"):
+        corpus_paths(tmp_path / "missing", "val", "de", "en")
+
+
+def test_filter_pairs_counts_each_reason() -> None:
+    pairs = [
+        ([1, 2], [3]),  # kept
+        ([], [3]),  # empty source
+        ([4], []),  # empty target
+        ([5] * 4, [6]),  # too long source
+        ([7], [8] * 5),  # too long target
+        ([], [9] * 9),  # empty and too long: counted as empty only
+        ([5] * 3, [6] * 3),  # exactly max_len: kept
+    ]
+    assert filter_pairs(pairs, max_len=3) == ([0, 6], {"empty": 3, "too_long": 2})
+    with pytest.raises(TransformerError, match="max_len"):
+        filter_pairs(pairs, max_len=0)
+
+
+def test_bundled_corpus_reads_aligned_and_stripped() -> None:
+    pairs = read_parallel(*corpus_paths(MULTI30K, "train", "de", "en"))
+    assert len(pairs) == 29000
+    assert all(side == side.strip() and side for pair in pairs for side in pair)
+    assert sum("\t" in de for de, _ in pairs) == 1  # the one inner TAB of train.de survives stripping
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def corpus_texts(split: str) -> list[str]:
+    return [side for pair in read_parallel(*corpus_paths(MULTI30K, split, "de", "en")) for side in pair]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """The real setting: 8000 pieces trained on both languages of the Multi30k training split."""
+    return Tokenizer.train(corpus_texts("train"), tmp_path_factory.mktemp("tok") / "tokenizer.model", 8000)
+
+
+def small_corpus() -> list[str]:
+    return corpus_texts("val")[:600]
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return Tokenizer.train(small_corpus(), tmp_path_factory.mktemp("small") / "tokenizer.model", 500)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_tokenizer_round_trips_every_bundled_line(tokenizer: Tokenizer, split: str) -> None:
+    texts = corpus_texts(split)
+    bad = round_trip_mismatches(tokenizer, texts)
+    assert not bad, f"{len(bad)} of {len(texts)} {split} lines do not round-trip, e.g. {texts[bad[0]]!r}"
+
+
+def test_tokenizer_vocabulary_and_special_ids(tokenizer: Tokenizer) -> None:
+    assert 4000 < tokenizer.vocab_size <= 8000
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
+    assert [tokenizer.piece(i) for i in (PAD_ID, UNK_ID, BOS_ID, EOS_ID)] == ["<pad>", "<unk>", "<s>", "</s>"]
+    ids = tokenizer.encode("Ein Mann fährt Fahrrad.")
+    assert ids and not {PAD_ID, UNK_ID, BOS_ID, EOS_ID} & set(ids)
+    assert "".join(map(tokenizer.piece, ids)) == "▁Ein▁Mann▁fährt▁Fahrrad."
+    # Model output arrives with BOS, EOS and padding; as a tensor, too.
+    assert tokenizer.decode(torch.tensor([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID])) == "Ein Mann fährt Fahrrad."
+
+
+def test_tokenizer_round_trips_odd_text_with_byte_fallback(tokenizer: Tokenizer) -> None:
+    for text in ODD_TEXTS:
+        ids = tokenizer.encode(text)
+        assert UNK_ID not in ids, text
+        assert tokenizer.decode(ids) == text
+    assert [tokenizer.piece(i) for i in tokenizer.encode("😀")] == [
+        "▁",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x98>",
+        "<0x80>",
+    ]
+
+
+def test_tokenizer_batch_methods_match_single(tokenizer: Tokenizer) -> None:
+    texts = [*ODD_TEXTS, "Zwei Hunde spielen im Schnee."]
+    encoded = tokenizer.encode_batch(texts)
+    assert encoded == [tokenizer.encode(text) for text in texts]
+    assert tokenizer.decode_batch(encoded) == texts
+
+
+def test_round_trip_mismatches_reports_lossy_texts() -> None:
+    class Lowercasing:
+        """Stands in for a lossy tokenizer."""
+
+        def encode_batch(self, texts: list[str]) -> list[str]:
+            return [t.lower() for t in texts]
+
+        def decode_batch(self, batch: list[str]) -> list[str]:
+            return batch
+
+    assert round_trip_mismatches(Lowercasing(), ["ok", "Not", "fine", "AT all"]) == [1, 3]  # type: ignore[arg-type]
+
+
+def test_tokenizer_training_is_deterministic_and_loads_back(
+    small_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    again = Tokenizer.train(small_corpus(), tmp_path / "again.model", 500)
+    assert again.sha256() == small_tokenizer.sha256()
+    assert small_tokenizer.path is not None
+    loaded = Tokenizer.load(small_tokenizer.path)
+    assert loaded.sha256() == small_tokenizer.sha256()
+    assert loaded.model_bytes == small_tokenizer.path.read_bytes()
+    text = "Ein kleines Mädchen klettert.\u2581"
+    assert loaded.encode(text) == small_tokenizer.encode(text)
+
+
+def test_tokenizer_small_corpus_gets_smaller_vocabulary(small_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    tiny = Tokenizer.train(["ein Hund", "zwei Hunde"], tmp_path / "tiny.model", 8000)
+    assert tiny.vocab_size < 8000
+    assert tiny.decode(tiny.encode("drei Katzen 🐱")) == "drei Katzen 🐱"
+
+
+def test_tokenizer_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(TransformerError, match=re.escape("missing.model does not exist")):
+        Tokenizer.load(tmp_path / "missing.model")
+    corrupt = tmp_path / "corrupt.model"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(TransformerError, match=re.escape("corrupt.model is not a valid SentencePiece model")):
+        Tokenizer.load(corrupt)
+    # Right special ids, but SentencePiece's default NFKC normalization, dummy prefix and no byte fallback.
+    foreign = tmp_path / "foreign"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(small_corpus()),
+        model_prefix=str(foreign),
+        vocab_size=300,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        minloglevel=2,
+    )
+    with pytest.raises(
+        TransformerError, match=re.escape("foreign.model is a SentencePiece model not trained by this")
+    ):
+        Tokenizer.load(foreign.with_suffix(".model"))
+
+
+# Arbitrary text, with the characters SentencePiece treats specially made likely. (st.text would merge this
+# alphabet into plain "any character" and lose the weighting, hence lists of characters.)
+special_chars = st.sampled_from(" \t\n\r\x00\u2581\u3000ﬁ😀")
+odd_text = st.lists(st.characters() | special_chars, max_size=60).map("".join)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=odd_text)
+def test_tokenizer_round_trips_arbitrary_text(small_tokenizer: Tokenizer, text: str) -> None:
+    text = text.strip()
+    assert small_tokenizer.decode(small_tokenizer.encode(text)) == text
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+def random_lengths(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    rng = random.Random(seed)
+    src = [rng.randint(0, 60) for _ in range(n)]
+    tgt = [rng.randint(0, 60) for _ in range(n)]
+    src[7] = 300  # longer than the whole budget
+    return src, tgt
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_token_batches_cover_every_index_within_budget(shuffle: bool) -> None:
+    src_lens, tgt_lens = random_lengths(500)
+    max_tokens = 256
+    batches = token_batches(src_lens, tgt_lens, max_tokens, shuffle=shuffle, seed=1, epoch=2)
+    assert sorted(itertools.chain.from_iterable(batches)) == list(range(500))
+    assert len(batches) < 500 / 3  # greedy filling actually groups examples
+    assert [7] in batches
+    for batch in batches:
+        padded = collate([([5] * src_lens[i], [6] * tgt_lens[i]) for i in batch])
+        if batch != [7]:
+            assert padded.src.numel() <= max_tokens and padded.tgt_out.numel() <= max_tokens
+            cost = len(batch) * (max(max(src_lens[i], tgt_lens[i]) for i in batch) + 1)
+            assert cost <= max_tokens
+    if not shuffle:
+        widths = [max(src_lens[i], tgt_lens[i]) for i in itertools.chain.from_iterable(batches)]
+        assert widths == sorted(widths)
+
+
+def test_token_batches_deterministic_per_seed_and_epoch() -> None:
+    src_lens, tgt_lens = random_lengths(300)
+
+    def make(seed: int, epoch: int) -> list[list[int]]:
+        return token_batches(src_lens, tgt_lens, 200, shuffle=True, seed=seed, epoch=epoch)
+
+    state = random.getstate()
+    assert make(0, 0) == make(0, 0)
+    assert make(0, 0) != make(0, 1)
+    assert make(0, 0) != make(1, 0)
+    assert random.getstate() == state  # the global RNG is left alone
+    unshuffled = token_batches(src_lens, tgt_lens, 200, shuffle=False, seed=5, epoch=9)
+    assert unshuffled == token_batches(src_lens, tgt_lens, 200, shuffle=False)
+    with pytest.raises(TransformerError, match="max_tokens"):
+        token_batches(src_lens, tgt_lens, 0, shuffle=False)
+
+
+def test_shard_batches_equal_and_disjoint() -> None:
+    batches = [[i] for i in range(10)]
+    shards = [shard_batches(batches, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert shards[1] == [[1], [4], [7]]
+    assert sorted(itertools.chain.from_iterable(itertools.chain.from_iterable(shards))) == list(range(9))
+    assert shard_batches(batches, 0, 1) == batches
+    with pytest.raises(ValueError):
+        shard_batches(batches, 3, 3)
+    with pytest.raises(TransformerError, match="only 2 batches for 4 processes"):
+        shard_batches(batches[:2], 0, 4)
+
+
+def test_collate_shapes_special_tokens_and_padding() -> None:
+    batch = collate([([5, 6, 7], [8]), ([9], [10, 11])])
+    assert batch.src.tolist() == [[5, 6, 7, EOS_ID], [9, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 8, PAD_ID], [BOS_ID, 10, 11]]
+    assert batch.tgt_out.tolist() == [[8, EOS_ID, PAD_ID], [10, 11, EOS_ID]]
+    assert batch.src.dtype == batch.tgt_in.dtype == batch.tgt_out.dtype == torch.long
+    assert (batch.n_src_tokens, batch.n_tgt_tokens, len(batch)) == (6, 5, 2)
+    # src: 2 pads of 8 positions, tgt_out: 1 pad of 6 positions.
+    assert batch.padding_fraction == pytest.approx(3 / 14)
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch) and torch.equal(moved.tgt_out, batch.tgt_out)
+    custom = collate([([4], [])], pad_id=9, bos_id=7, eos_id=8)
+    assert (custom.src.tolist(), custom.tgt_in.tolist(), custom.tgt_out.tolist()) == ([[4, 8]], [[7]], [[8]])

@@ -1,0 +1,109 @@
+"""Reading parallel text: one sentence per line, plain or gzip, as two aligned files or one TSV file."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+from transformer.errors import TransformerError
+
+
+def _read_raw(path: str | Path) -> list[str]:
+    """Lines without their newline, split on LF only.
+
+    Splitting only on "\\n" (not on \\r, \\x0b, \\u2028, ... as universal newlines and str.splitlines do)
+    keeps a stray control character inside a sentence from breaking the line alignment of a parallel
+    corpus; the "\\r" of CRLF files is removed later by strip().
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TransformerError(f"{path}: no such file")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
+                return [line.removesuffix("\n") for line in f]
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+            return [line.removesuffix("\n") for line in f]
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
+        raise TransformerError(f"cannot read {path}: {e}") from e
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a UTF-8 text file (`.gz` is decompressed), each stripped of surrounding whitespace."""
+    return [line.strip() for line in _read_raw(path)]
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path | None = None) -> list[tuple[str, str]]:
+    """Sentence pairs from two line-aligned files, or from one TSV file (source TAB target) if `tgt_path`
+    is None. Both sides are stripped."""
+    if tgt_path is None:
+        return _read_tsv(src_path)
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise TransformerError(
+            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+            "the files must be aligned line by line"
+        )
+    return list(zip(src, tgt, strict=True))
+
+
+def _read_tsv(path: str | Path) -> list[tuple[str, str]]:
+    pairs = []
+    for number, line in enumerate(_read_raw(path), start=1):
+        columns = line.split("\t")
+        if len(columns) != 2:
+            raise TransformerError(
+                f"{path} line {number} has {len(columns) - 1} tabs, expected exactly 1: a single parallel "
+                "file must be TSV (source<TAB>target); otherwise give the target file as well"
+            )
+        pairs.append((columns[0].strip(), columns[1].strip()))
+    return pairs
+
+
+def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path]:
+    """The source and target files of a split, named `{split}.{lang}` or `{split}.{lang}.gz`."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TransformerError(f"data directory {data_dir} does not exist")
+
+    def find(lang: str) -> Path:
+        found = [p for p in (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz") if p.is_file()]
+        if not found:
+            raise TransformerError(f"neither {split}.{lang} nor {split}.{lang}.gz found in {data_dir}")
+        if len(found) == 2:
+            # Silently picking one could train on a stale copy; the user knows which one is current.
+            raise TransformerError(
+                f"both {found[0].name} and {found[1].name} exist in {data_dir}: keep only one of them"
+            )
+        return found[0]
+
+    return find(src_lang), find(tgt_lang)
+
+
+def read_split(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
+    """The sentence pairs of a split: `{split}.{src}-{tgt}.tsv[.gz]` (source TAB target) if present, else
+    the two files `{split}.{src}[.gz]` and `{split}.{tgt}[.gz]`."""
+    for name in (f"{split}.{src_lang}-{tgt_lang}.tsv", f"{split}.{src_lang}-{tgt_lang}.tsv.gz"):
+        if (Path(data_dir) / name).is_file():
+            return read_parallel(Path(data_dir) / name)
+    return read_parallel(*corpus_paths(data_dir, split, src_lang, tgt_lang))
+
+
+def filter_pairs(pairs: list[tuple[list[int], list[int]]], max_len: int) -> tuple[list[int], dict[str, int]]:
+    """Indices of the token-id pairs worth training on, and how many were dropped for which reason.
+
+    A pair is dropped if either side has no tokens ("empty") or more than `max_len` tokens ("too_long");
+    a pair failing both checks is counted once, as "empty". `max_len` counts tokens without BOS/EOS.
+    """
+    if max_len < 1:
+        raise TransformerError(f"max_len must be at least 1, got {max_len}")
+    kept: list[int] = []
+    dropped = {"empty": 0, "too_long": 0}
+    for i, (src, tgt) in enumerate(pairs):
+        if not src or not tgt:
+            dropped["empty"] += 1
+        elif len(src) > max_len or len(tgt) > max_len:
+            dropped["too_long"] += 1
+        else:
+            kept.append(i)
+    return kept, dropped
