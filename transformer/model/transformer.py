@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from transformer.config import TransformerConfig
 from transformer.model.attention import KVCache, MultiHeadAttention
+from transformer.model.dropout import Dropout
 
 AttentionRecord = list[dict[str, Tensor]]  # one dict per block: {"self": weights, "cross": weights}
 
@@ -48,7 +49,7 @@ class PositionwiseFeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
         self.activation = F.relu if activation == "relu" else F.gelu
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(self.dropout(self.activation(self.w_1(x))))
@@ -124,7 +125,7 @@ class Block(nn.Module):
         self.cross_attn_norm = LayerNorm(c.d_model, c.layer_norm_eps) if cross_attention else None
         self.ffn = PositionwiseFeedForward(c.d_model, c.d_ff, c.activation, c.activation_dropout)
         self.ffn_norm = LayerNorm(c.d_model, c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def _residual(self, x: Tensor, norm: LayerNorm, sublayer) -> Tensor:
         if self.norm_first:
@@ -236,7 +237,7 @@ class Transformer(nn.Module):
         )
         self.src_pos = PositionalEncoding(c.d_model, c.max_len, c.positional)
         self.tgt_pos = PositionalEncoding(c.d_model, c.max_len, c.positional)
-        self.dropout = nn.Dropout(c.dropout)  # on the sums of embeddings and positional encodings
+        self.dropout = Dropout(c.dropout)  # on the sums of embeddings and positional encodings
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         self.out_proj = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
