@@ -1,0 +1,110 @@
+"""Decoding: greedy and beam search against each other, against full recomputation, and on a toy model."""
+
+import math
+
+import pytest
+import torch
+
+from transformer import Transformer, TransformerConfig
+from transformer.search import SearchConfig, beam_search, greedy_search
+
+PAD, BOS, EOS = 0, 2, 3
+IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        src_vocab_size=40,
+        tgt_vocab_size=40,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        dropout=0.0,
+        max_len=128,
+    )
+    model = Transformer(config).eval()
+    with torch.no_grad():  # make EOS likely enough that hypotheses finish at different lengths
+        model.out_proj.weight[EOS] += 0.4 * model.out_proj.weight.mean(0)
+    return model
+
+
+def sources() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, 40, (6, 9), generator=g)
+    src[1, 5:] = PAD
+    src[4, 2:] = PAD
+    src[:, -1] = torch.where(src[:, -1] == PAD, PAD, EOS)
+    return src
+
+
+def test_beam_one_is_greedy(model: Transformer) -> None:
+    greedy = greedy_search(model, sources(), config=SearchConfig(beam=1), max_len=128, **IDS)
+    beam = beam_search(model, sources(), config=SearchConfig(beam=1), max_len=128, **IDS)
+    assert greedy == beam
+    assert len({len(h) for h in greedy}) > 1, "the test needs hypotheses of different lengths"
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_cached_equals_uncached(model: Transformer, beam: int) -> None:
+    search = beam_search if beam > 1 else greedy_search
+    cached = search(model, sources(), config=SearchConfig(beam=beam), max_len=128, **IDS)
+    uncached = search(model, sources(), config=SearchConfig(beam=beam, use_cache=False), max_len=128, **IDS)
+    assert cached == uncached
+
+
+def test_length_limit_is_source_plus_extra(model: Transformer) -> None:
+    src = sources()
+    out = greedy_search(model, src, config=SearchConfig(beam=1, extra_len=3), max_len=128, **IDS)
+    limits = (src != PAD).sum(1) + 3
+    # The limit counts the forced EOS, which is stripped from the output.
+    assert all(len(h) <= int(limit) - 1 for h, limit in zip(out, limits, strict=True))
+
+
+class ToyModel:
+    """A 'model' whose next-token distribution depends only on the last token. Greedy takes A1 (0.6), then
+    A2, A3 and EOS (0.5): probability 0.3 over 4 tokens. Starting with B (0.4) and ending at once (0.9) is
+    more probable, 0.36 over 2 tokens; only a length penalty makes the longer sequence win."""
+
+    A1, A2, A3, B = 4, 5, 6, 7
+
+    def __init__(self) -> None:
+        table = torch.full((8, 8), 1e-9)
+        table[BOS, self.A1], table[BOS, self.B] = 0.6, 0.4
+        table[self.A1, self.A2] = table[self.A2, self.A3] = 1.0
+        table[self.A3, EOS], table[self.A3, self.B] = 0.5, 0.5
+        table[self.B, EOS], table[self.B, self.A1] = 0.9, 0.1
+        table[EOS, EOS] = 1.0
+        self.log_table = (table / table.sum(1, keepdim=True)).log()
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(src.size(0), 1, 1), torch.ones(src.size(0), 1, 1, 1, dtype=torch.bool)
+
+    def decode(self, tgt, memory, src_mask, cache=None) -> torch.Tensor:
+        return self.log_table[tgt[:, -1:]]  # (n, 1, vocab)
+
+    def new_cache(self, max_len=None):
+        return None
+
+
+def toy_search(search, beam: int, alpha: float) -> list[int]:
+    config = SearchConfig(beam=beam, length_penalty=alpha, use_cache=False)
+    return search(ToyModel(), torch.full((1, 3), 9), config=config, max_len=50, **IDS)[0]
+
+
+def test_beam_search_finds_what_greedy_misses() -> None:
+    a1, a2, a3, b = ToyModel.A1, ToyModel.A2, ToyModel.A3, ToyModel.B
+    assert toy_search(greedy_search, 1, 0.0) == [a1, a2, a3]  # probability 0.3
+    assert toy_search(beam_search, 2, 0.0) == [b]  # probability 0.36
+
+
+def test_length_penalty_rewards_length() -> None:
+    # score / ((5 + |Y|) / 6)^α with α = 1, |Y| counting EOS: [B] -0.876, [A1 A2 A3] -0.803, and
+    # [A1 A2 A3 B] (0.6 · 0.5 · 0.9 = 0.27 over 5 tokens) -0.785, the best.
+    a1, a2, a3, b = ToyModel.A1, ToyModel.A2, ToyModel.A3, ToyModel.B
+    assert toy_search(beam_search, 2, 1.0) == [a1, a2, a3, b]
+    normalised = [math.log(p) / ((5 + n) / 6) for p, n in ((0.36, 2), (0.3, 4), (0.27, 5))]
+    assert normalised == sorted(normalised)

@@ -1,0 +1,176 @@
+"""Decoding: greedy and batched beam search, for every model family through one small interface.
+
+A model is decodable when it has `encode(src) -> (memory, src_mask)`, `decode(tgt, memory, src_mask,
+cache) -> logits` and `new_cache(max_len)` returning an object with `reorder(index)`. The search keeps all
+state in tensors and never reads a value back to the host inside the loop, except for an "is everything
+finished?" check every `CHECK_EVERY` steps, which lets a batch stop early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+CHECK_EVERY = 4  # steps between host syncs that test whether every hypothesis has finished
+
+
+class Decodable(Protocol):
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]: ...
+    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor, cache: Any = None) -> Tensor: ...
+    def new_cache(self, max_len: int | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    beam: int = 4
+    length_penalty: float = 0.6  # α of Wu et al. (2016), used by the paper: lp(Y) = ((5 + |Y|) / 6)^α
+    extra_len: int = 50  # generate at most source length + extra_len tokens (the paper's limit)
+    use_cache: bool = True  # False recomputes the whole prefix every step (a reference, and a benchmark)
+
+
+class _Stepper:
+    """Feeds one new token per hypothesis to the decoder, with the KV cache or by re-running the prefix."""
+
+    def __init__(
+        self, model: Decodable, memory: Tensor, src_mask: Tensor, bos: Tensor, max_len: int, cached: bool
+    ):
+        self.model, self.memory, self.src_mask = model, memory, src_mask
+        self.cache = model.new_cache(max_len + 1) if cached else None
+        self.prefix = bos[:, None]  # (n, 1); with a cache only the newest token is fed
+
+    def logits(self) -> Tensor:
+        tgt = self.prefix[:, -1:] if self.cache is not None else self.prefix
+        return self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]  # (n, vocab)
+
+    def push(self, tokens: Tensor, index: Tensor | None = None) -> None:
+        """Append `tokens` (n,) to the hypotheses, after keeping rows `index` (beam reordering)."""
+        if index is not None:
+            self.prefix = self.prefix.index_select(0, index)
+            if self.cache is not None:
+                self.cache.reorder(index)
+        self.prefix = torch.cat([self.prefix, tokens[:, None]], dim=1)
+
+
+def _length_limits(src: Tensor, pad_id: int, extra_len: int, model_max_len: int) -> Tensor:
+    return ((src != pad_id).sum(1) + extra_len).clamp(max=model_max_len - 1)  # (batch,)
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Decodable,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    config: SearchConfig,
+    max_len: int,
+) -> list[list[int]]:
+    """Pick the most probable token at every step. Returns token ids without BOS and EOS."""
+    memory, src_mask = model.encode(src)
+    limits = _length_limits(src, pad_id, config.extra_len, max_len)
+    steps = int(limits.max())
+    batch = src.size(0)
+    stepper = _Stepper(model, memory, src_mask, src.new_full((batch,), bos_id), steps, config.use_cache)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    for t in range(steps):
+        next_token = stepper.logits().argmax(-1)
+        next_token = torch.where(t + 1 >= limits, eos_id, next_token)  # the length limit forces EOS
+        next_token = torch.where(finished, pad_id, next_token)
+        finished |= next_token == eos_id
+        stepper.push(next_token)
+        if (t + 1) % CHECK_EVERY == 0 and bool(finished.all()):
+            break
+    return _strip(stepper.prefix[:, 1:], eos_id, pad_id)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Decodable,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    config: SearchConfig,
+    max_len: int,
+) -> list[list[int]]:
+    """Keep the `beam` best hypotheses per sentence, ranked by log-probability / lp(length).
+
+    All sentences' beams are one batch of batch·beam rows. A finished hypothesis stays in its beam with a
+    frozen score (its only continuation is padding at no cost), so it competes with the live ones until a
+    better one pushes it out; the search ends when every kept hypothesis has finished.
+    """
+    k = config.beam
+    batch, device = src.size(0), src.device
+    memory, src_mask = model.encode(src)
+    memory, src_mask = memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)  # (batch·k, …)
+    limits = _length_limits(src, pad_id, config.extra_len, max_len)[:, None]  # (batch, 1)
+    steps = int(limits.max())
+    stepper = _Stepper(model, memory, src_mask, src.new_full((batch * k,), bos_id), steps, config.use_cache)
+
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start as the same empty hypothesis: keep only one of them alive
+    lengths = torch.zeros(batch, k, device=device)
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    row_offset = (torch.arange(batch, device=device) * k)[:, None]  # (batch, 1)
+
+    for t in range(steps):
+        log_probs = torch.log_softmax(stepper.logits().float(), dim=-1)  # (batch·k, vocab)
+        vocab = log_probs.size(-1)
+        log_probs = log_probs.view(batch, k, vocab)
+        forced_eos = (t + 1 >= limits) & ~finished  # (batch, k)
+        log_probs = torch.where(forced_eos[..., None], _one_hot_log(vocab, eos_id, device), log_probs)
+        log_probs = torch.where(finished[..., None], _one_hot_log(vocab, pad_id, device), log_probs)
+
+        candidates = scores[..., None] + log_probs  # (batch, k, vocab)
+        cand_lengths = lengths + (~finished).float()  # (batch, k)
+        penalty = ((5.0 + cand_lengths) / 6.0) ** config.length_penalty
+        ranked = (candidates / penalty[..., None]).view(batch, k * vocab)
+        _, flat = ranked.topk(k, dim=-1)  # (batch, k)
+        parent, token = flat // vocab, flat % vocab
+
+        scores = candidates.view(batch, k * vocab).gather(1, flat)
+        lengths = cand_lengths.gather(1, parent)
+        finished = finished.gather(1, parent) | (token == eos_id)
+        stepper.push(token.view(-1), (parent + row_offset).view(-1))
+        if (t + 1) % CHECK_EVERY == 0 and bool(finished.all()):
+            break
+
+    best = (scores / ((5.0 + lengths) / 6.0) ** config.length_penalty).argmax(-1)  # (batch,)
+    hypotheses = stepper.prefix[:, 1:].view(batch, k, -1)
+    return _strip(hypotheses[torch.arange(batch, device=device), best], eos_id, pad_id)
+
+
+def _one_hot_log(vocab: int, token: int, device: torch.device) -> Tensor:
+    """Log-probabilities that allow only `token` (at zero cost)."""
+    row = torch.full((vocab,), float("-inf"), device=device)
+    row[token] = 0.0
+    return row
+
+
+def _strip(tokens: Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+    """(batch, len) -> lists of ids up to (not including) the first EOS."""
+    out = []
+    for row in tokens.tolist():
+        ids = row[: row.index(eos_id)] if eos_id in row else row
+        out.append([i for i in ids if i != pad_id])
+    return out
+
+
+def generate(
+    model: Decodable,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    config: SearchConfig,
+    max_len: int,
+) -> list[list[int]]:
+    """Beam search, or greedy when beam == 1 (which beam search would also reduce to, more slowly)."""
+    search = greedy_search if config.beam == 1 else beam_search
+    return search(model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, config=config, max_len=max_len)
