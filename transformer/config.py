@@ -158,3 +158,46 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 def save_json(config: Any, path: Path) -> None:
     path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What is trained on, and how. Defaults are the bundled Multi30k recipe for a 2-core CPU."""
+
+    model: Literal["transformer"] = "transformer"
+    preset: str = "small"  # the TransformerConfig preset that model overrides start from
+    data_dir: str = "data/multi30k"
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    train_split: str = "train"
+    valid_split: str = "val"
+    test_split: str = "test2016"
+    vocab_size: int = 8000  # joint SentencePiece vocabulary
+    max_len: int = 128  # training pairs longer than this (in tokens, either side) are dropped
+    max_tokens: int = 2500  # padded tokens per batch (the larger of source and target side)
+    accumulate: int = 1  # batches per optimiser step
+    lr_factor: float = 0.8
+    warmup: int = 500
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0  # 0 disables gradient clipping
+    max_epochs: int = 100
+    max_steps: int = 0  # 0: no limit
+    time_budget_minutes: float = 36.0  # then average and evaluate; 0: no limit
+    eval_every: int = 150  # optimiser steps between validations; 0: once per epoch
+    patience: int = 0  # stop after this many validations without a better BLEU; 0: never
+    average_last: int = 4  # average the last N validated checkpoints at the end (0: don't)
+    beam: int = 4
+    length_penalty: float = 0.6
+    valid_beam: int = 1  # validation BLEU during training decodes greedily, for speed
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup", "beam", "valid_beam"):
+            if getattr(self, name) <= 0:
+                raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.src_lang == self.tgt_lang:
+            raise TransformerError(f"src_lang and tgt_lang are both {self.src_lang!r}")

@@ -1,0 +1,183 @@
+"""End to end on a 200-pair slice of Multi30k: train, translate, evaluate, average, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transformer.cli import load_train_settings, main
+from transformer.config import TrainConfig
+from transformer.data.corpus import read_lines
+from transformer.errors import TransformerError
+from transformer.evaluate import score
+from transformer.train import train
+from transformer.translate import Translator
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "multi30k"
+TINY_MODEL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_encoder_layers": 1, "n_decoder_layers": 1}
+
+
+def tiny_recipe(data_dir: Path, **changes) -> TrainConfig:
+    settings = {
+        "data_dir": str(data_dir),
+        "vocab_size": 400,
+        "max_tokens": 600,
+        "warmup": 10,
+        "lr_factor": 2.0,
+        "max_steps": 30,
+        "eval_every": 15,
+        "time_budget_minutes": 0.0,
+        "average_last": 2,
+        "beam": 2,
+        "log_every": 5,
+        "max_len": 64,
+        "seed": 3,
+    }
+    return TrainConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 training pairs, 20 validation and 20 test pairs from the bundled corpus, as plain text."""
+    out = tmp_path_factory.mktemp("multi30k-slice")
+    for split, source, n in (("train", "train", 200), ("val", "val", 20), ("test2016", "test2016", 20)):
+        for lang in ("de", "en"):
+            lines = read_lines(BUNDLED / f"{source}.{lang}.gz")[:n]
+            (out / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_recipe(data_dir), TINY_MODEL, out)
+    return out
+
+
+def records(run: Path, event: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_training_lowers_loss_and_writes_the_run(run_dir: Path) -> None:
+    losses = [r["loss"] for r in records(run_dir, "train")]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    for name in ("config.json", "tokenizer.model", "best.safetensors", "last.safetensors", "last.state.pt"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["test2016"]) >= {"bleu", "bleu_lc", "chrf", "bleu_signature"}
+    assert [r["step"] for r in records(run_dir, "valid")] == [15, 30]
+    tokenizer_event = records(run_dir, "tokenizer")[0]
+    assert tokenizer_event["round_trip_mismatches"] == 0
+    assert records(run_dir, "train")[0]["padding"] < 0.5  # length bucketing keeps padding low
+
+
+def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Path, capsys) -> None:
+    source = tmp_path / "in.de"
+    source.write_text("Ein Mann fährt Fahrrad.\n\n   \nZwei Hunde spielen im Schnee.\n")
+    assert main(["translate", "--checkpoint", str(run_dir), "--input", str(source), "--beam", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == 4
+    assert lines[1] == "" and lines[2] == ""
+    assert lines[0] and lines[3]
+
+
+def test_translator_api(run_dir: Path) -> None:
+    translator = Translator.from_checkpoint(run_dir)
+    out = translator.translate(["Ein Mann.", "", "Eine Frau."], beam=2)
+    assert len(out) == 3 and out[1] == "" and all(isinstance(s, str) for s in out)
+    assert translator.translate(["Ein Mann."], beam=1) == translator.translate(["Ein Mann."], beam=1)
+
+
+def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys) -> None:
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--beam", "1", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["n_sentences"] == 20
+    assert "case:lc" in scores["bleu_lc_signature"]
+    # The command scores exactly what the Python API translates, against the split's references.
+    sources, references = read_lines(data_dir / "test2016.de"), read_lines(data_dir / "test2016.en")
+    expected = score(Translator.from_checkpoint(run_dir).translate(sources, beam=1), references)
+    assert scores == expected.to_dict()
+
+
+def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys) -> None:
+    steps = sorted(run_dir.glob("step-*.safetensors"))
+    assert len(steps) == 2
+    out = tmp_path / "averaged"
+    assert main(["average", "--checkpoints", *map(str, steps), "--out", str(out)]) == 0
+    assert Translator.from_checkpoint(out).translate(["Ein Hund."], beam=1)[0] is not None
+
+
+def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    train(tiny_recipe(data_dir, max_steps=40), TINY_MODEL, run, resume=True)
+    steps = [r["step"] for r in records(run, "train")]
+    assert steps[:6] == [5, 10, 15, 20, 25, 30] and steps[6:] == [35, 40]
+    assert [r["step"] for r in records(run, "valid")] == [15, 30, 40]
+
+
+def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with pytest.raises(TransformerError, match="d_model: 32 -> 48"):
+        train(tiny_recipe(data_dir, max_steps=40), {**TINY_MODEL, "d_model": 48}, run, resume=True)
+
+
+def test_same_seed_same_losses(data_dir: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(data_dir, max_steps=10, eval_every=0, test_split="", average_last=0)
+    for name in ("a", "b"):
+        train(recipe, TINY_MODEL, tmp_path / name)
+    assert records(tmp_path / "a", "train") and [r["loss"] for r in records(tmp_path / "a", "train")] == [
+        r["loss"] for r in records(tmp_path / "b", "train")
+    ]
+
+
+def test_settings_from_overrides_and_yaml(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("src_lang: en\ntgt_lang: de\nmodel:\n  dropout: 0.3\n")
+    tc, model = load_train_settings(
+        str(recipe), {"max_tokens": "1234", "d_model": "64", "model.n_heads": "2"}
+    )
+    assert (tc.src_lang, tc.tgt_lang, tc.max_tokens) == ("en", "de", 1234)
+    assert model == {"dropout": 0.3, "d_model": 64, "n_heads": 2}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_input_gives_one_clear_line(run_dir: Path, data_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["train", "no_such_key=1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown setting 'no_such_key'" in one_error_line(capsys)
+    assert main(["train", "max_tokens=lots", "--out", str(tmp_path / "x")]) == 2
+    assert "max_tokens must be of type int" in one_error_line(capsys)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.de").write_text("a\nb\nc\n")
+    (broken / "train.en").write_text("a\nb\n")
+    assert main(["train", f"data_dir={broken}", "--out", str(tmp_path / "y")]) == 2
+    line = one_error_line(capsys)
+    assert "has 3 lines" in line and "has 2" in line and "train.de" in line and "train.en" in line
+
+    assert main(["translate", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in one_error_line(capsys)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt)
+    weights = corrupt / "best.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["evaluate", "--checkpoint", str(corrupt)]) == 2
+    assert "truncated" in one_error_line(capsys)
+
+    assert (
+        main(["translate", "--checkpoint", str(run_dir), "--beam", "0", "--input", str(data_dir / "val.de")])
+        == 2
+    )
+    assert "beam size" in one_error_line(capsys)

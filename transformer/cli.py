@@ -1,0 +1,206 @@
+"""The `transformer` command: train, translate, evaluate, average.
+
+Every user error surfaces as one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transformer.config import TrainConfig, TransformerConfig, config_from_dict
+from transformer.errors import TransformerError
+
+DEFAULT_OUT = "runs/multi30k-{src_lang}-{tgt_lang}"
+
+
+def load_train_settings(
+    config_file: str | None, overrides: dict[str, str]
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """A recipe (YAML: train keys at the top, model keys under `model:`) plus `key=value` overrides.
+
+    An override names a train key, a model key, or `model.KEY`. Returns the TrainConfig and the model
+    overrides (applied once the vocabulary size is known).
+    """
+    train_values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise TransformerError(f"no config file at {path}")
+        try:
+            recipe = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise TransformerError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(recipe, dict):
+            raise TransformerError(f"{path} must hold a mapping of settings")
+        model_values.update(recipe.pop("model", None) or {})
+        train_values.update(recipe)
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for key, raw in overrides.items():
+        value = yaml.safe_load(raw) if raw else raw  # "0.1" -> 0.1, "true" -> True, "de" -> "de"
+        if key.startswith("model."):
+            model_values[key.removeprefix("model.")] = value
+        elif key in train_keys:
+            train_values[key] = value
+        elif key in model_keys:
+            model_values[key] = value
+        else:
+            raise TransformerError(
+                f"unknown setting {key!r}: not a train or model key (see `transformer train --help`)"
+            )
+    tc = config_from_dict(TrainConfig, train_values, source=config_file or "overrides")
+    TransformerConfig.preset(tc.preset)  # an unknown preset is an error now, not after the tokenizer
+    unknown = sorted(set(model_values) - model_keys)
+    if unknown:
+        raise TransformerError(f"unknown model setting(s): {', '.join(unknown)}")
+    checked = config_from_dict(TransformerConfig, model_values, source="model settings")  # types checked here
+    return tc, {key: getattr(checked, key) for key in model_values}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from transformer.train import parse_overrides, train
+
+    tc, model_overrides = load_train_settings(args.config, parse_overrides(args.overrides))
+    out = Path(args.out or DEFAULT_OUT.format(src_lang=tc.src_lang, tgt_lang=tc.tgt_lang))
+    results = train(tc, model_overrides, out, resume=args.resume)
+    print(f"wrote {out} (best weights: {out / 'best.safetensors'})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _read_input(path: str | None) -> list[str]:
+    """Lines of a file or of stdin; invalid UTF-8 becomes U+FFFD with a warning rather than a crash."""
+    if path and not Path(path).is_file():
+        raise TransformerError(f"no input file at {path}")
+    raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
+        print(
+            "warning: input is not valid UTF-8; undecodable bytes were replaced with U+FFFD", file=sys.stderr
+        )
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from transformer.translate import Translator
+
+    translator = Translator.from_checkpoint(args.checkpoint, args.name)
+    lines = _read_input(args.input)
+    for line in translator.translate(lines, beam=args.beam):
+        print(line)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from transformer.data.corpus import read_parallel, read_split
+    from transformer.evaluate import score
+    from transformer.translate import Translator
+
+    translator = Translator.from_checkpoint(args.checkpoint, args.name)
+    tc = translator.train_config
+    if args.source or args.reference:
+        if not (args.source and args.reference):
+            raise TransformerError("--source and --reference go together")
+        pairs = read_parallel(args.source, args.reference)
+    else:
+        pairs = read_split(tc.data_dir, args.split or tc.test_split, tc.src_lang, tc.tgt_lang)
+    sources, references = [s for s, _ in pairs], [r for _, r in pairs]
+    hypotheses = translator.translate(sources, beam=args.beam)
+    scores = score(hypotheses, references)
+    print(json.dumps(scores.to_dict(), indent=2) if args.json else str(scores))
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    import shutil
+
+    from transformer import checkpoint
+
+    paths = [checkpoint.checkpoint_path(Path(p)) for p in args.checkpoints]
+    weights = checkpoint.average_weights(paths)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":  # a run directory: copy what a Translator needs beside the weights
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.model"):
+            if (paths[0].parent / name).is_file() and not (out / name).exists():
+                shutil.copy2(paths[0].parent / name, out / name)
+        out = out / "best.safetensors"
+    checkpoint.save_weights(out, weights)
+    print(f"averaged {len(paths)} checkpoints into {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: the bundled Multi30k de→en recipe)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. src_lang=en tgt_lang=de d_model=512"
+    )
+    p.add_argument("--config", help="a YAML recipe (see experiments/)")
+    p.add_argument("--out", help=f"run directory (default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final results as JSON")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, help_text in (
+        ("translate", cmd_translate, "translate lines from --input or stdin, one output line per input line"),
+        (
+            "evaluate",
+            cmd_evaluate,
+            "BLEU, lowercased BLEU and chrF of a checkpoint on a split or given files",
+        ),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+        p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+        p.add_argument(
+            "--beam", type=int, default=None, help="beam size (default: the run's, 4); 1 is greedy"
+        )
+        p.set_defaults(func=func)
+        if name == "translate":
+            p.add_argument("--input", help="a text file (default: stdin)")
+        else:
+            p.add_argument("--split", help="a split of the run's data directory (default: its test split)")
+            p.add_argument("--source", help="source file (with --reference)")
+            p.add_argument("--reference", help="reference file (with --source)")
+            p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("average", help="average the weights of several checkpoints")
+    p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")
+    p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
+    p.set_defaults(func=cmd_average)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a command, not called from Python: the allocator setting can still be made
+        from transformer.runtime import reexec_with_allocator_tunables
+
+        reexec_with_allocator_tunables()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TransformerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

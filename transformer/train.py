@@ -1,0 +1,429 @@
+"""Training on parallel text: data -> tokenizer -> batches -> Adam with warm-up -> validated checkpoints.
+
+The run directory is the whole state of a run: config.json, tokenizer.model, metrics.jsonl, the
+`last`, `best` and `step-N` checkpoints and, at the end, results.json. `--resume` continues from `last`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from transformer import checkpoint
+from transformer.config import TrainConfig, TransformerConfig, config_to_dict
+from transformer.data.batching import collate, token_batches
+from transformer.data.corpus import filter_pairs, read_split
+from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
+from transformer.errors import TransformerError
+from transformer.evaluate import Scores, score
+from transformer.model import Transformer
+from transformer.optim import build_optimizer
+from transformer.runtime import configure_torch
+from transformer.search import SearchConfig
+from transformer.translate import translate_ids
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Tokenised pairs of one split, with the raw target text kept for BLEU."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    tgt_text: list[str]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def encode_corpus(
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: int | None
+) -> tuple[Corpus, dict[str, int]]:
+    """Tokenise pairs, dropping empty ones and (with `max_len`) over-long ones; returns the counts too."""
+    src = tokenizer.encode_batch([s for s, _ in pairs])
+    tgt = tokenizer.encode_batch([t for _, t in pairs])
+    keep, dropped = filter_pairs(list(zip(src, tgt, strict=True)), max_len or 10**9)
+    corpus = Corpus([src[i] for i in keep], [tgt[i] for i in keep], [pairs[i][1] for i in keep])
+    return corpus, {"pairs": len(pairs), "kept": len(keep), **dropped}
+
+
+def build_tokenizer(
+    pairs: list[tuple[str, str]], tc: TrainConfig, run_dir: Path, log: MetricsLog
+) -> Tokenizer:
+    """Train the joint subword model on the training pairs (both sides) and check it round-trips."""
+    texts = [text for pair in pairs for text in pair if text]
+    tokenizer = Tokenizer.train(texts, run_dir / "tokenizer.model", vocab_size=tc.vocab_size)
+    mismatches = round_trip_mismatches(tokenizer, texts)
+    log.write(
+        event="tokenizer",
+        vocab_size=tokenizer.vocab_size,
+        lines=len(texts),
+        round_trip_mismatches=len(mismatches),
+    )
+    if mismatches:
+        tqdm.write(
+            f"warning: {len(mismatches)} of {len(texts)} training lines do not survive decode(encode(text))"
+        )
+    return tokenizer
+
+
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Summed cross-entropy against (1 − ε)·one-hot + ε/V, padding ignored (Szegedy et al. 2016; §5.4)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),
+        target.flatten(),
+        ignore_index=PAD_ID,
+        label_smoothing=smoothing,
+        reduction="sum",
+    )
+
+
+@torch.no_grad()
+def validate(
+    model: Transformer, tokenizer: Tokenizer, corpus: Corpus, tc: TrainConfig, beam: int
+) -> tuple[float, Scores]:
+    """Per-token cross-entropy with teacher forcing (for perplexity), and BLEU of decoded output."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch_ids in token_batches(
+        [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], tc.max_tokens, shuffle=False
+    ):
+        batch = collate([(corpus.src[i], corpus.tgt[i]) for i in batch_ids])
+        logits = model(batch.src, batch.tgt_in)
+        total += float(label_smoothed_loss(logits, batch.tgt_out, 0.0))
+        tokens += batch.n_tgt_tokens
+    search = SearchConfig(beam=beam, length_penalty=tc.length_penalty)
+    hypotheses = [tokenizer.decode(ids) for ids in translate_ids(model, corpus.src, search)]
+    model.train()
+    return total / max(tokens, 1), score(hypotheses, corpus.tgt_text)
+
+
+def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> TransformerConfig:
+    return TransformerConfig.preset(
+        tc.preset,
+        **{"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, "pad_id": PAD_ID, **overrides},
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def _check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a run under different settings, naming what differs. Budgets may change."""
+    may_change = {"max_epochs", "max_steps", "time_budget_minutes", "patience", "log_every", "threads"}
+    for section in ("model", "train"):
+        differ = [
+            f"{key}: {saved[section].get(key)!r} -> {value!r}"
+            for key, value in current[section].items()
+            if key not in may_change and saved[section].get(key) != value
+        ]
+        if differ:
+            raise TransformerError(
+                f"cannot resume {run_dir}: the {section} config differs ({'; '.join(differ)})"
+            )
+
+
+def train(
+    tc: TrainConfig, model_overrides: dict[str, Any], run_dir: Path, *, resume: bool = False
+) -> dict[str, Any]:
+    """Train a model into `run_dir` and return the final results (validation and test scores)."""
+    started = time.monotonic()
+    configure_torch(tc.threads)
+    # Read the data first: a bad corpus stops the run before anything is written.
+    train_pairs, valid_pairs = (
+        read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
+        read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang),
+    )
+    if not train_pairs:
+        raise TransformerError(f"the training split {tc.train_split!r} in {tc.data_dir} is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if resume:
+        if not (run_dir / "last.safetensors").is_file():
+            raise TransformerError(f"cannot resume: {run_dir} holds no `last` checkpoint")
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    else:
+        if (run_dir / "last.safetensors").exists():
+            raise TransformerError(
+                f"{run_dir} already holds a run: pass --resume to continue it, or choose --out"
+            )
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        tokenizer = build_tokenizer(train_pairs, tc, run_dir, log)
+
+    model_config = model_config_for(tc, model_overrides, tokenizer.vocab_size)
+    run_config = {
+        "model": config_to_dict(model_config),
+        "train": config_to_dict(tc),
+        "tokenizer_sha256": tokenizer.sha256(),
+    }
+    if resume:
+        _check_resumable(run_dir, json.loads((run_dir / "config.json").read_text()), run_config)
+    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
+
+    train_data, train_stats = encode_corpus(train_pairs, tokenizer, tc.max_len)
+    valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, None)
+    log.write(event="data", train=train_stats, valid=valid_stats)
+    if len(train_data) == 0:
+        raise TransformerError(f"no training pairs left in {tc.data_dir}/{tc.train_split} after filtering")
+    tqdm.write(
+        f"train: {train_stats['kept']} pairs kept of {train_stats['pairs']} "
+        f"({train_stats['empty']} empty, {train_stats['too_long']} longer than {tc.max_len} tokens dropped)"
+    )
+
+    model = Transformer(model_config)
+    optimizer, scheduler = build_optimizer(
+        model, model_config.d_model, tc.warmup, tc.lr_factor, tc.weight_decay
+    )
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "best_bleu": -1.0,
+        "stale_evals": 0,
+        "bad_steps": 0,
+    }
+    if resume:
+        model.load_state_dict(checkpoint.load_weights(run_dir / "last.safetensors"))
+        saved = checkpoint.load_state(run_dir / "last.state.pt")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        state = saved["progress"]
+        tqdm.write(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+    tqdm.write(f"model: {model.num_parameters() / 1e6:.1f}M parameters; writing to {run_dir}")
+
+    def save(name: str) -> None:
+        checkpoint.save_checkpoint(
+            run_dir,
+            name,
+            model,
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "progress": dict(state),
+            },
+        )
+
+    def out_of_time() -> bool:
+        over_budget = tc.time_budget_minutes and time.monotonic() - started > tc.time_budget_minutes * 60
+        return bool(over_budget or (tc.max_steps and state["step"] >= tc.max_steps))
+
+    def evaluate_and_save() -> bool:
+        """Validate, checkpoint; return True when early stopping says to stop."""
+        valid_loss, valid_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
+        state["validated_step"] = state["step"]
+        improved = valid_scores.bleu > state["best_bleu"]
+        if improved:
+            state["best_bleu"], state["stale_evals"] = valid_scores.bleu, 0
+        else:
+            state["stale_evals"] += 1
+        log.write(
+            event="valid",
+            step=state["step"],
+            epoch=state["epoch"],
+            loss=valid_loss,
+            ppl=math.exp(min(valid_loss, 50)),
+            bleu=valid_scores.bleu,
+            chrf=valid_scores.chrf,
+            elapsed=time.monotonic() - started,
+        )
+        tqdm.write(
+            f"step {state['step']}: valid loss {valid_loss:.3f} ppl {math.exp(min(valid_loss, 50)):.2f} "
+            f"BLEU {valid_scores.bleu:.2f}{' (best)' if improved else ''}"
+        )
+        save(f"step-{state['step']:07d}")
+        checkpoint.prune_checkpoints(run_dir, keep=max(tc.average_last, 1))
+        if improved:
+            save("best")
+        save("last")
+        return bool(tc.patience and state["stale_evals"] >= tc.patience)
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    model.train()
+    stop = False
+    window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": time.monotonic()}
+    while not stop and state["epoch"] < tc.max_epochs:
+        batches = token_batches(
+            [len(s) for s in train_data.src],
+            [len(t) for t in train_data.tgt],
+            tc.max_tokens,
+            shuffle=True,
+            seed=tc.seed,
+            epoch=state["epoch"],
+        )
+        progress = tqdm(
+            total=len(batches),
+            initial=state["batch"],
+            desc=f"epoch {state['epoch'] + 1}",
+            leave=False,
+            dynamic_ncols=True,
+        )
+        while state["batch"] < len(batches):
+            group = batches[state["batch"] : state["batch"] + tc.accumulate]
+            step_tokens = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            collated = [collate([(train_data.src[i], train_data.tgt[i]) for i in ids]) for ids in group]
+            n_tokens = sum(b.n_tgt_tokens for b in collated)
+            for batch in collated:
+                with autocast:
+                    logits = model(batch.src, batch.tgt_in)
+                loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
+                (loss / n_tokens).backward()
+                loss_sum += float(loss.detach())
+                step_tokens += batch.n_tgt_tokens
+                window["pad"] += batch.padding_fraction
+                window["batches"] += 1
+            state["batch"] += len(group)
+            progress.update(len(group))
+            if not math.isfinite(loss_sum):
+                state["bad_steps"] += 1
+                log.write(event="skipped_step", step=state["step"], reason="non-finite loss")
+                if state["bad_steps"] >= MAX_BAD_STEPS:
+                    raise TransformerError(
+                        f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; stopped. The last good "
+                        f"checkpoint is {run_dir / 'last.safetensors'}: lower lr_factor or raise warmup"
+                    )
+                continue
+            state["bad_steps"] = 0
+            if tc.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            window["loss"] += loss_sum
+            window["tokens"] += step_tokens
+
+            if state["step"] % tc.log_every == 0:
+                now = time.monotonic()
+                record = {
+                    "event": "train",
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": window["loss"] / max(window["tokens"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": window["tokens"] / max(now - window["time"], 1e-9),
+                    "padding": window["pad"] / max(window["batches"], 1),
+                    "elapsed": now - started,
+                }
+                log.write(**record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": now}
+
+            if tc.eval_every and state["step"] % tc.eval_every == 0:
+                paused = time.monotonic()
+                stop = evaluate_and_save()
+                window["time"] += time.monotonic() - paused  # tokens/s counts training time only
+                if stop:
+                    break
+            if out_of_time():
+                stop = True
+                break
+        progress.close()
+        if state["batch"] >= len(batches):
+            state["epoch"] += 1
+            state["batch"] = 0
+            if not tc.eval_every and evaluate_and_save():
+                stop = True
+        if out_of_time():
+            stop = True
+    if state.get("validated_step") != state["step"]:
+        evaluate_and_save()  # the final weights are always validated and saved
+    return finish(model, tokenizer, tc, run_dir, valid_data, log, started, state["best_bleu"])
+
+
+def finish(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    tc: TrainConfig,
+    run_dir: Path,
+    valid_data: Corpus,
+    log: MetricsLog,
+    started: float,
+    best_bleu: float,
+) -> dict[str, Any]:
+    """Average the last checkpoints (kept as `best` if it validates better), then score the test split."""
+    names = [name for name in checkpoint.list_checkpoints(run_dir) if name.startswith("step-")]
+    recent = (
+        [run_dir / f"{name}.safetensors" for name in names[-tc.average_last :]] if tc.average_last > 1 else []
+    )
+    results: dict[str, Any] = {"valid_best_single": best_bleu}
+    best_weights = checkpoint.load_weights(run_dir / "best.safetensors")
+    if len(recent) > 1:
+        model.load_state_dict(checkpoint.average_weights(recent))
+        _, avg_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
+        results["valid_averaged"] = avg_scores.bleu
+        log.write(event="average", checkpoints=[p.name for p in recent], bleu=avg_scores.bleu)
+        tqdm.write(
+            f"average of the last {len(recent)} checkpoints: valid BLEU {avg_scores.bleu:.2f} "
+            f"(best single {best_bleu:.2f})"
+        )
+        if avg_scores.bleu > best_bleu:
+            checkpoint.save_checkpoint(
+                run_dir, "best", model, {"source": "average", "checkpoints": names[-len(recent) :]}
+            )
+            best_weights = None
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+
+    if tc.test_split:
+        test_data, _ = encode_corpus(
+            read_split(tc.data_dir, tc.test_split, tc.src_lang, tc.tgt_lang), tokenizer, None
+        )
+        search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
+        model.eval()
+        hypotheses = [tokenizer.decode(ids) for ids in translate_ids(model, test_data.src, search)]
+        test_scores = score(hypotheses, test_data.tgt_text)
+        (run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}").write_text("\n".join(hypotheses) + "\n")
+        results[tc.test_split] = test_scores.to_dict()
+        tqdm.write(f"{tc.test_split} (beam {tc.beam}):\n{test_scores}")
+    results["wall_seconds"] = time.monotonic() - started
+    log.write(event="results", **results)
+    checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """`key=value` arguments -> dict; values stay strings and are typed against the config fields."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TransformerError(f"expected key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
