@@ -2,59 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_MODEL, tiny_recipe
 
+from transformer.checkpoint import load_state
 from transformer.cli import load_train_settings, main
-from transformer.config import TrainConfig
 from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
 from transformer.evaluate import score
 from transformer.train import train
 from transformer.translate import Translator
-
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "multi30k"
-TINY_MODEL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_encoder_layers": 1, "n_decoder_layers": 1}
-
-
-def tiny_recipe(data_dir: Path, **changes) -> TrainConfig:
-    settings = {
-        "data_dir": str(data_dir),
-        "vocab_size": 400,
-        "max_tokens": 600,
-        "warmup": 10,
-        "lr_factor": 2.0,
-        "max_steps": 30,
-        "eval_every": 15,
-        "time_budget_minutes": 0.0,
-        "average_last": 2,
-        "beam": 2,
-        "log_every": 5,
-        "max_len": 64,
-        "seed": 3,
-    }
-    return TrainConfig(**{**settings, **changes})
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200 training pairs, 20 validation and 20 test pairs from the bundled corpus, as plain text."""
-    out = tmp_path_factory.mktemp("multi30k-slice")
-    for split, source, n in (("train", "train", 200), ("val", "val", 20), ("test2016", "test2016", 20)):
-        for lang in ("de", "en"):
-            lines = read_lines(BUNDLED / f"{source}.{lang}.gz")[:n]
-            (out / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    train(tiny_recipe(data_dir), TINY_MODEL, out)
-    return out
 
 
 def records(run: Path, event: str) -> list[dict]:
@@ -118,6 +84,8 @@ def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp
     steps = [r["step"] for r in records(run, "train")]
     assert steps[:6] == [5, 10, 15, 20, 25, 30] and steps[6:] == [35, 40]
     assert [r["step"] for r in records(run, "valid")] == [15, 30, 40]
+    elapsed = [r["elapsed"] for r in records(run, "train")]
+    assert elapsed[6] > elapsed[5], "the run's clock (and its time budget) continues across a resume"
 
 
 def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -181,3 +149,28 @@ def test_bad_input_gives_one_clear_line(run_dir: Path, data_dir: Path, tmp_path:
         == 2
     )
     assert "beam size" in one_error_line(capsys)
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = {**dataclasses.asdict(tiny_recipe(data_dir, max_steps=100_000, eval_every=0)), **TINY_MODEL}
+    command = [sys.executable, "-m", "transformer.cli", "train", "--out", str(out)]
+    command += [f"{key}={value}" for key, value in settings.items() if key != "test_split"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not records(out, "train"):  # training has started
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped by SIGTERM at step ")
+    state = load_state(out / "last.state.pt")
+    assert state["progress"]["step"] >= 5
+    train(
+        tiny_recipe(data_dir, max_steps=state["progress"]["step"] + 5, eval_every=0),
+        TINY_MODEL,
+        out,
+        resume=True,
+    )
+    assert load_state(out / "last.state.pt")["progress"]["step"] == state["progress"]["step"] + 5

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from transformer.config import TrainConfig, TransformerConfig, config_from_dict
+from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_from_dict, model_config_class
 from transformer.errors import TransformerError
 
 DEFAULT_OUT = "runs/multi30k-{src_lang}-{tgt_lang}"
@@ -43,7 +43,7 @@ def load_train_settings(
         model_values.update(recipe.pop("model", None) or {})
         train_values.update(recipe)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_keys = {f.name for f in dataclasses.fields(TransformerConfig)}
+    model_keys = {f.name for cls in (TransformerConfig, RNNConfig) for f in dataclasses.fields(cls)}
     for key, raw in overrides.items():
         value = yaml.safe_load(raw) if raw else raw  # "0.1" -> 0.1, "true" -> True, "de" -> "de"
         if key.startswith("model."):
@@ -58,10 +58,11 @@ def load_train_settings(
             )
     tc = config_from_dict(TrainConfig, train_values, source=config_file or "overrides")
     TransformerConfig.preset(tc.preset)  # an unknown preset is an error now, not after the tokenizer
-    unknown = sorted(set(model_values) - model_keys)
+    family = model_config_class(tc.model)
+    unknown = sorted(set(model_values) - {f.name for f in dataclasses.fields(family)})
     if unknown:
-        raise TransformerError(f"unknown model setting(s): {', '.join(unknown)}")
-    checked = config_from_dict(TransformerConfig, model_values, source="model settings")  # types checked here
+        raise TransformerError(f"model={tc.model} has no setting(s) {', '.join(unknown)}")
+    checked = config_from_dict(family, model_values, source="model settings")  # types checked here
     return tc, {key: getattr(checked, key) for key in model_values}
 
 
@@ -142,6 +143,17 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from transformer.doctor import format_table, run_checks
+
+    checks = run_checks(Path(args.checkpoint), args.name)
+    print(format_table(checks))
+    failed = [c.name for c in checks if c.status == "FAIL"]
+    if failed:
+        raise TransformerError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="reference file (with --source)")
             p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "doctor", help="check a trained checkpoint: masks, cache, determinism, bf16, tokenizer"
+    )
+    p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("average", help="average the weights of several checkpoints")
     p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")
     p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
@@ -195,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TransformerError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"{error.label}: {error}", file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

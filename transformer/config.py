@@ -98,6 +98,43 @@ MODEL_PRESETS: dict[str, TransformerConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class RNNConfig:
+    """The recurrent baselines (`transformer.model.rnn`): what the Transformer is compared against."""
+
+    kind: Literal["rnn", "birnn", "rnn-attention"] = "rnn-attention"
+    cell: Literal["gru", "lstm"] = "gru"
+    src_vocab_size: int = 8000
+    tgt_vocab_size: int = 8000
+    emb_dim: int = 256
+    hidden_size: int = 512
+    n_layers: int = 1
+    dropout: float = 0.3
+    attention: Literal["additive", "dot"] = "additive"  # scoring of `rnn-attention`
+    pad_id: int = 0
+    max_len: int = 1024  # longest target the decoding cache is sized for
+
+    def __post_init__(self) -> None:
+        for name in ("emb_dim", "hidden_size", "n_layers", "src_vocab_size", "tgt_vocab_size", "max_len"):
+            if getattr(self, name) <= 0:
+                raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TransformerError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+ModelConfig = TransformerConfig | RNNConfig
+
+
+def model_config_class(family: str) -> type[TransformerConfig] | type[RNNConfig]:
+    """The config class of a model family (`TrainConfig.model`)."""
+    return TransformerConfig if family == "transformer" else RNNConfig
+
+
+def model_width(config: ModelConfig) -> int:
+    """The width the warm-up schedule scales by (d_model^-0.5; the hidden size for RNNs)."""
+    return config.d_model if isinstance(config, TransformerConfig) else config.hidden_size
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -164,8 +201,8 @@ def save_json(config: Any, path: Path) -> None:
 class TrainConfig:
     """What is trained on, and how. Defaults are the bundled Multi30k recipe for a 2-core CPU."""
 
-    model: Literal["transformer"] = "transformer"
-    preset: str = "small"  # the TransformerConfig preset that model overrides start from
+    model: Literal["transformer", "rnn", "birnn", "rnn-attention"] = "transformer"
+    preset: str = "small"  # the TransformerConfig preset that model overrides start from (transformer only)
     data_dir: str = "data/multi30k"
     src_lang: str = "de"
     tgt_lang: str = "en"

@@ -7,3 +7,6 @@ not a bug: the CLI prints its message as a single line and exits non-zero, witho
 
 class TransformerError(Exception):
     """A user-facing error whose message alone says what went wrong and what to do."""
+
+    label = "error"  # the CLI prints "label: message"
+    exit_status = 2

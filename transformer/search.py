@@ -18,8 +18,8 @@ CHECK_EVERY = 4  # steps between host syncs that test whether every hypothesis h
 
 
 class Decodable(Protocol):
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]: ...
-    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor, cache: Any = None) -> Tensor: ...
+    def encode(self, src: Tensor) -> tuple[Any, Tensor]: ...
+    def decode(self, tgt: Tensor, memory: Any, src_mask: Tensor, cache: Any = None) -> Tensor: ...
     def new_cache(self, max_len: int | None = None) -> Any: ...
 
 
@@ -107,7 +107,7 @@ def beam_search(
     k = config.beam
     batch, device = src.size(0), src.device
     memory, src_mask = model.encode(src)
-    memory, src_mask = memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)  # (batch·k, …)
+    memory, src_mask = _repeat_rows(memory, k), src_mask.repeat_interleave(k, 0)  # (batch·k, …)
     limits = _length_limits(src, pad_id, config.extra_len, max_len)[:, None]  # (batch, 1)
     steps = int(limits.max())
     stepper = _Stepper(model, memory, src_mask, src.new_full((batch * k,), bos_id), steps, config.use_cache)
@@ -143,6 +143,13 @@ def beam_search(
     best = (scores / ((5.0 + lengths) / 6.0) ** config.length_penalty).argmax(-1)  # (batch,)
     hypotheses = stepper.prefix[:, 1:].view(batch, k, -1)
     return _strip(hypotheses[torch.arange(batch, device=device), best], eos_id, pad_id)
+
+
+def _repeat_rows(memory: Any, k: int) -> Any:
+    """Each sentence's row k times, for a memory that is a tensor or a tuple of tensors (RNN models)."""
+    if isinstance(memory, tuple):
+        return tuple(_repeat_rows(part, k) for part in memory)
+    return memory.repeat_interleave(k, 0)
 
 
 def _one_hot_log(vocab: int, token: int, device: torch.device) -> Tensor:

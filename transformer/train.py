@@ -10,24 +10,34 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from transformer import checkpoint
-from transformer.config import TrainConfig, TransformerConfig, config_to_dict
+from transformer.config import (
+    ModelConfig,
+    RNNConfig,
+    TrainConfig,
+    TransformerConfig,
+    config_to_dict,
+    model_width,
+)
 from transformer.data.batching import collate, token_batches
 from transformer.data.corpus import filter_pairs, read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
-from transformer.model import Transformer
+from transformer.model import build_model
 from transformer.optim import build_optimizer
 from transformer.runtime import configure_torch
 from transformer.search import SearchConfig
@@ -103,7 +113,7 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: f
 
 @torch.no_grad()
 def validate(
-    model: Transformer, tokenizer: Tokenizer, corpus: Corpus, tc: TrainConfig, beam: int
+    model: nn.Module, tokenizer: Tokenizer, corpus: Corpus, tc: TrainConfig, beam: int
 ) -> tuple[float, Scores]:
     """Per-token cross-entropy with teacher forcing (for perplexity), and BLEU of decoded output."""
     model.eval()
@@ -121,11 +131,12 @@ def validate(
     return total / max(tokens, 1), score(hypotheses, corpus.tgt_text)
 
 
-def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> TransformerConfig:
-    return TransformerConfig.preset(
-        tc.preset,
-        **{"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, "pad_id": PAD_ID, **overrides},
-    )
+def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """The model's config: the family's defaults (a preset for the Transformer), the vocabulary, overrides."""
+    values = {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, "pad_id": PAD_ID, **overrides}
+    if tc.model == "transformer":
+        return TransformerConfig.preset(tc.preset, **values)
+    return RNNConfig(**{"kind": tc.model, **values})
 
 
 def _rng_state() -> dict[str, Any]:
@@ -135,6 +146,31 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+
+
+class TrainingInterrupted(TransformerError):
+    """SIGINT or SIGTERM stopped the run after saving it."""
+
+    label, exit_status = "interrupted", 130
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[str]]:
+    """Turn SIGINT/SIGTERM into a request noted in the yielded list, so that the loop can finish the current
+    step and save before stopping; the previous handlers come back afterwards."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield received
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -200,9 +236,9 @@ def train(
         f"({train_stats['empty']} empty, {train_stats['too_long']} longer than {tc.max_len} tokens dropped)"
     )
 
-    model = Transformer(model_config)
+    model = build_model(model_config)
     optimizer, scheduler = build_optimizer(
-        model, model_config.d_model, tc.warmup, tc.lr_factor, tc.weight_decay
+        model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
     )
     state: dict[str, Any] = {
         "step": 0,
@@ -211,6 +247,7 @@ def train(
         "best_bleu": -1.0,
         "stale_evals": 0,
         "bad_steps": 0,
+        "seconds": 0.0,  # wall time of the run so far, across resumptions: the time budget counts this
     }
     if resume:
         model.load_state_dict(checkpoint.load_weights(run_dir / "last.safetensors"))
@@ -219,10 +256,12 @@ def train(
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
         state = saved["progress"]
+        started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
         tqdm.write(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     tqdm.write(f"model: {model.num_parameters() / 1e6:.1f}M parameters; writing to {run_dir}")
 
     def save(name: str) -> None:
+        state["seconds"] = time.monotonic() - started
         checkpoint.save_checkpoint(
             run_dir,
             name,
@@ -270,105 +309,114 @@ def train(
         return bool(tc.patience and state["stale_evals"] >= tc.patience)
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
-    model.train()
-    stop = False
-    window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": time.monotonic()}
-    while not stop and state["epoch"] < tc.max_epochs:
-        batches = token_batches(
-            [len(s) for s in train_data.src],
-            [len(t) for t in train_data.tgt],
-            tc.max_tokens,
-            shuffle=True,
-            seed=tc.seed,
-            epoch=state["epoch"],
-        )
-        progress = tqdm(
-            total=len(batches),
-            initial=state["batch"],
-            desc=f"epoch {state['epoch'] + 1}",
-            leave=False,
-            dynamic_ncols=True,
-        )
-        while state["batch"] < len(batches):
-            group = batches[state["batch"] : state["batch"] + tc.accumulate]
-            step_tokens = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            collated = [collate([(train_data.src[i], train_data.tgt[i]) for i in ids]) for ids in group]
-            n_tokens = sum(b.n_tgt_tokens for b in collated)
-            for batch in collated:
-                with autocast:
-                    logits = model(batch.src, batch.tgt_in)
-                loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
-                (loss / n_tokens).backward()
-                loss_sum += float(loss.detach())
-                step_tokens += batch.n_tgt_tokens
-                window["pad"] += batch.padding_fraction
-                window["batches"] += 1
-            state["batch"] += len(group)
-            progress.update(len(group))
-            if not math.isfinite(loss_sum):
-                state["bad_steps"] += 1
-                log.write(event="skipped_step", step=state["step"], reason="non-finite loss")
-                if state["bad_steps"] >= MAX_BAD_STEPS:
-                    raise TransformerError(
-                        f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; stopped. The last good "
-                        f"checkpoint is {run_dir / 'last.safetensors'}: lower lr_factor or raise warmup"
+    with _stop_on_signals() as stop_signal:  # Ctrl-C or SIGTERM: save `last` after this step, then exit
+        model.train()
+        stop = False
+        window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": time.monotonic()}
+        while not stop and state["epoch"] < tc.max_epochs:
+            batches = token_batches(
+                [len(s) for s in train_data.src],
+                [len(t) for t in train_data.tgt],
+                tc.max_tokens,
+                shuffle=True,
+                seed=tc.seed,
+                epoch=state["epoch"],
+            )
+            progress = tqdm(
+                total=len(batches),
+                initial=state["batch"],
+                desc=f"epoch {state['epoch'] + 1}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            while state["batch"] < len(batches):
+                group = batches[state["batch"] : state["batch"] + tc.accumulate]
+                step_tokens = 0
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                collated = [collate([(train_data.src[i], train_data.tgt[i]) for i in ids]) for ids in group]
+                n_tokens = sum(b.n_tgt_tokens for b in collated)
+                for batch in collated:
+                    with autocast:
+                        logits = model(batch.src, batch.tgt_in)
+                    loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
+                    (loss / n_tokens).backward()
+                    loss_sum += float(loss.detach())
+                    step_tokens += batch.n_tgt_tokens
+                    window["pad"] += batch.padding_fraction
+                    window["batches"] += 1
+                state["batch"] += len(group)
+                progress.update(len(group))
+                if not math.isfinite(loss_sum):
+                    state["bad_steps"] += 1
+                    log.write(event="skipped_step", step=state["step"], reason="non-finite loss")
+                    if state["bad_steps"] >= MAX_BAD_STEPS:
+                        progress.close()
+                        raise TransformerError(
+                            f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; stopped. The last good "
+                            f"checkpoint is {run_dir / 'last.safetensors'}: lower lr_factor or raise warmup"
+                        )
+                    continue
+                state["bad_steps"] = 0
+                if tc.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                window["loss"] += loss_sum
+                window["tokens"] += step_tokens
+
+                if state["step"] % tc.log_every == 0:
+                    now = time.monotonic()
+                    record = {
+                        "event": "train",
+                        "step": state["step"],
+                        "epoch": state["epoch"],
+                        "loss": window["loss"] / max(window["tokens"], 1),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": window["tokens"] / max(now - window["time"], 1e-9),
+                        "padding": window["pad"] / max(window["batches"], 1),
+                        "elapsed": now - started,
+                    }
+                    log.write(**record)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
                     )
-                continue
-            state["bad_steps"] = 0
-            if tc.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            window["loss"] += loss_sum
-            window["tokens"] += step_tokens
+                    window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": now}
 
-            if state["step"] % tc.log_every == 0:
-                now = time.monotonic()
-                record = {
-                    "event": "train",
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "loss": window["loss"] / max(window["tokens"], 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": window["tokens"] / max(now - window["time"], 1e-9),
-                    "padding": window["pad"] / max(window["batches"], 1),
-                    "elapsed": now - started,
-                }
-                log.write(**record)
-                progress.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
-                window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": now}
-
-            if tc.eval_every and state["step"] % tc.eval_every == 0:
-                paused = time.monotonic()
-                stop = evaluate_and_save()
-                window["time"] += time.monotonic() - paused  # tokens/s counts training time only
-                if stop:
+                if tc.eval_every and state["step"] % tc.eval_every == 0:
+                    paused = time.monotonic()
+                    stop = evaluate_and_save()
+                    window["time"] += time.monotonic() - paused  # tokens/s counts training time only
+                    if stop:
+                        break
+                if stop_signal:
+                    save("last")
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"stopped by {stop_signal[0]} at step {state['step']}; saved {run_dir}/last: "
+                        f"continue with `transformer train --out {run_dir} --resume`"
+                    )
+                if out_of_time():
+                    stop = True
                     break
+            progress.close()
+            if state["batch"] >= len(batches):
+                state["epoch"] += 1
+                state["batch"] = 0
+                if not tc.eval_every and evaluate_and_save():
+                    stop = True
             if out_of_time():
                 stop = True
-                break
-        progress.close()
-        if state["batch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch"] = 0
-            if not tc.eval_every and evaluate_and_save():
-                stop = True
-        if out_of_time():
-            stop = True
     if state.get("validated_step") != state["step"]:
         evaluate_and_save()  # the final weights are always validated and saved
     return finish(model, tokenizer, tc, run_dir, valid_data, log, started, state["best_bleu"])
 
 
 def finish(
-    model: Transformer,
+    model: nn.Module,
     tokenizer: Tokenizer,
     tc: TrainConfig,
     run_dir: Path,

@@ -8,17 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from transformer.checkpoint import checkpoint_path, load_weights
-from transformer.config import TrainConfig, TransformerConfig, config_from_dict
+from transformer.config import ModelConfig, TrainConfig, config_from_dict, model_config_class
+from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
-from transformer.model import Transformer
+from transformer.model import build_model
 from transformer.search import SearchConfig, generate
 
 
 def translate_ids(
-    model: Transformer,
+    model: nn.Module,
     sources: Sequence[list[int]],
     search: SearchConfig,
     *,
@@ -27,25 +29,13 @@ def translate_ids(
 ) -> list[list[int]]:
     """Translate token-id sequences (without EOS), batched by length to waste little on padding; the
     results come back in input order. Empty sources give empty translations without running the model."""
-    order = sorted((i for i in range(len(sources)) if sources[i]), key=lambda i: len(sources[i]))
+    present = [i for i in range(len(sources)) if sources[i]]
     results: list[list[int]] = [[] for _ in sources]
-    # Beam search multiplies the rows by the beam size; the budget counts them.
-    rows_per_token = max(search.beam, 1)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        longest = len(sources[order[start]]) + 1
-        while end < len(order):
-            longest = len(sources[order[end]]) + 1
-            if (end - start + 1) * longest * rows_per_token > max_tokens:
-                break
-            end += 1
-        chunk = order[start:end]
-        width = max(len(sources[i]) for i in chunk) + 1
-        src = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids = [*sources[i], EOS_ID]
-            src[row, : len(ids)] = torch.tensor(ids)
+    # Beam search turns each sentence into `beam` rows: the token budget counts rows.
+    budget = max(max_tokens // max(search.beam, 1), 1)
+    for batch in token_batches([len(sources[i]) for i in present], [0] * len(present), budget, shuffle=False):
+        chunk = [present[j] for j in batch]
+        src = collate([(sources[i], []) for i in chunk]).src  # tokens + EOS, right-padded
         outputs = generate(
             model,
             src.to(device),
@@ -57,14 +47,13 @@ def translate_ids(
         )
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
-        start = end
     return results
 
 
 class Translator:
     """A trained model with its tokenizer: `Translator.from_checkpoint(run_dir).translate(["…"], beam=4)`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, train_config: TrainConfig | None = None):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, train_config: TrainConfig | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.train_config = train_config or TrainConfig()
@@ -78,7 +67,7 @@ class Translator:
         run_dir = weights_file.parent
         model_config, train_config = load_run_config(run_dir)
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-        model = Transformer(model_config)
+        model = build_model(model_config)
         weights = load_weights(weights_file)
         try:
             model.load_state_dict(weights, strict=True)
@@ -115,7 +104,7 @@ class Translator:
         return [self.tokenizer.decode(ids) for ids in outputs]
 
 
-def load_run_config(run_dir: Path) -> tuple[TransformerConfig, TrainConfig]:
+def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
     """Read the configs a training run wrote to run_dir/config.json."""
     path = run_dir / "config.json"
     if not path.is_file():
@@ -125,7 +114,11 @@ def load_run_config(run_dir: Path) -> tuple[TransformerConfig, TrainConfig]:
     try:
         saved = json.loads(path.read_text())
         return (
-            config_from_dict(TransformerConfig, saved["model"], source=str(path)),
+            config_from_dict(
+                model_config_class(saved["train"].get("model", "transformer")),
+                saved["model"],
+                source=str(path),
+            ),
             config_from_dict(TrainConfig, saved["train"], source=str(path)),
         )
     except (json.JSONDecodeError, KeyError, TypeError) as error:

@@ -1,0 +1,53 @@
+"""Shared fixtures: a small slice of the bundled corpus, written as plain text files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transformer.config import TrainConfig
+from transformer.data.corpus import read_lines
+from transformer.train import train
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "multi30k"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 training pairs, 20 validation and 20 test pairs from the bundled corpus, as plain text."""
+    out = tmp_path_factory.mktemp("multi30k-slice")
+    for split, source, n in (("train", "train", 200), ("val", "val", 20), ("test2016", "test2016", 20)):
+        for lang in ("de", "en"):
+            lines = read_lines(BUNDLED / f"{source}.{lang}.gz")[:n]
+            (out / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    return out
+
+
+TINY_MODEL = {"d_model": 32, "n_heads": 2, "d_ff": 64, "n_encoder_layers": 1, "n_decoder_layers": 1}
+
+
+def tiny_recipe(data_dir: Path, **changes) -> TrainConfig:
+    settings = {
+        "data_dir": str(data_dir),
+        "vocab_size": 400,
+        "max_tokens": 600,
+        "warmup": 10,
+        "lr_factor": 2.0,
+        "max_steps": 30,
+        "eval_every": 15,
+        "time_budget_minutes": 0.0,
+        "average_last": 2,
+        "beam": 2,
+        "log_every": 5,
+        "max_len": 64,
+        "seed": 3,
+    }
+    return TrainConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="session")
+def run_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_recipe(data_dir), TINY_MODEL, out)
+    return out

@@ -1,0 +1,173 @@
+"""The recurrent systems the Transformer replaced, behind the same encode/decode interface.
+
+- `rnn`: an RNN encoder–decoder (Cho et al. 2014; Sutskever et al. 2014). The whole source is squeezed into
+  the encoder's final state, which starts the decoder and is fed to it again at every step.
+- `birnn`: the same with a bidirectional encoder: each position is [forward h_t ; backward h_t], and the
+  decoder starts from a projection of both final states.
+- `rnn-attention`: a bidirectional encoder and a decoder that, at every step, attends over all encoder
+  states (Bahdanau et al. 2015, additive scores; Luong et al. 2015 dot-product scores as an option).
+
+Padding never reaches the recurrences: sequences are packed, so the final state is that of the last real
+token. Like the Transformer, a model maps (src, tgt_in) to logits and decodes incrementally through a
+cache (here the decoder's hidden state), reordered by index for beam search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from transformer.config import RNNConfig
+
+AttentionRecord = list[dict[str, Tensor]]
+
+
+@dataclass
+class RNNState:
+    """The decoder's recurrent state between decoding steps: (layers, batch, hidden), plus the cell state
+    for an LSTM."""
+
+    max_len: int
+    length: int = 0
+    hidden: Tensor | tuple[Tensor, Tensor] | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        if isinstance(self.hidden, tuple):
+            self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
+        elif self.hidden is not None:
+            self.hidden = self.hidden.index_select(1, index)
+
+
+class AdditiveAttention(nn.Module):
+    """score(s, h_j) = vᵀ·tanh(W·s + U·h_j) (Bahdanau), or s·(W·h_j) with `dot` (Luong's 'general')."""
+
+    def __init__(self, query_size: int, key_size: int, kind: str = "additive") -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "additive":
+            self.w_query = nn.Linear(query_size, query_size, bias=False)
+            self.w_key = nn.Linear(key_size, query_size)
+            self.v = nn.Linear(query_size, 1, bias=False)
+        else:
+            self.w_key = nn.Linear(key_size, query_size, bias=False)
+
+    def project_keys(self, keys: Tensor) -> Tensor:
+        """Computed once per source: (batch, src_len, key_size) -> (batch, src_len, query_size)."""
+        return self.w_key(keys)
+
+    def forward(
+        self, query: Tensor, projected_keys: Tensor, values: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """query (batch, query_size), mask (batch, src_len) True on real tokens -> context, weights."""
+        if self.kind == "additive":
+            scores = self.v(torch.tanh(self.w_query(query)[:, None, :] + projected_keys)).squeeze(-1)
+        else:
+            scores = (projected_keys @ query[:, :, None]).squeeze(-1)  # (batch, src_len)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return (weights[:, None, :] @ values).squeeze(1), weights  # (batch, key_size), (batch, src_len)
+
+
+class RNNSeq2Seq(nn.Module):
+    """`rnn`, `birnn` or `rnn-attention`, selected by `RNNConfig.kind`."""
+
+    def __init__(self, config: RNNConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        rnn = nn.GRU if c.cell == "gru" else nn.LSTM
+        directions = 1 if c.kind == "rnn" else 2
+        self.src_embed = nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=c.pad_id)
+        self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=c.pad_id)
+        self.dropout = nn.Dropout(c.dropout)
+        layer_dropout = c.dropout if c.n_layers > 1 else 0.0
+        self.encoder = rnn(
+            c.emb_dim,
+            c.hidden_size,
+            c.n_layers,
+            batch_first=True,
+            bidirectional=directions == 2,
+            dropout=layer_dropout,
+        )
+        context_size = directions * c.hidden_size
+        # The decoder starts from the encoder's summary; a bidirectional one is projected down to hidden_size.
+        self.bridge = nn.Linear(context_size, c.hidden_size) if directions == 2 else None
+        self.attention = (
+            AdditiveAttention(c.hidden_size, context_size, c.attention) if c.kind == "rnn-attention" else None
+        )
+        self.decoder = rnn(
+            c.emb_dim + context_size, c.hidden_size, c.n_layers, batch_first=True, dropout=layer_dropout
+        )
+        self.out_proj = nn.Linear(c.hidden_size + context_size + c.emb_dim, c.tgt_vocab_size)
+
+    def encode(
+        self, src: Tensor, record: AttentionRecord | None = None
+    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """src (batch, src_len) -> memory and the padding mask (batch, src_len). The memory is the pair
+        (states (batch, src_len, dirs·hidden), summary (batch, dirs·hidden))."""
+        mask = src != self.config.pad_id
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(
+            self.dropout(self.src_embed(src)), lengths, batch_first=True, enforce_sorted=False
+        )
+        states, final = self.encoder(packed)
+        states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.size(1))
+        final_h = final[0] if isinstance(final, tuple) else final  # (layers·dirs, batch, hidden)
+        directions = 2 if self.config.kind != "rnn" else 1
+        top = final_h.view(self.config.n_layers, directions, src.size(0), -1)[-1]  # (dirs, batch, hidden)
+        summary = torch.cat(list(top), dim=-1)  # (batch, dirs·hidden): [forward ; backward]
+        return (states, summary), mask
+
+    def _initial_state(self, summary: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        h0 = torch.tanh(self.bridge(summary)) if self.bridge is not None else summary  # (batch, hidden)
+        h0 = h0[None].expand(self.config.n_layers, -1, -1).contiguous()  # every layer starts from the summary
+        return (h0, torch.zeros_like(h0)) if self.config.cell == "lstm" else h0
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: RNNState | None = None,
+        record: AttentionRecord | None = None,
+    ) -> Tensor:
+        """tgt (batch, tgt_len) -> logits (batch, tgt_len, vocab); with a cache, continue from its state."""
+        states, summary = memory
+        hidden = (
+            cache.hidden if cache is not None and cache.hidden is not None else self._initial_state(summary)
+        )
+        embedded = self.dropout(self.tgt_embed(tgt))  # (batch, tgt_len, emb)
+        if self.attention is None:
+            # The context is the same at every step, so the recurrence runs over the whole sequence at once.
+            context = summary[:, None, :].expand(-1, tgt.size(1), -1)
+            outputs, hidden = self.decoder(torch.cat([embedded, context], -1), hidden)
+        else:
+            keys = self.attention.project_keys(states)
+            outputs_list, contexts, weights_list = [], [], []
+            for t in range(tgt.size(1)):
+                query = (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]  # top layer, previous step
+                ctx, weights = self.attention(query, keys, states, src_mask)
+                out, hidden = self.decoder(torch.cat([embedded[:, t : t + 1], ctx[:, None]], -1), hidden)
+                outputs_list.append(out)
+                contexts.append(ctx)
+                weights_list.append(weights)
+            outputs, context = torch.cat(outputs_list, 1), torch.stack(contexts, 1)
+            if record is not None:
+                record.append(
+                    {"cross": torch.stack(weights_list, 1)[:, None]}
+                )  # (batch, 1, tgt_len, src_len)
+        if cache is not None:
+            cache.hidden = hidden
+            cache.length += tgt.size(1)
+        return self.out_proj(self.dropout(torch.cat([outputs, context, embedded], -1)))
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        memory, src_mask = self.encode(src)
+        return self.decode(tgt, memory, src_mask)
+
+    def new_cache(self, max_len: int | None = None) -> RNNState:
+        return RNNState(max_len=max_len or self.config.max_len)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
