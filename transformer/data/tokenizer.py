@@ -155,6 +155,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Subword ids of one sentence, without BOS/EOS."""
+        text = _valid_unicode(text)
         if _PIECE_SPACE not in text:
             return self._sp.encode(" " + text)
         first, *rest = text.split(_PIECE_SPACE)
@@ -165,6 +166,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many sentences, using SentencePiece's multithreaded batch encoder."""
+        texts = [_valid_unicode(text) for text in texts]
         encoded = self._sp.encode([" " + text for text in texts])
         for i, text in enumerate(texts):
             if _PIECE_SPACE in text:
@@ -186,6 +188,15 @@ class Tokenizer:
     def _decode_one(text: str) -> str:
         # Undo the leading space that encode adds in place of add_dummy_prefix.
         return text.removeprefix(" ")
+
+
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates (from surrogateescape decoding, say) cannot reach SentencePiece: they become U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
 
 
 def round_trip_mismatches(tokenizer: Tokenizer, texts: Sequence[str]) -> list[int]:
