@@ -6,11 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from transformer.config import TrainConfig
+from transformer.config import TrainConfig, TransformerConfig
 from transformer.data.corpus import read_lines
 from transformer.train import train
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "multi30k"
+
+# A Transformer small enough for exact reference comparisons in milliseconds.
+TINY = TransformerConfig(
+    src_vocab_size=50,
+    tgt_vocab_size=60,
+    d_model=32,
+    n_heads=4,
+    d_ff=64,
+    n_encoder_layers=2,
+    n_decoder_layers=2,
+    dropout=0.0,
+    max_len=64,
+    tie_output=False,
+)
 
 
 @pytest.fixture(scope="session")

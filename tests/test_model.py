@@ -5,25 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
 from transformer import Transformer, TransformerConfig
 from transformer.errors import TransformerError
 from transformer.model import LayerNorm, PositionalEncoding
 from transformer.model.transformer import Block
-
-TINY = TransformerConfig(
-    src_vocab_size=50,
-    tgt_vocab_size=60,
-    d_model=32,
-    n_heads=4,
-    d_ff=64,
-    n_encoder_layers=2,
-    n_decoder_layers=2,
-    dropout=0.0,
-    max_len=64,
-    tie_output=False,
-)
 
 
 def copy_block(ours: Block, ref: nn.Module) -> None:

@@ -1,11 +1,13 @@
 """Decoding: greedy and beam search against each other, against full recomputation, and on a toy model."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from conftest import TINY
 
-from transformer import Transformer, TransformerConfig
+from transformer import Transformer
 from transformer.search import SearchConfig, beam_search, greedy_search
 
 PAD, BOS, EOS = 0, 2, 3
@@ -15,17 +17,7 @@ IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
-    config = TransformerConfig(
-        src_vocab_size=40,
-        tgt_vocab_size=40,
-        d_model=32,
-        n_heads=4,
-        d_ff=64,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        dropout=0.0,
-        max_len=128,
-    )
+    config = dataclasses.replace(TINY, src_vocab_size=40, tgt_vocab_size=40, max_len=128, tie_output=True)
     model = Transformer(config).eval()
     with torch.no_grad():  # make EOS likely enough that hypotheses finish at different lengths
         model.out_proj.weight[EOS] += 0.4 * model.out_proj.weight.mean(0)
