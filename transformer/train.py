@@ -125,10 +125,19 @@ def validate(
         logits = model(batch.src, batch.tgt_in)
         total += float(label_smoothed_loss(logits, batch.tgt_out, 0.0))
         tokens += batch.n_tgt_tokens
-    search = SearchConfig(beam=beam, length_penalty=tc.length_penalty)
-    hypotheses = [tokenizer.decode(ids) for ids in translate_ids(model, corpus.src, search)]
+    _, scores = translate_and_score(
+        model, tokenizer, corpus, SearchConfig(beam=beam, length_penalty=tc.length_penalty)
+    )
     model.train()
-    return total / max(tokens, 1), score(hypotheses, corpus.tgt_text)
+    return total / max(tokens, 1), scores
+
+
+def translate_and_score(
+    model: nn.Module, tokenizer: Tokenizer, corpus: Corpus, search: SearchConfig
+) -> tuple[list[str], Scores]:
+    """Decode a corpus's sources and score the detokenised output against its raw references."""
+    hypotheses = tokenizer.decode_batch(translate_ids(model, corpus.src, search))
+    return hypotheses, score(hypotheses, corpus.tgt_text)
 
 
 def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelConfig:
@@ -431,7 +440,7 @@ def finish(
         [run_dir / f"{name}.safetensors" for name in names[-tc.average_last :]] if tc.average_last > 1 else []
     )
     results: dict[str, Any] = {"valid_best_single": best_bleu}
-    best_weights = checkpoint.load_weights(run_dir / "best.safetensors")
+    average_is_best = False
     if len(recent) > 1:
         model.load_state_dict(checkpoint.average_weights(recent))
         _, avg_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
@@ -441,22 +450,21 @@ def finish(
             f"average of the last {len(recent)} checkpoints: valid BLEU {avg_scores.bleu:.2f} "
             f"(best single {best_bleu:.2f})"
         )
-        if avg_scores.bleu > best_bleu:
+        average_is_best = avg_scores.bleu > best_bleu
+        if average_is_best:
             checkpoint.save_checkpoint(
                 run_dir, "best", model, {"source": "average", "checkpoints": names[-len(recent) :]}
             )
-            best_weights = None
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
+    if not average_is_best:
+        model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
 
     if tc.test_split:
         test_data, _ = encode_corpus(
             read_split(tc.data_dir, tc.test_split, tc.src_lang, tc.tgt_lang), tokenizer, None
         )
-        search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
         model.eval()
-        hypotheses = [tokenizer.decode(ids) for ids in translate_ids(model, test_data.src, search)]
-        test_scores = score(hypotheses, test_data.tgt_text)
+        search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
+        hypotheses, test_scores = translate_and_score(model, tokenizer, test_data, search)
         (run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}").write_text("\n".join(hypotheses) + "\n")
         results[tc.test_split] = test_scores.to_dict()
         tqdm.write(f"{tc.test_split} (beam {tc.beam}):\n{test_scores}")

@@ -101,7 +101,7 @@ class Translator:
             sources.append(ids)
         device = next(self.model.parameters()).device
         outputs = translate_ids(self.model, sources, search, device=device)
-        return [self.tokenizer.decode(ids) for ids in outputs]
+        return self.tokenizer.decode_batch(outputs)
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
