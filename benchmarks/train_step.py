@@ -3,7 +3,8 @@
     python benchmarks/train_step.py                 # small config (d 256, 3+3), fp32, 2 threads
     python benchmarks/train_step.py --allocator     # the same, run twice: with and without GLIBC_TUNABLES
 
-Both models get the same embeddings (×√d_model, sinusoidal positions), tied output projection,
+A third variant is ours with torch's nn.Dropout, to measure our cheaper dropout mask. All get the same
+embeddings (×√d_model, sinusoidal positions), tied output projection,
 label-smoothed cross-entropy and Adam; the variants are timed in turn, step after step, so that machine
 noise hits them alike. Prints JSON: median seconds per step, target tokens/s, achieved GFLOP/s and the
 fraction of the machine's fp32 matmul peak (measured here too), and ratios against nn.Transformer.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer import Transformer, TransformerConfig
+from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
 from transformer.runtime import ALLOCATOR_TUNABLES
 
@@ -49,6 +51,15 @@ class TorchPeer(nn.Module):
             x, y, tgt_mask=causal, src_key_padding_mask=src == 0, memory_key_padding_mask=src == 0
         )
         return hidden @ self.embed.weight.t()
+
+
+def with_torch_dropout(model: nn.Module) -> nn.Module:
+    """Our model with torch's per-element Bernoulli dropout in place of our cheaper mask."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return model
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -80,7 +91,11 @@ def measure(steps: int, batch: int, src_len: int, tgt_len: int) -> dict:
     config = TransformerConfig.preset("small", src_vocab_size=8000, tgt_vocab_size=8000)
     src = torch.randint(4, 8000, (batch, src_len))
     tgt = torch.randint(4, 8000, (batch, tgt_len + 1))
-    models = {"ours": Transformer(config), "nn.Transformer": TorchPeer(config)}
+    models = {
+        "ours": Transformer(config),
+        "ours with nn.Dropout": with_torch_dropout(Transformer(config)),
+        "nn.Transformer": TorchPeer(config),
+    }
     optimizers = {
         k: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9) for k, m in models.items()
     }
@@ -114,6 +129,9 @@ def measure(steps: int, batch: int, src_len: int, tgt_len: int) -> dict:
         }
     result["ours_vs_nn.Transformer"] = round(
         result["nn.Transformer"]["s_per_step"] / result["ours"]["s_per_step"], 3
+    )
+    result["our_dropout_speed_up"] = round(
+        result["ours with nn.Dropout"]["s_per_step"] / result["ours"]["s_per_step"], 3
     )
     return result
 
