@@ -108,7 +108,8 @@ def test_rnn_attention_trains_and_translates_through_the_pipeline(data_dir: Path
         log_every=5,
         seed=3,
     )
-    train(recipe, {"emb_dim": 32, "hidden_size": 32}, tmp_path)
+    # Shared embeddings and a tied output layer, as the parameter-matched comparison card trains them.
+    train(recipe, {"emb_dim": 32, "hidden_size": 32, "share_embeddings": True, "tie_output": True}, tmp_path)
     losses = [
         r["loss"]
         for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
@@ -118,3 +119,19 @@ def test_rnn_attention_trains_and_translates_through_the_pipeline(data_dir: Path
     translator = Translator.from_checkpoint(tmp_path)
     assert isinstance(translator.model, RNNSeq2Seq)
     assert len(translator.translate(["Ein Mann.", ""], beam=2)) == 2
+
+
+def test_shared_and_tied_embeddings_are_one_tensor() -> None:
+    tied = make("rnn-attention", share_embeddings=True, tie_output=True)
+    untied = make("rnn-attention")
+    assert tied.tgt_embed.weight is tied.src_embed.weight
+    # One 40 x 16 embedding instead of two, and a readout to emb_dim instead of to the vocabulary.
+    readout = 24 + 48 + 16
+    saved = 40 * 16 + (readout * 40 + 40) - (readout * 16 + 16 + 40)
+    assert untied.num_parameters() - tied.num_parameters() == saved
+    src, tgt = batch()
+    tied(src, tgt).sum().backward()
+    grad = tied.src_embed.weight.grad
+    assert grad is not None and grad[tgt.unique()].abs().sum() > 0
+    unused = sorted(set(range(40)) - set(src.unique().tolist()) - set(tgt.unique().tolist()) - {PAD})
+    assert grad[unused].abs().sum() > 0  # words in neither sentence still get gradient: through the logits

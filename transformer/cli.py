@@ -154,6 +154,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from transformer.compare import MODELS, CompareSettings, compare
+    from transformer.train import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    base, transformer_overrides = load_train_settings(args.config, overrides)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise TransformerError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    settings = CompareSettings(
+        models=tuple(args.models),
+        seeds=tuple(args.seeds),
+        base=dataclasses.replace(base, time_budget_minutes=args.minutes),
+        transformer_overrides=tuple(transformer_overrides.items()),
+    )
+    command = " ".join(["transformer compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else ""
+    compare(settings, Path(args.out), Path(args.card), command or "transformer compare")
+    print(f"wrote {args.card} (runs in {args.out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
     p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "compare", help="train the Transformer and the RNN baselines alike and write a comparison card"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every run (as for train)")
+    p.add_argument("--config", help="a YAML recipe for every run (default: the bundled Multi30k one)")
+    p.add_argument("--models", nargs="+", default=["transformer", "rnn", "birnn", "rnn-attention"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget of each run")
+    p.add_argument("--out", default="runs/compare", help="where the runs go (finished ones are reused)")
+    p.add_argument("--card", default="reports/comparison.md", help="the Markdown card to write")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("average", help="average the weights of several checkpoints")
     p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")

@@ -111,6 +111,10 @@ class RNNConfig:
     n_layers: int = 1
     dropout: float = 0.3
     attention: Literal["additive", "dot"] = "additive"  # scoring of `rnn-attention`
+    # With a joint vocabulary, source and target can share one embedding and the output layer can reuse it
+    # through a projection to emb_dim (Press & Wolf 2017): the Transformer's sharing, for fair comparisons.
+    share_embeddings: bool = False
+    tie_output: bool = False
     pad_id: int = 0
     max_len: int = 1024  # longest target the decoding cache is sized for
 
@@ -120,6 +124,10 @@ class RNNConfig:
                 raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise TransformerError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise TransformerError(
+                "share_embeddings needs one joint vocabulary (src_vocab_size == tgt_vocab_size)"
+            )
 
 
 ModelConfig = TransformerConfig | RNNConfig

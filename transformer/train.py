@@ -117,19 +117,25 @@ def validate(
 ) -> tuple[float, Scores]:
     """Per-token cross-entropy with teacher forcing (for perplexity), and BLEU of decoded output."""
     model.eval()
+    loss = teacher_forced_loss(model, corpus, tc.max_tokens)
+    _, scores = translate_and_score(
+        model, tokenizer, corpus, SearchConfig(beam=beam, length_penalty=tc.length_penalty)
+    )
+    model.train()
+    return loss, scores
+
+
+def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int) -> float:
+    """Mean cross-entropy per target token given the reference prefix (no smoothing): log-perplexity."""
     total, tokens = 0.0, 0
     for batch_ids in token_batches(
-        [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], tc.max_tokens, shuffle=False
+        [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], max_tokens, shuffle=False
     ):
         batch = collate([(corpus.src[i], corpus.tgt[i]) for i in batch_ids])
         logits = model(batch.src, batch.tgt_in)
         total += float(label_smoothed_loss(logits, batch.tgt_out, 0.0))
         tokens += batch.n_tgt_tokens
-    _, scores = translate_and_score(
-        model, tokenizer, corpus, SearchConfig(beam=beam, length_penalty=tc.length_penalty)
-    )
-    model.train()
-    return total / max(tokens, 1), scores
+    return total / max(tokens, 1)
 
 
 def translate_and_score(
@@ -372,6 +378,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 state["step"] += 1
+                state["tokens_seen"] = state.get("tokens_seen", 0) + step_tokens
                 window["loss"] += loss_sum
                 window["tokens"] += step_tokens
 
@@ -385,6 +392,7 @@ def train(
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window["tokens"] / max(now - window["time"], 1e-9),
                         "padding": window["pad"] / max(window["batches"], 1),
+                        "tokens_seen": state["tokens_seen"],
                         "elapsed": now - started,
                     }
                     log.write(**record)

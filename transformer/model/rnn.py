@@ -70,6 +70,18 @@ class AdditiveAttention(nn.Module):
         return (weights[:, None, :] @ values).squeeze(1), weights  # (batch, key_size), (batch, src_len)
 
 
+class _TiedOutput(nn.Module):
+    """Logits as the inner product with the target embeddings, plus a per-word bias."""
+
+    def __init__(self, embedding: nn.Embedding, vocab_size: int) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a list, so the shared weight is registered once, by the embedding
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.embedding[0].weight, self.bias)
+
+
 class RNNSeq2Seq(nn.Module):
     """`rnn`, `birnn` or `rnn-attention`, selected by `RNNConfig.kind`."""
 
@@ -79,7 +91,11 @@ class RNNSeq2Seq(nn.Module):
         rnn = nn.GRU if c.cell == "gru" else nn.LSTM
         directions = 1 if c.kind == "rnn" else 2
         self.src_embed = nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=c.pad_id)
-        self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=c.pad_id)
+        self.tgt_embed = (
+            self.src_embed
+            if c.share_embeddings
+            else nn.Embedding(c.tgt_vocab_size, c.emb_dim, padding_idx=c.pad_id)
+        )
         self.dropout = nn.Dropout(c.dropout)
         layer_dropout = c.dropout if c.n_layers > 1 else 0.0
         self.encoder = rnn(
@@ -99,7 +115,13 @@ class RNNSeq2Seq(nn.Module):
         self.decoder = rnn(
             c.emb_dim + context_size, c.hidden_size, c.n_layers, batch_first=True, dropout=layer_dropout
         )
-        self.out_proj = nn.Linear(c.hidden_size + context_size + c.emb_dim, c.tgt_vocab_size)
+        readout = c.hidden_size + context_size + c.emb_dim  # [decoder state ; context ; previous word]
+        if c.tie_output:  # readout -> emb_dim, then the (transposed) target embedding gives the logits
+            self.out_proj: nn.Module = nn.Sequential(
+                nn.Linear(readout, c.emb_dim), _TiedOutput(self.tgt_embed, c.tgt_vocab_size)
+            )
+        else:
+            self.out_proj = nn.Linear(readout, c.tgt_vocab_size)
 
     def encode(
         self, src: Tensor, record: AttentionRecord | None = None

@@ -1,0 +1,45 @@
+"""The comparison card, end to end at toy size: matched parameters, every model trained, the card written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import TINY_MODEL, tiny_recipe
+
+from transformer.cli import main
+from transformer.compare import MODELS, CompareSettings, count_parameters, model_overrides
+from transformer.config import RNNConfig, TransformerConfig
+
+
+def test_rnn_sizes_match_the_transformer_within_fifteen_percent() -> None:
+    settings = CompareSettings()  # the default recipe: a small Transformer with a joint 8k vocabulary
+    reference = count_parameters(TransformerConfig.preset("small", src_vocab_size=8000, tgt_vocab_size=8000))
+    for kind in MODELS[1:]:
+        overrides = model_overrides(settings, kind)
+        count = count_parameters(RNNConfig(kind=kind, src_vocab_size=8000, tgt_vocab_size=8000, **overrides))
+        assert abs(count / reference - 1) < 0.15, (kind, overrides, count, reference)
+        assert overrides["hidden_size"] >= 256  # the budget goes to the recurrence, not only embeddings
+
+
+def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path: Path, capsys) -> None:
+    recipe = tiny_recipe(data_dir, max_steps=4, eval_every=2, average_last=2, lr_factor=1.0)
+    overrides = [f"{key}={value}" for key, value in recipe.__dict__.items() if key != "time_budget_minutes"]
+    overrides += [f"{key}={value}" for key, value in TINY_MODEL.items()]
+    card = tmp_path / "card.md"
+    models = ["transformer", "rnn"]  # the other families train through the same calls (tests/test_rnn.py)
+    args = ["compare", *overrides, "--models", *models, "--seeds", "1", "2", "--minutes", "0"]
+    args += ["--out", str(tmp_path / "runs")]
+    assert main([*args, "--card", str(card)]) == 0
+    text = card.read_text()
+    assert "| | Transformer | RNN encoder–decoder |" in text
+    assert "±" in text and "nrefs:1|case:lc" in text and "Verdicts" in text
+    rows = json.loads(card.with_suffix(".json").read_text())
+    assert sorted((r["model"], r["seed"]) for r in rows) == sorted((m, s) for m in models for s in (1, 2))
+    assert all(r["training_flops"] > 0 and r["beam4_sentences_per_s"] > 0 for r in rows)
+    params = {r["model"]: r["parameters"] for r in rows}
+    assert all(abs(p / params["transformer"] - 1) < 0.15 for p in params.values()), params
+    # A second call reuses the finished runs: nothing is trained again.
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "runs").glob("*/best.safetensors")}
+    assert main([*args, "--card", str(tmp_path / "again.md")]) == 0
+    assert stamps == {p: p.stat().st_mtime for p in (tmp_path / "runs").glob("*/best.safetensors")}

@@ -1,0 +1,324 @@
+"""The comparison card: the Transformer against the recurrent systems it replaced, trained the same way.
+
+Every model goes through the same `train()` — same data, joint tokenizer, token-budget batches, warm-up
+schedule, label smoothing, checkpoint averaging, beam search and sacreBLEU — with its parameter count
+matched to the Transformer's, for several seeds. The card then reports, per model, mean ± std over seeds:
+parameters, training speed, wall time to the best validation, decoding speed, teacher-forced validation
+perplexity and test BLEU/chrF, beside the published figures of a well-known tutorial implementation.
+
+    transformer compare --minutes 10 --out runs/compare --card reports/comparison.md
+
+A finished run (its results.json exists) is reused and a stopped one resumed, so an interrupted card
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from transformer.config import RNNConfig, TrainConfig, TransformerConfig
+from transformer.data.batching import collate
+from transformer.data.corpus import corpus_paths, read_split
+from transformer.evaluate import score
+from transformer.model import build_model
+from transformer.train import encode_corpus, label_smoothed_loss, teacher_forced_loss, train
+from transformer.translate import Translator
+
+MODELS = ("transformer", "rnn", "birnn", "rnn-attention")
+
+# bentrevett/pytorch-seq2seq, Multi30k de→en test set, greedy decoding, lowercased (spaCy-tokenised) BLEU.
+PUBLISHED = {
+    "rnn": ("GRU encoder–decoder (notebook 2)", 20.6),
+    "birnn": None,
+    "rnn-attention": ("BiGRU + attention (notebook 3)", 28.3),
+    "transformer": ("Transformer (notebook 6)", 36.5),
+}
+
+# The RNNs share embeddings as the Transformer does, so matched parameters go to the recurrences.
+SHARING = {"share_embeddings": True, "tie_output": True}
+
+LABELS = {
+    "transformer": "Transformer",
+    "rnn": "RNN encoder–decoder",
+    "birnn": "bidirectional RNN",
+    "rnn-attention": "RNN + attention",
+}
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """What the card trains: which models, seeds and per-run time budget, on top of a base recipe."""
+
+    models: tuple[str, ...] = MODELS
+    seeds: tuple[int, ...] = (1, 2, 3)
+    base: TrainConfig = field(default_factory=TrainConfig)
+    transformer_overrides: tuple[tuple[str, Any], ...] = ()
+    emb_dim: int = 256  # the RNNs' embedding size; their hidden size is then chosen to match parameters
+
+
+def count_parameters(config: TransformerConfig | RNNConfig) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return sum(p.numel() for p in build_model(config).parameters())
+
+
+def matched_hidden_size(kind: str, target: int, vocab_size: int, emb_dim: int) -> tuple[int, int]:
+    """The hidden size (a multiple of 16) whose `kind` RNN has the parameter count closest to `target`.
+
+    Parameter counts grow monotonically with the hidden size, so a bisection over multiples of 16 finds it.
+    """
+
+    def params(hidden: int) -> int:
+        vocab = {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size}
+        return count_parameters(RNNConfig(kind=kind, emb_dim=emb_dim, hidden_size=hidden, **vocab, **SHARING))
+
+    lo, hi = 1, 256  # in units of 16: hidden sizes 16 … 4096
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if params(16 * mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = [16 * h for h in (lo - 1, lo) if h >= 1]
+    best = min(candidates, key=lambda hidden: abs(params(hidden) - target))
+    return best, params(best)
+
+
+def model_overrides(settings: CompareSettings, kind: str) -> dict[str, Any]:
+    """The model settings of one family, sized so that all families have about the same parameter count."""
+    transformer = dict(settings.transformer_overrides)
+    if kind == "transformer":
+        return transformer
+    vocab = settings.base.vocab_size
+    reference = TransformerConfig.preset(
+        settings.base.preset, src_vocab_size=vocab, tgt_vocab_size=vocab, **transformer
+    )
+    hidden, _ = matched_hidden_size(kind, count_parameters(reference), vocab, settings.emb_dim)
+    return {"emb_dim": settings.emb_dim, "hidden_size": hidden, **SHARING}
+
+
+def run_one(settings: CompareSettings, kind: str, seed: int, out: Path) -> Path:
+    """Train (or resume, or reuse) one model and seed; returns its run directory."""
+    run_dir = out / f"{kind}-seed{seed}"
+    if (run_dir / "results.json").is_file():
+        return run_dir
+    tc = replace(settings.base, model=kind, seed=seed)
+    train(tc, model_overrides(settings, kind), run_dir, resume=(run_dir / "last.safetensors").is_file())
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _config_hash(run_dir: Path) -> str:
+    """A hash of everything that defines the run except the seed: equal across a model's seeds."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["train"] = {k: v for k, v in saved["train"].items() if k != "seed"}
+    return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flops_per_target_token(translator: Translator, pairs: list[tuple[list[int], list[int]]]) -> float:
+    """Training FLOPs (forward + backward, counted by torch's FlopCounterMode) per target token, measured
+    on a batch of real training pairs."""
+    model = translator.model
+    batch = collate(pairs)
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.1)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return counter.get_total_flops() / batch.n_tgt_tokens
+
+
+def measure(run_dir: Path) -> dict[str, Any]:
+    """Everything the card reports about one trained run (its `best` weights: the average when better)."""
+    translator = Translator.from_checkpoint(run_dir)
+    tc = translator.train_config
+    model = translator.model
+    records = _metrics(run_dir)
+    valid = [r for r in records if r["event"] == "valid"]
+    trained = [r for r in records if r["event"] == "train"]
+    best_valid = max(valid, key=lambda r: r["bleu"])
+    results = json.loads((run_dir / "results.json").read_text())
+
+    test_pairs = read_split(tc.data_dir, tc.test_split, tc.src_lang, tc.tgt_lang)
+    sources, references = [s for s, _ in test_pairs], [t for _, t in test_pairs]
+    decoding: dict[str, Any] = {}
+    for beam in (1, 4):
+        start = time.perf_counter()
+        hypotheses = translator.translate(sources, beam=beam)
+        seconds = time.perf_counter() - start
+        scores = score(hypotheses, references)
+        decoding[f"beam{beam}"] = {"sentences_per_s": len(sources) / seconds, **scores.to_dict()}
+
+    valid_data, _ = encode_corpus(
+        read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang), translator.tokenizer, None
+    )
+    with torch.no_grad():
+        valid_loss = teacher_forced_loss(model, valid_data, tc.max_tokens)
+    sample = list(zip(valid_data.src[:64], valid_data.tgt[:64], strict=True))
+    tokens_seen = trained[-1]["tokens_seen"] if trained and "tokens_seen" in trained[-1] else 0
+    return {
+        "model": tc.model,
+        "seed": tc.seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained) if trained else 0.0,
+        "minutes_to_best_valid": best_valid["elapsed"] / 60,
+        "updates": trained[-1]["step"] if trained else 0,
+        "valid_ppl": math.exp(min(valid_loss, 50)),
+        "training_flops": flops_per_target_token(translator, sample) * tokens_seen,
+        "wall_minutes": results.get("wall_seconds", 0.0) / 60,
+        "config_hash": _config_hash(run_dir),
+        **{f"{name}_{key}": value for name, entry in decoding.items() for key, value in entry.items()},
+    }
+
+
+def data_checksums(tc: TrainConfig) -> dict[str, str]:
+    """sha256 of each data file the card's runs read."""
+    out = {}
+    for split in (tc.train_split, tc.valid_split, tc.test_split):
+        for path in corpus_paths(tc.data_dir, split, tc.src_lang, tc.tgt_lang):
+            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    python = platform.python_version()
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {python}"
+
+
+def _mean_std(values: Sequence[float], fmt: str) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+ROWS = (
+    ("parameters", "parameters (M)", 1e-6, ".2f"),
+    ("train_tokens_per_s", "training target tokens/s", 1, ".0f"),
+    ("updates", "updates", 1, ".0f"),
+    ("minutes_to_best_valid", "wall minutes to best validation", 1, ".1f"),
+    ("wall_minutes", "wall minutes in all (with evaluation)", 1, ".1f"),
+    ("training_flops", "training FLOPs (×10¹⁵)", 1e-15, ".2f"),
+    ("valid_ppl", "validation perplexity (teacher forcing)", 1, ".2f"),
+    ("beam1_sentences_per_s", "decoding sentences/s, greedy", 1, ".1f"),
+    ("beam4_sentences_per_s", "decoding sentences/s, beam 4", 1, ".1f"),
+    ("beam1_bleu_lc", "test2016 BLEU lowercased, greedy", 1, ".2f"),
+    ("beam1_bleu", "test2016 BLEU cased, greedy", 1, ".2f"),
+    ("beam4_bleu_lc", "test2016 BLEU lowercased, beam 4", 1, ".2f"),
+    ("beam4_bleu", "test2016 BLEU cased, beam 4", 1, ".2f"),
+    ("beam4_chrf", "test2016 chrF, beam 4", 1, ".2f"),
+)
+
+
+def millions(rows: list[dict[str, Any]]) -> str:
+    return f"{statistics.fmean(r['parameters'] for r in rows) / 1e6:.2f}"
+
+
+def verdicts(by_model: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The issue's two bars, judged on mean lowercased greedy BLEU."""
+    mean = {kind: statistics.fmean(r["beam1_bleu_lc"] for r in rows) for kind, rows in by_model.items()}
+    lines = []
+    for kind, published in PUBLISHED.items():
+        if published and kind in mean and kind != "transformer":
+            name, figure = published
+            verdict = "beats" if mean[kind] > figure else "does NOT beat"
+            lines.append(
+                f"- {LABELS[kind]}: {mean[kind]:.2f} {verdict} the published {name} figure {figure}."
+            )
+    if "transformer" in mean:
+        for kind in mean:
+            if kind != "transformer":
+                gap = mean["transformer"] - mean[kind]
+                lines.append(
+                    f"- Transformer vs {LABELS[kind]}: {gap:+.2f} BLEU (lowercased, greedy) at "
+                    f"{millions(by_model[kind])}M vs {millions(by_model['transformer'])}M parameters."
+                )
+    return lines
+
+
+def write_card(measured: list[dict[str, Any]], settings: CompareSettings, command: str, path: Path) -> str:
+    """The Markdown card: one column per model, mean ± std over seeds."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in measured:
+        by_model.setdefault(row["model"], []).append(row)
+    kinds = [k for k in settings.models if k in by_model]
+    sample = measured[0]
+    tc = settings.base
+    header = "| | " + " | ".join(LABELS[k] for k in kinds) + " |"
+    lines = [
+        "# Comparison card: the Transformer and the recurrent systems it replaced",
+        "",
+        f"Multi30k {tc.src_lang}→{tc.tgt_lang}, same pipeline for every model (joint {tc.vocab_size} "
+        f"SentencePiece vocabulary, batches of ≤ {tc.max_tokens} tokens, Adam with warm-up {tc.warmup}, "
+        f"label smoothing {tc.label_smoothing}, average of the last {tc.average_last} checkpoints), "
+        f"{tc.time_budget_minutes:g} minutes of training per run, seeds "
+        f"{', '.join(map(str, settings.seeds))}; "
+        "mean ± standard deviation over seeds.",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        header,
+        "|---|" + "---:|" * len(kinds),
+    ]
+    for key, label, unit, fmt in ROWS:
+        cells = [_mean_std([r[key] * unit for r in by_model[k]], fmt) for k in kinds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    published = [f"{PUBLISHED[k][1]}" if PUBLISHED.get(k) else "—" for k in kinds]
+    hashes = [by_model[k][0]["config_hash"] for k in kinds]
+    lines.append(
+        "| published (bentrevett/pytorch-seq2seq, lowercased, greedy) | " + " | ".join(published) + " |"
+    )
+    lines.append("| config hash (seed excluded) | " + " | ".join(hashes) + " |")
+    lines += ["", "## Verdicts", "", *verdicts({k: by_model[k] for k in kinds}), ""]
+    lines += [
+        "## Provenance",
+        "",
+        f"- Hardware: {hardware()}",
+        f"- BLEU signature: `{sample['beam4_bleu_signature']}`; "
+        f"lowercased: `{sample['beam4_bleu_lc_signature']}`; chrF: `{sample['beam4_chrf_signature']}`",
+        "- Data (sha256, first 16 hex digits): "
+        + ", ".join(f"`{name}` {digest}" for name, digest in data_checksums(tc).items()),
+        "- The published figures come from spaCy-tokenised, lowercased BLEU with greedy decoding "
+        "(torchtext's `bleu_score`); ours are sacreBLEU on detokenised text, so they are comparable in "
+        "spirit, not to the decimal.",
+        "- Training FLOPs: torch's FlopCounterMode on a forward+backward pass of 64 validation pairs, per "
+        "target token, times the target tokens trained on.",
+        "",
+    ]
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    (path.with_suffix(".json")).write_text(json.dumps(measured, indent=2) + "\n")
+    return text
+
+
+def compare(settings: CompareSettings, out: Path, card: Path, command: str) -> str:
+    """Train every model and seed (reusing finished runs), measure them, and write the card."""
+    measured = []
+    for kind in settings.models:
+        for seed in settings.seeds:
+            run_dir = run_one(settings, kind, seed, out)
+            measured.append(measure(run_dir))
+    return write_card(measured, settings, command, card)
