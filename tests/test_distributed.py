@@ -24,6 +24,7 @@ from conftest import TINY_MODEL, tiny_recipe
 
 from transformer import distributed
 from transformer.checkpoint import load_state, load_weights
+from transformer.errors import TransformerError
 from transformer.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,3 +137,16 @@ def test_alone_every_collective_is_the_identity() -> None:
     assert distributed.all_sum([1, 2.5]) == [1.0, 2.5] and distributed.from_main("x") == "x"
     assert distributed.map_sharded(lambda part: [2 * x for x in part], [1, 2, 3]) == [2, 4, 6]
     assert distributed.own_state(["only"]) == "only" and distributed.own_state(["a", "b"]) is None
+
+
+def test_shards_are_disjoint_equal_in_steps_and_interleave_back(monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shards = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shards.append(distributed.shard(range(10)))
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert distributed.interleave(shards) == list(range(10))
+    assert distributed.usable(10) == 9 and distributed.usable(0) == 0  # every process: 3 batches
+    with pytest.raises(TransformerError, match="only 2 batches for 3 processes"):
+        distributed.usable(2)

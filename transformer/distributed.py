@@ -43,6 +43,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from transformer.errors import TransformerError
+
 T = TypeVar("T")
 
 # Long enough for rank 0 to write a large checkpoint while the others wait in a collective; a process
@@ -127,6 +129,10 @@ def usable(n_batches: int) -> int:
     """How many of an epoch's batches are trained on: a multiple of world_size, so that every process
     runs the same number of steps (a process with no batch would leave the others waiting in all-reduce).
     The dropped tail differs between epochs because the batches are shuffled."""
+    if 0 < n_batches < world_size():
+        raise TransformerError(
+            f"only {n_batches} batches for {world_size()} processes: lower max_tokens or use fewer processes"
+        )
     return n_batches - n_batches % world_size()
 
 
@@ -135,21 +141,17 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[rank() :: world_size()])
 
 
-def gather_shards(part: list[T], total: int) -> list[T]:
-    """Undo `shard`: every process passes its results for its share and gets all `total` in order."""
-    if not active():
-        return part
-    parts: list[list[T] | None] = [None] * world_size()
-    dist.all_gather_object(parts, part)
-    out: list[T] = [None] * total  # type: ignore[list-item]
-    for r, results in enumerate(parts):
-        out[r :: world_size()] = results  # type: ignore[assignment]
+def interleave(parts: Sequence[Sequence[T]]) -> list[T]:
+    """Undo `shard`: parts[r] holds items r, r + len(parts), ...; returns all items in their order."""
+    out: list[T] = [None] * sum(len(part) for part in parts)  # type: ignore[list-item]
+    for r, part in enumerate(parts):
+        out[r :: len(parts)] = part
     return out
 
 
 def map_sharded(fn: Callable[[list[T]], list[Any]], items: Sequence[T]) -> list[Any]:
     """`fn(items)`, computed as fn on each process's shard and gathered, so N processes share the work."""
-    return gather_shards(fn(shard(items)), len(items))
+    return interleave(all_gather(fn(shard(items))))
 
 
 def _collective_device() -> torch.device:
