@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer.data.batching import Batch, collate, shard_batches, token_batches
+from transformer.data.batching import Batch, collate, token_batches
 from transformer.data.corpus import corpus_paths, filter_pairs, read_lines, read_parallel
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
@@ -319,19 +319,6 @@ def test_token_batches_deterministic_per_seed_and_epoch() -> None:
     assert unshuffled == token_batches(src_lens, tgt_lens, 200, shuffle=False)
     with pytest.raises(TransformerError, match="max_tokens"):
         token_batches(src_lens, tgt_lens, 0, shuffle=False)
-
-
-def test_shard_batches_equal_and_disjoint() -> None:
-    batches = [[i] for i in range(10)]
-    shards = [shard_batches(batches, rank, 3) for rank in range(3)]
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert shards[1] == [[1], [4], [7]]
-    assert sorted(itertools.chain.from_iterable(itertools.chain.from_iterable(shards))) == list(range(9))
-    assert shard_batches(batches, 0, 1) == batches
-    with pytest.raises(ValueError):
-        shard_batches(batches, 3, 3)
-    with pytest.raises(TransformerError, match="only 2 batches for 4 processes"):
-        shard_batches(batches[:2], 0, 4)
 
 
 def test_collate_shapes_special_tokens_and_padding() -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from transformer import checkpoint
+from transformer import checkpoint, distributed
 from transformer.config import (
     ModelConfig,
     RNNConfig,
@@ -65,6 +65,8 @@ class MetricsLog:
         self.path = path
 
     def write(self, **record: Any) -> None:
+        if not distributed.is_main():  # rank 0 logs for all processes
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -126,15 +128,19 @@ def validate(
 
 
 def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int) -> float:
-    """Mean cross-entropy per target token given the reference prefix (no smoothing): log-perplexity."""
+    """Mean cross-entropy per target token given the reference prefix (no smoothing): log-perplexity.
+    Under torchrun each process scores its share of the batches and the sums are pooled."""
+    device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for batch_ids in token_batches(
+    batches = token_batches(
         [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], max_tokens, shuffle=False
-    ):
-        batch = collate([(corpus.src[i], corpus.tgt[i]) for i in batch_ids])
+    )
+    for batch_ids in distributed.shard(batches):
+        batch = collate([(corpus.src[i], corpus.tgt[i]) for i in batch_ids]).to(device)
         logits = model(batch.src, batch.tgt_in)
         total += float(label_smoothed_loss(logits, batch.tgt_out, 0.0))
         tokens += batch.n_tgt_tokens
+    total, tokens = distributed.all_sum([total, tokens])
     return total / max(tokens, 1)
 
 
@@ -142,7 +148,9 @@ def translate_and_score(
     model: nn.Module, tokenizer: Tokenizer, corpus: Corpus, search: SearchConfig
 ) -> tuple[list[str], Scores]:
     """Decode a corpus's sources and score the detokenised output against its raw references."""
-    hypotheses = tokenizer.decode_batch(translate_ids(model, corpus.src, search))
+    device = next(model.parameters()).device
+    ids = distributed.map_sharded(lambda part: translate_ids(model, part, search, device=device), corpus.src)
+    hypotheses = tokenizer.decode_batch(ids)
     return hypotheses, score(hypotheses, corpus.tgt_text)
 
 
@@ -155,12 +163,15 @@ def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}  # dropout on the GPU
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), **cuda}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class TrainingInterrupted(TransformerError):
@@ -209,6 +220,7 @@ def train(
     """Train a model into `run_dir` and return the final results (validation and test scores)."""
     started = time.monotonic()
     configure_torch(tc.threads)
+    device = distributed.init()  # joins the process group under torchrun; see transformer/distributed.py
     # Read the data first: a bad corpus stops the run before anything is written.
     train_pairs, valid_pairs = (
         read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
@@ -229,7 +241,9 @@ def train(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        tokenizer = build_tokenizer(train_pairs, tc, run_dir, log)
+        trained = build_tokenizer(train_pairs, tc, run_dir, log) if distributed.is_main() else None
+        model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
+        tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
     model_config = model_config_for(tc, model_overrides, tokenizer.vocab_size)
     run_config = {
@@ -239,7 +253,8 @@ def train(
     }
     if resume:
         _check_resumable(run_dir, json.loads((run_dir / "config.json").read_text()), run_config)
-    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
+    if distributed.is_main():
+        checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
     train_data, train_stats = encode_corpus(train_pairs, tokenizer, tc.max_len)
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, None)
@@ -251,7 +266,8 @@ def train(
         f"({train_stats['empty']} empty, {train_stats['too_long']} longer than {tc.max_len} tokens dropped)"
     )
 
-    model = build_model(model_config)
+    model = build_model(model_config).to(device)
+    distributed.seed_rank(tc.seed)  # the processes' dropout masks differ (a resumed run restores its own)
     optimizer, scheduler = build_optimizer(
         model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
     )
@@ -269,14 +285,23 @@ def train(
         saved = checkpoint.load_state(run_dir / "last.state.pt")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
         state = saved["progress"]
+        own_rng = distributed.own_state(saved.get("rng_per_rank", [saved["rng"]]))
+        _set_rng_state(own_rng or saved["rng"])
+        if own_rng is None:  # resumed on a different number of processes: derive the streams anew
+            distributed.seed_rank(tc.seed, state["step"])
         started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
         tqdm.write(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
     tqdm.write(f"model: {model.num_parameters() / 1e6:.1f}M parameters; writing to {run_dir}")
+    train_model = distributed.wrap(model)  # DDP under torchrun: forward and backward go through this
+    if distributed.world_size() > 1:
+        log.write(event="distributed", world_size=distributed.world_size(), backend=distributed.backend())
 
     def save(name: str) -> None:
         state["seconds"] = time.monotonic() - started
+        rng_per_rank = distributed.all_gather(_rng_state())  # every process's, to resume each exactly
+        if not distributed.is_main():
+            return
         checkpoint.save_checkpoint(
             run_dir,
             name,
@@ -284,14 +309,16 @@ def train(
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng_per_rank[0],
+                "rng_per_rank": rng_per_rank,
                 "progress": dict(state),
             },
         )
 
     def out_of_time() -> bool:
         over_budget = tc.time_budget_minutes and time.monotonic() - started > tc.time_budget_minutes * 60
-        return bool(over_budget or (tc.max_steps and state["step"] >= tc.max_steps))
+        # Agreed: one process's clock running out stops them all at the same step.
+        return distributed.any_rank(bool(over_budget or (tc.max_steps and state["step"] >= tc.max_steps)))
 
     def evaluate_and_save() -> bool:
         """Validate, checkpoint; return True when early stopping says to stop."""
@@ -317,13 +344,14 @@ def train(
             f"BLEU {valid_scores.bleu:.2f}{' (best)' if improved else ''}"
         )
         save(f"step-{state['step']:07d}")
-        checkpoint.prune_checkpoints(run_dir, keep=max(tc.average_last, 1))
+        if distributed.is_main():
+            checkpoint.prune_checkpoints(run_dir, keep=max(tc.average_last, 1))
         if improved:
             save("best")
         save("last")
         return bool(tc.patience and state["stale_evals"] >= tc.patience)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     with _stop_on_signals() as stop_signal:  # Ctrl-C or SIGTERM: save `last` after this step, then exit
         model.train()
         stop = False
@@ -343,25 +371,33 @@ def train(
                 desc=f"epoch {state['epoch'] + 1}",
                 leave=False,
                 dynamic_ncols=True,
+                disable=not distributed.is_main(),
             )
-            while state["batch"] < len(batches):
-                group = batches[state["batch"] : state["batch"] + tc.accumulate]
-                step_tokens = 0
+            # A step takes `accumulate` batches per process; `state["batch"]` counts batches of all processes.
+            while state["batch"] < distributed.usable(len(batches)):
+                step_end = state["batch"] + tc.accumulate * distributed.world_size()
+                step_group = batches[state["batch"] : step_end]
+                group = distributed.shard(step_group)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = 0.0
-                collated = [collate([(train_data.src[i], train_data.tgt[i]) for i in ids]) for ids in group]
-                n_tokens = sum(b.n_tgt_tokens for b in collated)
-                for batch in collated:
-                    with autocast:
-                        logits = model(batch.src, batch.tgt_in)
-                    loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
-                    (loss / n_tokens).backward()
+                collated = [
+                    collate([(train_data.src[i], train_data.tgt[i]) for i in ids]).to(device) for ids in group
+                ]
+                # The mean over the target tokens of the whole step, EOS included as in `collate`; DDP's
+                # average over the processes cancels the factor world_size.
+                step_tokens = sum(len(train_data.tgt[i]) + 1 for ids in step_group for i in ids)
+                for k, batch in enumerate(collated):
+                    with distributed.gradient_sync(train_model, k == len(collated) - 1):
+                        with autocast:
+                            logits = train_model(batch.src, batch.tgt_in)
+                        loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
+                        (loss / step_tokens * distributed.world_size()).backward()
                     loss_sum += float(loss.detach())
-                    step_tokens += batch.n_tgt_tokens
                     window["pad"] += batch.padding_fraction
                     window["batches"] += 1
-                state["batch"] += len(group)
-                progress.update(len(group))
+                loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
+                state["batch"] += len(step_group)
+                progress.update(len(step_group))
                 if not math.isfinite(loss_sum):
                     state["bad_steps"] += 1
                     log.write(event="skipped_step", step=state["step"], reason="non-finite loss")
@@ -409,18 +445,19 @@ def train(
                     window["time"] += time.monotonic() - paused  # tokens/s counts training time only
                     if stop:
                         break
-                if stop_signal:
+                if distributed.any_rank(bool(stop_signal)):
                     save("last")
                     progress.close()
+                    why = stop_signal[0] if stop_signal else "a signal to another process"
                     raise TrainingInterrupted(
-                        f"stopped by {stop_signal[0]} at step {state['step']}; saved {run_dir}/last: "
+                        f"stopped by {why} at step {state['step']}; saved {run_dir}/last: "
                         f"continue with `transformer train --out {run_dir} --resume`"
                     )
                 if out_of_time():
                     stop = True
                     break
             progress.close()
-            if state["batch"] >= len(batches):
+            if state["batch"] >= distributed.usable(len(batches)):
                 state["epoch"] += 1
                 state["batch"] = 0
                 if not tc.eval_every and evaluate_and_save():
@@ -443,14 +480,17 @@ def finish(
     best_bleu: float,
 ) -> dict[str, Any]:
     """Average the last checkpoints (kept as `best` if it validates better), then score the test split."""
-    names = [name for name in checkpoint.list_checkpoints(run_dir) if name.startswith("step-")]
+    # Rank 0's disk decides (the others may not share it); its weights are then copied to all processes.
+    names = distributed.from_main([n for n in checkpoint.list_checkpoints(run_dir) if n.startswith("step-")])
     recent = (
         [run_dir / f"{name}.safetensors" for name in names[-tc.average_last :]] if tc.average_last > 1 else []
     )
     results: dict[str, Any] = {"valid_best_single": best_bleu}
     average_is_best = False
     if len(recent) > 1:
-        model.load_state_dict(checkpoint.average_weights(recent))
+        if distributed.is_main():
+            model.load_state_dict(checkpoint.average_weights(recent))
+        distributed.sync_from_main(model)
         _, avg_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
         results["valid_averaged"] = avg_scores.bleu
         log.write(event="average", checkpoints=[p.name for p in recent], bleu=avg_scores.bleu)
@@ -459,12 +499,14 @@ def finish(
             f"(best single {best_bleu:.2f})"
         )
         average_is_best = avg_scores.bleu > best_bleu
-        if average_is_best:
+        if average_is_best and distributed.is_main():
             checkpoint.save_checkpoint(
                 run_dir, "best", model, {"source": "average", "checkpoints": names[-len(recent) :]}
             )
     if not average_is_best:
-        model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
+        if distributed.is_main():
+            model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
+        distributed.sync_from_main(model)
 
     if tc.test_split:
         test_data, _ = encode_corpus(
@@ -473,12 +515,15 @@ def finish(
         model.eval()
         search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
         hypotheses, test_scores = translate_and_score(model, tokenizer, test_data, search)
-        (run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}").write_text("\n".join(hypotheses) + "\n")
+        if distributed.is_main():
+            (run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}").write_text("\n".join(hypotheses) + "\n")
         results[tc.test_split] = test_scores.to_dict()
         tqdm.write(f"{tc.test_split} (beam {tc.beam}):\n{test_scores}")
     results["wall_seconds"] = time.monotonic() - started
     log.write(event="results", **results)
-    checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    if distributed.is_main():
+        checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    distributed.barrier()  # the run directory is complete when any process returns
     return results
 
 

@@ -57,22 +57,6 @@ def token_batches(
     return batches
 
 
-def shard_batches(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """The batches of one DistributedDataParallel process: batches rank, rank + world_size, ...
-
-    Every rank must run the same number of steps or the gradient all-reduce hangs, so the last
-    len(batches) % world_size batches are dropped (with shuffled batches, different ones every epoch).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if batches and len(batches) < world_size:
-        raise TransformerError(
-            f"only {len(batches)} batches for {world_size} processes: lower max_tokens or use fewer processes"
-        )
-    usable = len(batches) - len(batches) % world_size
-    return list(batches[rank:usable:world_size])
-
-
 @dataclass(frozen=True)
 class Batch:
     """Padded model inputs. Target input is [BOS] + tokens and target output tokens + [EOS] (teacher

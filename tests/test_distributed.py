@@ -1,0 +1,152 @@
+"""`transformer train` under torchrun: two CPU processes (gloo) give one process's result.
+
+Two processes with `accumulate=1` see, in each optimiser step, the same two batches as one process with
+`accumulate=2` (batch 2k on rank 0, batch 2k + 1 on rank 1), and the loss is normalised by the step's
+token count over both, so the weights must agree up to floating-point order. The two-process run is
+stopped after 2 steps and resumed for 2 more, so resuming under DDP is checked against an uninterrupted
+single process too. (With two batches per process the gradients would be summed in another order, and Adam
+magnifies that rounding to learning-rate-sized steps of the attention key bias, whose exact gradient is zero;
+see transformer/distributed.py.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, tiny_recipe
+
+from transformer import distributed
+from transformer.checkpoint import load_state, load_weights
+from transformer.errors import TransformerError
+from transformer.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-5
+
+# Every step fits in the first epoch (28 batches of 300 tokens): an epoch's odd last batch would be dropped
+# by two processes but trained on by one.
+RECIPE = {
+    "max_tokens": 300,
+    "eval_every": 2,
+    "log_every": 1,
+    "test_split": "",
+    "average_last": 2,
+    "threads": 1,
+}
+MODEL = {**TINY_MODEL, "dropout": 0.0}  # dropout would draw different masks in one and in two processes
+
+
+def records(run: Path, event: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str) -> None:
+    """`transformer train` on two CPU processes, each with one thread."""
+    recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
+    overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL}.items()]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TRANSFORMER_KEEP_ALLOCATOR": "1",  # skip the allocator re-exec: one Python start-up less per rank
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a rendezvous on a free local port
+        "--nproc_per_node=2",
+        "-m",
+        "transformer.cli",
+        "train",
+        "--out",
+        str(run_dir),
+        *overrides,
+        *extra,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """(two-process run stopped at step 2, the same resumed to step 4, one process to step 4)."""
+    two = tmp_path_factory.mktemp("ddp")
+    torchrun(two, data_dir, 2)
+    after_two_steps = {
+        "weights": load_weights(two / "last.safetensors"),
+        "state": load_state(two / "last.state.pt"),
+    }
+    torchrun(two, data_dir, 4, "--resume")
+
+    one = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    try:
+        train(tiny_recipe(data_dir, **RECIPE, accumulate=2, max_steps=4), MODEL, one)
+    finally:
+        torch.set_num_threads(threads)
+    return two, one, after_two_steps
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_two_processes_train_like_one_with_their_batches_accumulated(runs) -> None:
+    two, one, after_two_steps = runs
+    # One record per start: the run and its resumption.
+    assert records(two, "distributed") == [{"event": "distributed", "world_size": 2, "backend": "gloo"}] * 2
+    # Rank 0 alone logs: every step once, across the resumption.
+    two_losses = [r["loss"] for r in records(two, "train")]
+    one_losses = [r["loss"] for r in records(one, "train")]
+    assert [r["step"] for r in records(two, "train")] == [1, 2, 3, 4]
+    assert two_losses == pytest.approx(one_losses, rel=TOLERANCE, abs=0)
+    # The steps' weights, before and after the resumption.
+    first = max_difference(after_two_steps["weights"], load_weights(one / "step-0000002.safetensors"))
+    resumed = load_weights(two / "last.safetensors")
+    last = max_difference(resumed, load_weights(one / "step-0000004.safetensors"))
+    assert first <= TOLERANCE and last <= TOLERANCE, (first, last)
+    # Validation is sharded over the processes and pooled: the same loss as one process's.
+    for a, b in zip(records(two, "valid"), records(one, "valid"), strict=True):
+        assert (a["step"], a["loss"]) == (b["step"], pytest.approx(b["loss"], rel=TOLERANCE))
+    # The agreement means something: steps 3 and 4 moved the weights far more than the tolerance.
+    moved = max_difference(*(load_weights(one / f"step-000000{n}.safetensors") for n in (2, 4)))
+    assert moved > 1000 * TOLERANCE
+
+
+def test_each_process_saves_and_resumes_its_own_random_stream(runs) -> None:
+    _, _, after_two_steps = runs
+    per_rank = after_two_steps["state"]["rng_per_rank"]
+    assert len(per_rank) == 2
+    assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])  # dropout masks differ by rank
+    assert torch.equal(after_two_steps["state"]["rng"]["torch"], per_rank[0]["torch"])
+
+
+def test_alone_every_collective_is_the_identity() -> None:
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.usable(7) == 7
+    assert distributed.all_sum([1, 2.5]) == [1.0, 2.5] and distributed.from_main("x") == "x"
+    assert distributed.map_sharded(lambda part: [2 * x for x in part], [1, 2, 3]) == [2, 4, 6]
+    assert distributed.own_state(["only"]) == "only" and distributed.own_state(["a", "b"]) is None
+
+
+def test_shards_are_disjoint_equal_in_steps_and_interleave_back(monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shards = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shards.append(distributed.shard(range(10)))
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert distributed.interleave(shards) == list(range(10))
+    assert distributed.usable(10) == 9 and distributed.usable(0) == 0  # every process: 3 batches
+    with pytest.raises(TransformerError, match="only 2 batches for 3 processes"):
+        distributed.usable(2)

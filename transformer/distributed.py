@@ -1,0 +1,223 @@
+"""Training on several processes with DistributedDataParallel, started by `torchrun` (kept out of the model).
+
+torchrun starts one process per GPU (or per CPU share) and tells each who it is through the environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `init` reads that and joins the process group:
+NCCL when CUDA is available (process LOCAL_RANK drives GPU LOCAL_RANK), gloo on CPU. Without torchrun
+every function here is the identity or a no-op, so the training loop has one code path.
+
+How the work is split, and why the result equals one process's up to floating-point order:
+
+- Every process builds the same list of token-budget batches (same seed), so no sampler state has to be
+  shared. An optimiser step consumes `accumulate × world_size` consecutive batches of that list and process
+  r takes every world_size-th of them starting at r (`shard`), so one step of N processes sees exactly the
+  batches of one step of a single process with `accumulate × N`. The effective batch is therefore
+  world_size × accumulate × max_tokens padded tokens.
+- Each process scales its summed loss by world_size / (target tokens of the whole step); DDP averages the
+  gradients over the processes, which cancels the world_size, so the gradient is the per-token mean over
+  the union of the step's batches — what one process computes. The token count of the other processes'
+  batches is known without communication, because every process holds the whole batch list.
+  "Up to floating-point order": with one batch per process the sums are even bitwise those of one process
+  (tests/test_distributed.py). With several per process the gradient is summed in another order, and Adam
+  (ε = 1e-9) magnifies the rounding noise of gradients that are zero in exact arithmetic to steps of the
+  size of the learning rate: the attention key bias (softmax ignores a constant added to every score)
+  then differs by ~lr after a few steps, while it changes no output and the other weights agree to ~1e-7.
+- Decisions that could differ between processes (stop on a signal or the time budget) are agreed with a
+  collective, so that no process waits forever for a peer that has left the loop.
+- Only rank 0 writes files and prints; validation and test decoding are sharded over all processes and
+  gathered, so every process gets the same scores and takes the same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from transformer.errors import TransformerError
+
+T = TypeVar("T")
+
+# Long enough for rank 0 to write a large checkpoint while the others wait in a collective; a process
+# that is really gone is noticed by torchrun, which stops the whole group.
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set the environment for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> torch.device:
+    """Join the process group when launched by torchrun (once; later calls only return the device) and
+    return the device this process trains on: GPU LOCAL_RANK when CUDA is available, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launched_by_torchrun() and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
+        atexit.register(_cleanup)
+        if dist.get_rank() != 0:  # one voice: the others' progress lines would repeat rank 0's
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - kept open for the process's life
+    return device
+
+
+def _cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that logs, prints and writes checkpoints."""
+    return rank() == 0
+
+
+def backend() -> str | None:
+    return dist.get_backend() if active() else None
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The module to run training forwards through: DDP around `model` when distributed, else `model`.
+
+    Keep using `model` itself for everything else (saving, validation, decoding): DDP only adds the
+    gradient all-reduce to the backward pass, and rank 0 must be able to run the model alone.
+    Buffers are not synchronised on every forward: ours are constant tables, identical everywhere.
+    """
+    if not active():
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager[Any]:
+    """Around the forward and backward of a micro-batch: skip DDP's all-reduce unless `sync`, so that
+    gradient accumulation communicates once per optimiser step, on its last micro-batch."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def usable(n_batches: int) -> int:
+    """How many of an epoch's batches are trained on: a multiple of world_size, so that every process
+    runs the same number of steps (a process with no batch would leave the others waiting in all-reduce).
+    The dropped tail differs between epochs because the batches are shuffled."""
+    if 0 < n_batches < world_size():
+        raise TransformerError(
+            f"only {n_batches} batches for {world_size()} processes: lower max_tokens or use fewer processes"
+        )
+    return n_batches - n_batches % world_size()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's share of `items`: items rank, rank + world_size, ... (all of them when alone)."""
+    return list(items[rank() :: world_size()])
+
+
+def interleave(parts: Sequence[Sequence[T]]) -> list[T]:
+    """Undo `shard`: parts[r] holds items r, r + len(parts), ...; returns all items in their order."""
+    out: list[T] = [None] * sum(len(part) for part in parts)  # type: ignore[list-item]
+    for r, part in enumerate(parts):
+        out[r :: len(parts)] = part
+    return out
+
+
+def map_sharded(fn: Callable[[list[T]], list[Any]], items: Sequence[T]) -> list[Any]:
+    """`fn(items)`, computed as fn on each process's shard and gathered, so N processes share the work."""
+    return interleave(all_gather(fn(shard(items))))
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces tensors on the GPU; gloo on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Sum numbers over the processes (in float64 so that token counts stay exact)."""
+    if not active():
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when it is true on any: how stop decisions (a signal that reached one
+    process, a clock that ran out on one) are agreed so that all leave the loop together."""
+    return all_sum([float(flag)])[0] > 0
+
+
+def from_main(value: T) -> T:
+    """Rank 0's `value` on every process (a picklable object; the others pass anything, e.g. None)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def all_gather(value: T) -> list[T]:
+    """Every process's `value`, in rank order, on every process."""
+    if not active():
+        return [value]
+    out: list[T | None] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sync_from_main(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every process's `model` (e.g. after rank 0 alone loaded
+    averaged weights from its disk)."""
+    if not active():
+        return
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def seed_rank(seed: int, step: int = 0) -> None:
+    """Give every process but rank 0 its own torch random stream (dropout masks), derived from the seed,
+    its rank and the step, so that a run is reproducible and the processes do not drop out alike. Rank 0
+    keeps the stream it has, so a one-process run is unchanged."""
+    if rank() == 0:
+        return
+    digest = hashlib.sha256(f"{seed}:{rank()}:{step}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def own_state(per_rank: Sequence[T]) -> T | None:
+    """This process's entry of a per-rank list saved by a run with as many processes; None when the
+    run had a different number of processes (its per-process states do not map onto these)."""
+    return per_rank[rank()] if len(per_rank) == world_size() else None
