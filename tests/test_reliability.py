@@ -498,8 +498,8 @@ def test_decoding_input_gives_back_its_lines(lines: list[str]) -> None:
     assert decode_lines(text.removesuffix("\n").encode()) == lines or lines[-1:] == [""]
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=st.lists(st.binary(max_size=20) | lines_of_text.map("\n".join).map(str.encode), max_size=5))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.lists(st.binary(max_size=16) | lines_of_text.map("\n".join).map(str.encode), max_size=3))
 def test_translate_gives_one_line_per_input_line(translator: Translator, raw: list[bytes]) -> None:
     data = b"\n".join(raw)
     lines = decode_lines(data)
