@@ -33,6 +33,10 @@ from transformer.errors import TransformerError
 WEIGHTS_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".state.pt"
 _STATE_FORMAT = "transformer-training-state"
+# The layout of run directories and training-state files. Raise it when a change would make an older reader
+# misread a newer run (or the reverse); readers refuse other versions instead of guessing. Files written
+# before the version was recorded are version 1.
+FORMAT_VERSION = 1
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -81,6 +85,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def check_format_version(found: object, where: Path) -> None:
+    """Refuse a run directory or state file written in another layout than this version reads."""
+    if found != FORMAT_VERSION:
+        raise TransformerError(
+            f"{where} was written by an incompatible version of this toolkit (format version {found!r}; "
+            f"this version reads {FORMAT_VERSION}): use the version that wrote it"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Names and paths
 # --------------------------------------------------------------------------------------------------------
@@ -101,7 +114,8 @@ def state_path_for(weights_path: Path) -> Path:
     return weights_path.parent / f"{stem}{STATE_SUFFIX}"
 
 
-def _step_of(name: str) -> int | None:
+def step_of(name: str) -> int | None:
+    """The step number of a `step-N` checkpoint name, None for named ones (`best`, `last`)."""
     match = _STEP_NAME.match(name)
     return int(match.group(1)) if match else None
 
@@ -116,8 +130,8 @@ def list_checkpoints(run_dir: Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     names = [p.name.removesuffix(WEIGHTS_SUFFIX) for p in run_dir.glob(f"*{WEIGHTS_SUFFIX}") if p.is_file()]
-    named = sorted(n for n in names if _step_of(n) is None and not n.startswith("."))
-    steps = sorted((n for n in names if _step_of(n) is not None), key=lambda n: (_step_of(n), n))
+    named = sorted(n for n in names if step_of(n) is None and not n.startswith("."))
+    steps = sorted((n for n in names if step_of(n) is not None), key=lambda n: (step_of(n), n))
     return named + steps
 
 
@@ -201,7 +215,12 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, state: dic
         if state is None:
             state_path.unlink(missing_ok=True)
         else:
-            envelope = {"format": _STATE_FORMAT, "checkpoint_id": checkpoint_id, "state": state}
+            envelope = {
+                "format": _STATE_FORMAT,
+                "version": FORMAT_VERSION,
+                "checkpoint_id": checkpoint_id,
+                "state": state,
+            }
             atomic_write(state_path, lambda tmp: torch.save(envelope, tmp))
     except OSError as error:
         raise _unwritable(weights_path, error) from error
@@ -300,6 +319,7 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise TransformerError(
             f"{path} is not a training-state file written by this toolkit: it may be from another program"
         )
+    check_format_version(envelope.get("version", 1), path)
     return envelope
 
 
@@ -394,7 +414,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[str]:
     if keep < 0:
         raise TransformerError(f"cannot keep {keep} checkpoints: the number to keep must be 0 or more")
     run_dir = Path(run_dir)
-    steps = [name for name in list_checkpoints(run_dir) if _step_of(name) is not None]
+    steps = [name for name in list_checkpoints(run_dir) if step_of(name) is not None]
     doomed = steps[: max(len(steps) - keep, 0)]
     for name in doomed:
         weights_path = run_dir / f"{name}{WEIGHTS_SUFFIX}"

@@ -78,29 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_input(path: str | None) -> list[str]:
-    """Lines of a file or of stdin; invalid UTF-8 becomes U+FFFD with a warning rather than a crash."""
+def _read_input(path: str | None, strict: bool) -> list[str]:
+    """Lines of a file or of stdin; see `transformer.textio` for odd bytes and line breaks."""
+    from transformer.textio import decode_lines
+
     if path and not Path(path).is_file():
         raise TransformerError(f"no input file at {path}")
     raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
-    text = raw.decode("utf-8", errors="replace")
-    if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
-        print(
-            "warning: input is not valid UTF-8; undecodable bytes were replaced with U+FFFD", file=sys.stderr
-        )
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return decode_lines(raw, strict=strict, source=path or "stdin")
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    from transformer.textio import single_line
     from transformer.translate import Translator
 
     translator = Translator.from_checkpoint(args.checkpoint, args.name)
-    lines = _read_input(args.input)
-    for line in translator.translate(lines, beam=args.beam):
-        print(line)
+    lines = _read_input(args.input, args.strict)
+    translations = translator.translate(lines, beam=args.beam, strict=args.strict)
+    sys.stdout.write("".join(single_line(line) + "\n" for line in translations))  # all or nothing
     return 0
 
 
@@ -206,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "translate":
             p.add_argument("--input", help="a text file (default: stdin)")
+            p.add_argument(
+                "--strict",
+                action="store_true",
+                help="refuse input that is not UTF-8 or longer than the model's maximum, instead of "
+                "repairing or truncating it with a warning",
+            )
         else:
             p.add_argument("--split", help="a split of the run's data directory (default: its test split)")
             p.add_argument("--source", help="source file (with --reference)")
@@ -247,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TransformerError as error:
-        print(f"{error.label}: {error}", file=sys.stderr)
+        message = str(error).replace("\n", " ")  # one line, even when a library's message had several
+        print(f"{error.label}: {message}", file=sys.stderr)
         return error.exit_status
+    except OSError as error:  # the machine, not the input: a full disk, a lost permission, a closed pipe
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

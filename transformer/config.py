@@ -241,8 +241,15 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup", "beam", "valid_beam"):
+        positive = ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup", "beam", "valid_beam")
+        for name in (*positive, "max_epochs", "log_every", "lr_factor"):
             if getattr(self, name) <= 0:
                 raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
+        counts = ("max_steps", "eval_every", "patience", "average_last", "threads")
+        for name in (*counts, "time_budget_minutes", "clip_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise TransformerError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise TransformerError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.src_lang == self.tgt_lang:
             raise TransformerError(f"src_lang and tgt_lang are both {self.src_lang!r}")

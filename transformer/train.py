@@ -1,7 +1,8 @@
 """Training on parallel text: data -> tokenizer -> batches -> Adam with warm-up -> validated checkpoints.
 
 The run directory is the whole state of a run: config.json, tokenizer.model, metrics.jsonl, the
-`last`, `best` and `step-N` checkpoints and, at the end, results.json. `--resume` continues from `last`.
+`last`, `best` and `step-N` checkpoints and, at the end, results.json. `--resume` continues from `last`
+(or from the newest complete checkpoint when a kill tore `last`; see `transformer.rundir`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from transformer import checkpoint, distributed
+from transformer import checkpoint, distributed, rundir
 from transformer.config import (
     ModelConfig,
     RNNConfig,
@@ -174,6 +175,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _diverged_message(run_dir: Path, step: int) -> str:
+    """Why the run stopped, and where it can go on from: nothing is saved after a divergence."""
+    advice = "lower lr_factor, raise warmup or set clip_norm"
+    if "last" in checkpoint.list_checkpoints(run_dir):
+        where = f"the last good checkpoint {run_dir / 'last'} is kept: resume from it and {advice}"
+    else:
+        where = f"no checkpoint was saved yet: {advice}"
+    return (
+        f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient (at step {step}); stopped, {where}"
+    )
+
+
 class TrainingInterrupted(TransformerError):
     """SIGINT or SIGTERM stopped the run after saving it."""
 
@@ -199,21 +212,6 @@ def _stop_on_signals() -> Iterator[list[str]]:
             signal.signal(sig, handler)
 
 
-def _check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a run under different settings, naming what differs. Budgets may change."""
-    may_change = {"max_epochs", "max_steps", "time_budget_minutes", "patience", "log_every", "threads"}
-    for section in ("model", "train"):
-        differ = [
-            f"{key}: {saved[section].get(key)!r} -> {value!r}"
-            for key, value in current[section].items()
-            if key not in may_change and saved[section].get(key) != value
-        ]
-        if differ:
-            raise TransformerError(
-                f"cannot resume {run_dir}: the {section} config differs ({'; '.join(differ)})"
-            )
-
-
 def train(
     tc: TrainConfig, model_overrides: dict[str, Any], run_dir: Path, *, resume: bool = False
 ) -> dict[str, Any]:
@@ -226,13 +224,22 @@ def train(
         read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
         read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang),
     )
-    if not train_pairs:
-        raise TransformerError(f"the training split {tc.train_split!r} in {tc.data_dir} is empty")
+    for split, pairs in ((tc.train_split, train_pairs), (tc.valid_split, valid_pairs)):
+        if not any(src and tgt for src, tgt in pairs):
+            raise TransformerError(
+                f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
+            )
+    if resume:
+        if not checkpoint.list_checkpoints(run_dir):
+            raise TransformerError(f"cannot resume: {run_dir} holds no checkpoint")
+        saved_record = rundir.read_run_record(run_dir)
+        resume_from = rundir.resume_point(run_dir)  # read now: a run that cannot resume is left as it was
+        # A kill leaves at most a fragment of a metrics line and dead temp files: tidy both.
+        rundir.drop_partial_line(run_dir / "metrics.jsonl")
+        rundir.remove_stale_temp_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl")
     if resume:
-        if not (run_dir / "last.safetensors").is_file():
-            raise TransformerError(f"cannot resume: {run_dir} holds no `last` checkpoint")
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     else:
         if (run_dir / "last.safetensors").exists():
@@ -246,13 +253,14 @@ def train(
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
     model_config = model_config_for(tc, model_overrides, tokenizer.vocab_size)
-    run_config = {
-        "model": config_to_dict(model_config),
-        "train": config_to_dict(tc),
-        "tokenizer_sha256": tokenizer.sha256(),
-    }
+    run_config = rundir.run_record(
+        config_to_dict(model_config),
+        config_to_dict(tc),
+        tokenizer.sha256(),
+        {"train": rundir.data_sha256(train_pairs), "valid": rundir.data_sha256(valid_pairs)},
+    )
     if resume:
-        _check_resumable(run_dir, json.loads((run_dir / "config.json").read_text()), run_config)
+        rundir.check_resumable(run_dir, saved_record, run_config)
     if distributed.is_main():
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
@@ -277,21 +285,27 @@ def train(
         "batch": 0,
         "best_bleu": -1.0,
         "stale_evals": 0,
-        "bad_steps": 0,
+        "bad_steps": 0,  # non-finite losses in a row
+        "skipped_steps": 0,  # non-finite losses in all
         "seconds": 0.0,  # wall time of the run so far, across resumptions: the time budget counts this
+        # The sums behind the next `train` log record, saved so a resumed run logs what an unbroken one does.
+        "window": {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0},
     }
     if resume:
-        model.load_state_dict(checkpoint.load_weights(run_dir / "last.safetensors"))
-        saved = checkpoint.load_state(run_dir / "last.state.pt")
+        name, weights, saved, notes = resume_from
+        for note in notes:
+            tqdm.write(f"warning: skipped checkpoint {note}")
+        model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["progress"]
+        state = {**state, **saved["progress"]}
         own_rng = distributed.own_state(saved.get("rng_per_rank", [saved["rng"]]))
         _set_rng_state(own_rng or saved["rng"])
         if own_rng is None:  # resumed on a different number of processes: derive the streams anew
             distributed.seed_rank(tc.seed, state["step"])
         started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
-        tqdm.write(f"resuming {run_dir} at step {state['step']} (epoch {state['epoch'] + 1})")
+        log.write(event="resume", step=state["step"], checkpoint=name)
+        tqdm.write(f"resuming {run_dir} from {name} at step {state['step']} (epoch {state['epoch'] + 1})")
     tqdm.write(f"model: {model.num_parameters() / 1e6:.1f}M parameters; writing to {run_dir}")
     train_model = distributed.wrap(model)  # DDP under torchrun: forward and backward go through this
     if distributed.world_size() > 1:
@@ -352,10 +366,13 @@ def train(
         return bool(tc.patience and state["stale_evals"] >= tc.patience)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
-    with _stop_on_signals() as stop_signal:  # Ctrl-C or SIGTERM: save `last` after this step, then exit
+    # Ctrl-C or SIGTERM: save `last` after this step, then exit. `bars` clears the progress bar whatever
+    # ends the loop, so that an error is printed on a line of its own.
+    with _stop_on_signals() as stop_signal, ExitStack() as bars:
         model.train()
-        stop = False
-        window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": time.monotonic()}
+        stop = out_of_time()  # a resumed run may have used its budget already
+        window = state["window"]
+        window_started = time.monotonic()
         while not stop and state["epoch"] < tc.max_epochs:
             batches = token_batches(
                 [len(s) for s in train_data.src],
@@ -373,6 +390,7 @@ def train(
                 dynamic_ncols=True,
                 disable=not distributed.is_main(),
             )
+            bars.callback(progress.close)
             # A step takes `accumulate` batches per process; `state["batch"]` counts batches of all processes.
             while state["batch"] < distributed.usable(len(batches)):
                 step_end = state["batch"] + tc.accumulate * distributed.world_size()
@@ -398,19 +416,26 @@ def train(
                 loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
                 state["batch"] += len(step_group)
                 progress.update(len(step_group))
-                if not math.isfinite(loss_sum):
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if math.isfinite(loss_sum) else None
+                if grad_norm is None or not torch.isfinite(grad_norm):
+                    # Skipped: no update, so weights and Adam's moments stay as the last good step left them.
                     state["bad_steps"] += 1
-                    log.write(event="skipped_step", step=state["step"], reason="non-finite loss")
+                    state["skipped_steps"] += 1
+                    log.write(
+                        event="skipped_step",
+                        step=state["step"],
+                        reason="non-finite loss" if grad_norm is None else "non-finite gradient",
+                        in_a_row=state["bad_steps"],
+                        total=state["skipped_steps"],
+                    )
                     if state["bad_steps"] >= MAX_BAD_STEPS:
                         progress.close()
-                        raise TransformerError(
-                            f"{MAX_BAD_STEPS} steps in a row had a non-finite loss; stopped. The last good "
-                            f"checkpoint is {run_dir / 'last.safetensors'}: lower lr_factor or raise warmup"
-                        )
+                        raise TransformerError(_diverged_message(run_dir, state["step"]))
                     continue
                 state["bad_steps"] = 0
                 if tc.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
+                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.clip_norm, grad_norm)
                 optimizer.step()
                 scheduler.step()
                 state["step"] += 1
@@ -426,7 +451,7 @@ def train(
                         "epoch": state["epoch"],
                         "loss": window["loss"] / max(window["tokens"], 1),
                         "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window["tokens"] / max(now - window["time"], 1e-9),
+                        "tokens_per_s": window["tokens"] / max(now - window_started, 1e-9),
                         "padding": window["pad"] / max(window["batches"], 1),
                         "tokens_seen": state["tokens_seen"],
                         "elapsed": now - started,
@@ -437,12 +462,13 @@ def train(
                         lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
                     )
-                    window = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0, "time": now}
+                    window = state["window"] = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0}
+                    window_started = now
 
                 if tc.eval_every and state["step"] % tc.eval_every == 0:
                     paused = time.monotonic()
                     stop = evaluate_and_save()
-                    window["time"] += time.monotonic() - paused  # tokens/s counts training time only
+                    window_started += time.monotonic() - paused  # tokens/s counts training time only
                     if stop:
                         break
                 if distributed.any_rank(bool(stop_signal)):

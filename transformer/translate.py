@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import build_model
+from transformer.rundir import read_run_record
 from transformer.search import SearchConfig, generate
 
 
@@ -67,6 +67,7 @@ class Translator:
         run_dir = weights_file.parent
         model_config, train_config = load_run_config(run_dir)
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+        check_tokenizer(run_dir, tokenizer)
         model = build_model(model_config)
         weights = load_weights(weights_file)
         try:
@@ -79,9 +80,18 @@ class Translator:
         return cls(model.to(device), tokenizer, train_config)
 
     def translate(
-        self, sentences: Sequence[str], beam: int | None = None, length_penalty: float | None = None
+        self,
+        sentences: Sequence[str],
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        *,
+        strict: bool = False,
     ) -> list[str]:
-        """One translation per sentence, in order; empty or blank sentences give empty strings."""
+        """One translation per sentence, in order; empty or blank sentences give empty strings.
+
+        A sentence longer than the model's maximum is truncated with a warning on stderr, or refused
+        with `strict`.
+        """
         tc = self.train_config
         beam = tc.beam if beam is None else beam
         if beam < 1:
@@ -94,6 +104,11 @@ class Translator:
         for n, sentence in enumerate(sentences):
             ids = self.tokenizer.encode(sentence.strip()) if sentence.strip() else []
             if len(ids) > limit:
+                if strict:
+                    raise TransformerError(
+                        f"sentence {n + 1} has {len(ids)} tokens, more than the model's maximum of {limit}; "
+                        f"--strict refuses it: split the sentence"
+                    )
                 print(
                     f"warning: sentence {n + 1} has {len(ids)} tokens; truncated to {limit}", file=sys.stderr
                 )
@@ -106,20 +121,20 @@ class Translator:
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
     """Read the configs a training run wrote to run_dir/config.json."""
+    saved = read_run_record(run_dir)
     path = run_dir / "config.json"
-    if not path.is_file():
+    model_class = model_config_class(saved["train"].get("model", "transformer"))
+    return (
+        config_from_dict(model_class, saved["model"], source=str(path)),
+        config_from_dict(TrainConfig, saved["train"], source=str(path)),
+    )
+
+
+def check_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
+    """A tokenizer.model swapped under a run would turn every translation into quiet nonsense: refuse it."""
+    expected = read_run_record(run_dir).get("tokenizer_sha256")
+    if expected and expected != tokenizer.sha256():
         raise TransformerError(
-            f"{run_dir} has no config.json: is it a run directory written by `transformer train`?"
+            f"{run_dir / 'tokenizer.model'} is not the tokenizer this run was trained with (its sha256 "
+            f"differs from config.json's): restore the run's own tokenizer.model"
         )
-    try:
-        saved = json.loads(path.read_text())
-        return (
-            config_from_dict(
-                model_config_class(saved["train"].get("model", "transformer")),
-                saved["model"],
-                source=str(path),
-            ),
-            config_from_dict(TrainConfig, saved["train"], source=str(path)),
-        )
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise TransformerError(f"{path} is not a valid run configuration ({error})") from None

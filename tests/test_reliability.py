@@ -1,0 +1,613 @@
+"""Faults a run must survive, odd input translation must take, and bad input that must fail cleanly.
+
+The training runs here are tiny (10 updates of a 1+1-layer model on 200 pairs, 4 validation pairs), so that
+killing, resuming and comparing whole runs stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TINY_MODEL, tiny_recipe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from transformer import checkpoint
+from transformer import train as train_module
+from transformer.checkpoint import load_checkpoint, load_state, load_weights, save_weights
+from transformer.cli import main
+from transformer.config import TrainConfig
+from transformer.data.tokenizer import Tokenizer
+from transformer.errors import TransformerError
+from transformer.rundir import check_resumable, drop_partial_line, read_run_record, resume_point
+from transformer.textio import decode_lines, single_line
+from transformer.train import MAX_BAD_STEPS, train
+from transformer.translate import Translator
+
+MODEL = {**TINY_MODEL, "max_len": 80}  # a short positional table, so over-long input is cheap to make
+
+
+@pytest.fixture(scope="module")
+def quick_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared 200 training pairs with only 4 validation pairs, so validations cost little."""
+    out = tmp_path_factory.mktemp("quick-data")
+    for lang in ("de", "en"):
+        shutil.copy(data_dir / f"train.{lang}", out / f"train.{lang}")
+        lines = (data_dir / f"val.{lang}").read_text().splitlines()[:4]
+        (out / f"val.{lang}").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def quick_recipe(data: Path, **changes: Any) -> TrainConfig:
+    """10 updates, validated and saved at 4, 8 and 10, logged every 3: a checkpoint falls inside a log
+    window, so a resume must restore the window's partial sums to log what the unbroken run logs."""
+    settings = {"max_steps": 10, "eval_every": 4, "log_every": 3, "average_last": 0, "test_split": ""}
+    return tiny_recipe(data, **{**settings, **changes})
+
+
+def train_argv(recipe: TrainConfig, out: Path, *extra: str) -> list[str]:
+    """`transformer train` arguments that build exactly `recipe` with the MODEL overrides."""
+    values = {**dataclasses.asdict(recipe), **{f"model.{key}": value for key, value in MODEL.items()}}
+    return ["train", "--out", str(out), *extra, *(f"{key}={value}" for key, value in values.items())]
+
+
+@pytest.fixture(scope="module")
+def reference(quick_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run: what every interrupted and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(quick_recipe(quick_data), MODEL, out)
+    return out
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# What must match between runs (timings and throughput may differ).
+COMPARED = {"train": ("step", "epoch", "loss", "lr", "padding"), "valid": ("step", "loss", "bleu", "chrf")}
+
+
+def comparable(run_records: list[dict], after_step: int) -> list[tuple]:
+    return [
+        (r["event"], *(r[key] for key in COMPARED[r["event"]]))
+        for r in run_records
+        if r["event"] in COMPARED and r["step"] > after_step
+    ]
+
+
+def assert_same_history(resumed: list[tuple], unbroken: list[tuple]) -> None:
+    assert [r[:2] for r in resumed] == [r[:2] for r in unbroken]
+    for a, b in zip(resumed, unbroken, strict=True):
+        for x, y in zip(a[2:], b[2:], strict=True):
+            assert math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12), (a, b)
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], *, progress: bool = False) -> str:
+    """The one `error:` line a failed command printed to stderr. Only a training that got going
+    (`progress`) may have printed progress bars before it, and reports on stdout."""
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in captured.err, err[-5:]
+    assert progress or (len(err) == 1 and captured.out == ""), (err, captured.out)
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+
+# Runs `transformer train` and SIGKILLs itself at a chosen point: no handler, no cleanup, as a crash or the
+# OOM killer would. "step N": after the N-th update's backward pass, before the optimizer step.
+# "write FILE K": while the K-th version of checkpoint file FILE is half written to its temp file.
+KILLER = """
+import os, signal, sys
+from transformer import checkpoint, train
+from transformer.cli import main
+
+mode, where, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+calls = {}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "step":
+    build = train.build_optimizer
+    def build_optimizer(*args, **kwargs):
+        optimizer, scheduler = build(*args, **kwargs)
+        def pre_step(opt, args, kwargs):
+            calls["step"] = calls.get("step", 0) + 1
+            if calls["step"] == int(where):
+                die()
+        optimizer.register_step_pre_hook(pre_step)
+        return optimizer, scheduler
+    train.build_optimizer = build_optimizer
+else:
+    name, nth = where.split(":")
+    atomic_write = checkpoint.atomic_write
+    def killing_write(path, write):
+        if path.name == name:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == int(nth):
+                def half_then_die(tmp):
+                    write(tmp)
+                    os.truncate(tmp, os.path.getsize(tmp) // 2)
+                    die()
+                return atomic_write(path, half_then_die)
+        return atomic_write(path, write)
+    checkpoint.atomic_write = killing_write
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "where", "resumes_from", "step"),
+    [
+        ("step", "7", "last", 4),  # mid-step: the last save was at step 4
+        ("write", "last.safetensors:2", "step-0000008", 8),  # `last` torn: new state, old weights
+    ],
+)
+def test_sigkill_then_resume_equals_an_unbroken_run(
+    mode: str, where: str, resumes_from: str, step: int, quick_data: Path, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    argv = train_argv(quick_recipe(quick_data), run)
+    done = subprocess.run([sys.executable, str(killer), mode, where, *argv], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+    # The run directory holds a good checkpoint to go on from, and says which.
+    name, weights, state, _ = resume_point(run)
+    assert (name, state["progress"]["step"]) == (resumes_from, step)
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+    train(quick_recipe(quick_data), MODEL, run, resume=True)
+    log = records(run)
+    resumed_at = max(i for i, r in enumerate(log) if r["event"] == "resume")
+    assert log[resumed_at] == {"event": "resume", "step": step, "checkpoint": resumes_from}
+    assert_same_history(comparable(log[resumed_at:], step), comparable(records(reference), step))
+    for key, value in load_weights(reference / "last.safetensors").items():
+        assert torch.equal(load_weights(run / "last.safetensors")[key], value), key
+    assert not list(run.glob(".*.tmp-*")), "the killed write's temp file is cleaned up on resume"
+
+
+def test_sigterm_mid_window_then_resume_logs_what_an_unbroken_run_logs(
+    quick_data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM saves `last` between log records (step 5 here); the resumed log must still match."""
+    run = tmp_path / "run"
+    original = train_module.build_optimizer
+
+    def signalling_optimizer(*args: Any, **kwargs: Any) -> Any:
+        optimizer, scheduler = original(*args, **kwargs)
+        steps = []
+
+        def post_step(opt: Any, args: Any, kwargs: Any) -> None:
+            steps.append(1)
+            if len(steps) == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        optimizer.register_step_post_hook(post_step)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(train_module, "build_optimizer", signalling_optimizer)
+    with pytest.raises(train_module.TrainingInterrupted, match="stopped by SIGTERM at step 5"):
+        train(quick_recipe(quick_data), MODEL, run)
+    monkeypatch.undo()
+    assert load_state(run / "last.state.pt")["progress"]["window"]["tokens"] > 0  # steps 4-5 not yet logged
+    train(quick_recipe(quick_data), MODEL, run, resume=True)
+    assert_same_history(comparable(records(run), 5), comparable(records(reference), 5))
+
+
+def test_a_fragment_of_a_metrics_line_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"event": "train", "step": 3}\n{"event": "tr')
+    drop_partial_line(path)
+    assert path.read_bytes() == b'{"event": "train", "step": 3}\n'
+    drop_partial_line(path)
+    assert path.read_bytes() == b'{"event": "train", "step": 3}\n'
+
+
+# --------------------------------------------------------------------------------- NaN / inf losses
+
+
+def poison_losses(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None, from_call: int = 0) -> None:
+    """Make the training loss (not validation's) non-finite on the given calls, or from `from_call` on."""
+    original = train_module.label_smoothed_loss
+    calls = [0]
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+        value = original(logits, target, smoothing)
+        if not torch.is_grad_enabled():
+            return value
+        calls[0] += 1
+        if (bad_calls is not None and calls[0] in bad_calls) or (bad_calls is None and calls[0] >= from_call):
+            return value * float("nan") if calls[0] % 2 else value * float("inf")
+        return value
+
+    monkeypatch.setattr(train_module, "label_smoothed_loss", loss)
+
+
+def test_non_finite_losses_are_skipped_and_counted(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison_losses(monkeypatch, {3, 6, 7})
+    run = tmp_path / "run"
+    train(quick_recipe(quick_data, max_steps=8), MODEL, run)
+    skipped = [r for r in records(run) if r["event"] == "skipped_step"]
+    assert [(r["step"], r["in_a_row"], r["total"]) for r in skipped] == [(2, 1, 1), (4, 1, 2), (4, 2, 3)]
+    assert {r["reason"] for r in skipped} == {"non-finite loss"}
+    progress = load_state(run / "last.state.pt")["progress"]
+    assert (progress["step"], progress["skipped_steps"], progress["batch"]) == (8, 3, 11)
+    losses = [r["loss"] for r in records(run) if r["event"] in ("train", "valid")]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert all(torch.isfinite(t).all() for t in load_weights(run / "last.safetensors").values())
+
+
+def test_repeated_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    poison_losses(monkeypatch, None, from_call=6)  # updates 1-5 are good; checkpoints at step 4
+    run = tmp_path / "run"
+    assert main(train_argv(quick_recipe(quick_data), run)) == 2
+    line = one_error_line(capsys, progress=True)
+    assert f"{MAX_BAD_STEPS} steps in a row had a non-finite loss" in line
+    assert f"the last good checkpoint {run / 'last'} is kept" in line
+    weights, state = load_checkpoint(run, "last", with_state=True)
+    assert state is not None and state["progress"]["step"] == 4
+    step4 = load_weights(run / "step-0000004.safetensors")
+    assert all(torch.equal(weights[key], value) for key, value in step4.items())
+    assert [r["total"] for r in records(run) if r["event"] == "skipped_step"] == list(range(1, 6))
+
+
+# ------------------------------------------------------------------------ disk full, unwritable dir
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills while step 8's weights go to `last.safetensors`, its state already replaced: the
+    worst moment, as `last` is left torn."""
+    run = tmp_path / "run"
+    before: dict[str, str] = {}
+    atomic_write = checkpoint.atomic_write
+    seen = [0]
+
+    def failing_write(path: Path, write: Any) -> None:
+        if path.name == "last.safetensors":
+            seen[0] += 1
+            if seen[0] == 2:
+                before[path.name] = _digest(path)
+
+                def half_then_fail(tmp: Path) -> None:
+                    tmp.write_bytes(b"\0" * 100)
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                return atomic_write(path, half_then_fail)
+        return atomic_write(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", failing_write)
+    assert main(train_argv(quick_recipe(quick_data), run)) == 2
+    line = one_error_line(capsys, progress=True)
+    assert f"could not write checkpoint {run / 'last.safetensors'} (No space left on device)" in line
+    assert "the previous checkpoint files are intact" in line
+    assert _digest(run / "last.safetensors") == before["last.safetensors"], "the old weights are untouched"
+    assert not list(run.glob(".*.tmp-*")), "no half-written file is left behind"
+    # A resume goes on from step 8, saved completely as `step-0000008` just before.
+    name, _, state, _ = resume_point(run)
+    assert (name, state["progress"]["step"]) == ("step-0000008", 8)
+
+
+def test_an_unwritable_directory_at_checkpoint_time_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """We run as root in CI, where chmod cannot make a directory unwritable: the write fails instead."""
+    model = torch.nn.Linear(3, 2)
+    checkpoint.save_checkpoint(tmp_path, "last", model, {"progress": {"step": 4}})
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+
+    def refuse(obj: Any, path: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.torch, "save", refuse)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(TransformerError, match=r"could not write checkpoint .*\(Permission denied\)"):
+        checkpoint.save_checkpoint(tmp_path, "last", model, {"progress": {"step": 8}})
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path, "last", with_state=True)[1] == {"progress": {"step": 4}}
+
+
+def test_an_unwritable_metrics_log_is_one_clear_line(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full_disk(self: Any, **record: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", full_disk)
+    assert main(train_argv(quick_recipe(quick_data), tmp_path / "run")) == 1
+    assert "No space left on device" in one_error_line(capsys, progress=True)
+
+
+# ------------------------------------------------------------- resuming a changed run, old versions
+
+
+def copy_run(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run
+
+
+def test_resume_refuses_a_changed_tokenizer(reference: Path, quick_data: Path, tmp_path: Path) -> None:
+    run = copy_run(reference, tmp_path)
+    Tokenizer.train(["ein ganz anderer Text", "other words"], run / "tokenizer.model", vocab_size=400)
+    with pytest.raises(TransformerError, match=r"tokenizer\.model is not the one the run started with"):
+        train(quick_recipe(quick_data, max_steps=16), MODEL, run, resume=True)
+    with pytest.raises(TransformerError, match="not the tokenizer this run was trained with"):
+        Translator.from_checkpoint(run)
+
+
+def test_resume_refuses_changed_data(reference: Path, quick_data: Path, tmp_path: Path) -> None:
+    run = copy_run(reference, tmp_path)
+    changed = tmp_path / "data"
+    shutil.copytree(quick_data, changed)
+    lines = (changed / "train.en").read_text().splitlines()
+    (changed / "train.en").write_text("\n".join([lines[0] + " Extra.", *lines[1:]]) + "\n")
+    with pytest.raises(TransformerError, match=r"the train data in .* differs from the data the run started"):
+        train(quick_recipe(changed, max_steps=16), MODEL, run, resume=True)
+
+    # The same text in another place is the same data: the run may follow its data when it moves.
+    saved = read_run_record(run)
+    moved = {**saved, "train": {**saved["train"], "data_dir": str(tmp_path / "elsewhere")}}
+    check_resumable(run, saved, moved)
+    with pytest.raises(TransformerError, match="the train config differs"):
+        check_resumable(run, {**saved, "data_sha256": None}, moved)  # a record without digests
+
+
+def test_a_run_from_an_incompatible_version_is_refused(
+    reference: Path, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(reference, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["format_version"] == checkpoint.FORMAT_VERSION
+    (run / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    assert main(["translate", "--checkpoint", str(run)]) == 2
+    assert "incompatible version of this toolkit (format version 99" in one_error_line(capsys)
+    assert main(train_argv(quick_recipe(quick_data, max_steps=16), run, "--resume")) == 2
+    assert "incompatible version" in one_error_line(capsys)
+
+    envelope = torch.load(run / "last.state.pt", weights_only=False)
+    torch.save({**envelope, "version": 2}, run / "last.state.pt")
+    with pytest.raises(TransformerError, match=r"last\.state\.pt was written by an incompatible version"):
+        load_state(run / "last.state.pt")
+
+
+# ------------------------------------------------------------------------------ odd translate input
+
+
+@pytest.fixture(scope="module")
+def translator(reference: Path) -> Translator:
+    return Translator.from_checkpoint(reference)
+
+
+def translate_cli(
+    run: Path, raw: bytes, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *flags: str
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    status = main(["translate", "--checkpoint", str(run), "--beam", "1", *flags])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+ODD = [
+    "Ein Mann fährt Fahrrad.",
+    "",
+    "  \t ",
+    "😀🐕 Hund 🇩🇪",
+    "Zwei Hunde — Два пса — 两只狗 — كلبان — שני כלבים",
+    "a\x0bb\x0cc\x1dd\x85e\u2028f\x00g\x07h\x1b[31m",
+    "\u200b\u200d\ufeff",
+    "x\r",  # a lone CR at the end of a line, as CRLF files end every line
+]
+
+
+def test_odd_but_valid_lines_translate_one_line_each(
+    reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = "\n".join(ODD).encode() + b"\n"
+    status, out, err = translate_cli(reference, raw, monkeypatch, capsys)
+    assert status == 0 and err == ""
+    lines = out.split("\n")
+    assert lines.pop() == "" and len(lines) == len(ODD)
+    assert lines[1] == "" and lines[2] == ""  # empty and whitespace-only lines give empty lines
+    assert all("\r" not in line for line in lines)
+    # No final newline, CRLF line ends, a byte-order mark: the same lines.
+    crlf = "\ufeff".encode() + "\r\n".join(ODD[:4]).encode()
+    assert decode_lines(crlf) == ODD[:4]
+    status, out, err = translate_cli(reference, crlf, monkeypatch, capsys)
+    assert (status, err, out.count("\n")) == (0, "", 4)
+
+
+def test_over_long_lines_are_truncated_with_a_warning_or_refused_when_strict(
+    reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = ("Hund " * 200 + "\nEin Mann.\n").encode()
+    status, out, err = translate_cli(reference, raw, monkeypatch, capsys)
+    assert status == 0 and len(out.split("\n")) == 3
+    assert err.startswith("warning: sentence 1 has ") and "truncated to 79" in err
+    status, out, err = translate_cli(reference, raw, monkeypatch, capsys, "--strict")
+    assert (status, out) == (2, "")
+    assert err.count("\n") == 1 and "more than the model's maximum of 79; --strict refuses it" in err
+
+
+def test_invalid_utf8_is_replaced_with_a_warning_or_refused_when_strict(
+    reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    raw = b"Ein Hund.\nZwei \xff\xfe Katzen \xc3\n\xe2\x82\n"
+    status, out, err = translate_cli(reference, raw, monkeypatch, capsys)
+    assert status == 0 and len(out.split("\n")) == 4
+    assert err.splitlines() == [
+        "warning: stdin is not valid UTF-8 (first at line 2); undecodable bytes were replaced with U+FFFD"
+    ]
+    assert decode_lines(raw)[1] == "Zwei \ufffd\ufffd Katzen \ufffd"
+    capsys.readouterr()
+    source = tmp_path / "in.de"
+    source.write_bytes(raw)
+    assert main(["translate", "--checkpoint", str(reference), "--input", str(source), "--strict"]) == 2
+    assert f"{source} line 2 is not valid UTF-8" in one_error_line(capsys)
+
+
+def test_line_breaks_inside_a_translation_cannot_split_it() -> None:
+    assert single_line("a\nb\r\nc\rd") == "a b c d"
+    assert single_line("a\x0bb\u2028c") == "a\x0bb\u2028c"  # only what splits lines for `transformer` tools
+
+
+# Lines of any text, control characters included, but never a line break inside a line.
+lines_of_text = st.lists(
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\n"), max_size=30), max_size=6
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lines=lines_of_text)
+def test_decoding_input_gives_back_its_lines(lines: list[str]) -> None:
+    lines = [line.rstrip("\r") for line in lines]  # a line's own final CR cannot be told from CRLF
+    if lines:
+        lines[0] = lines[0].lstrip("\ufeff")  # nor a leading BOM from a byte-order mark
+    text = "".join(line + "\n" for line in lines)
+    assert decode_lines(text.encode()) == lines
+    # Without the final newline too, unless the last line is empty (then it is not there to see).
+    assert decode_lines(text.removesuffix("\n").encode()) == lines or lines[-1:] == [""]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.lists(st.binary(max_size=16) | lines_of_text.map("\n".join).map(str.encode), max_size=3))
+def test_translate_gives_one_line_per_input_line(translator: Translator, raw: list[bytes]) -> None:
+    data = b"\n".join(raw)
+    lines = decode_lines(data)
+    outputs = [single_line(t) for t in translator.translate(lines, beam=1)]
+    assert len(outputs) == len(lines)
+    assert "".join(out + "\n" for out in outputs).count("\n") == len(lines)
+    assert all(out == "" for line, out in zip(lines, outputs, strict=True) if not line.strip())
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_training_or_validation_data_writes_nothing(
+    quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for split, contents in (("train", ""), ("train", "\n  \n\n"), ("val", "")):
+        data = tmp_path / f"data-{split}-{len(contents)}"
+        shutil.copytree(quick_data, data)
+        for lang in ("de", "en"):
+            (data / f"{split}.{lang}").write_text(contents)
+        out = tmp_path / f"out-{split}-{len(contents)}"
+        assert main(train_argv(quick_recipe(data), out)) == 2
+        assert f"the {split!r} split in {data} is empty" in one_error_line(capsys)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("max_len=-5", "max_len must be positive, got -5"),
+        ("max_tokens=-1", "max_tokens must be positive, got -1"),
+        ("d_model=-32", "d_model must be positive, got -32"),
+        ("max_steps=-3", "max_steps must be 0 or more, got -3"),
+        ("log_every=0", "log_every must be positive, got 0"),
+        ("label_smoothing=1.5", "label_smoothing must be in [0, 1), got 1.5"),
+        ("d_ff=wide", "d_ff must be of type int, got 'wide'"),
+        ("precision=fp8", "precision must be one of 'fp32', 'bf16', got 'fp8'"),
+    ],
+)
+def test_bad_settings_are_one_line_and_write_nothing(
+    setting: str, message: str, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main([*train_argv(quick_recipe(quick_data), out), setting]) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("bogus: 1\n", "unknown key(s) bogus for TrainConfig"),
+        ("max_tokens: lots\n", "max_tokens must be of type int, got 'lots'"),
+        ("model:\n  n_layers_typo: 2\n", "model=transformer has no setting(s) n_layers_typo"),
+        ("- a list\n", "must hold a mapping of settings"),
+        ("max_tokens: [1\n", "is not valid YAML"),
+    ],
+)
+def test_bad_recipe_files_are_one_line(
+    recipe: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_checkpoints_and_run_directories_are_one_line(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def translate(*args: str) -> str:
+        assert main(["translate", "--input", str(reference / "config.json"), "--beam", "1", *args]) == 2
+        return one_error_line(capsys)
+
+    run = copy_run(reference, tmp_path)
+    assert "no run directory or checkpoint file at" in translate(
+        "--checkpoint", str(run / "nope.safetensors")
+    )
+    assert "no checkpoint named 'nope'" in translate("--checkpoint", str(run), "--name", "nope")
+    assert "beam size must be at least 1, got -1" in translate("--checkpoint", str(run), "--beam", "-1")
+
+    (run / "best.safetensors").write_bytes(os.urandom(4096))  # foreign bytes
+    assert "not a readable safetensors checkpoint" in translate("--checkpoint", str(run))
+    other = {"embedding.weight": torch.zeros(3, 4)}  # a well-formed checkpoint of some other model
+    save_weights(run / "best.safetensors", other)
+    assert "does not fit the model in" in translate("--checkpoint", str(run))
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "d_model": "big"}}))
+    assert "d_model must be of type int, got 'big'" in translate("--checkpoint", str(run))
+    (run / "config.json").write_text('{"model": ')
+    assert "is not a valid run configuration" in translate("--checkpoint", str(run))
+    (run / "config.json").unlink()
+    assert "has no config.json" in translate("--checkpoint", str(run))
+
+
+def test_resume_with_every_training_state_truncated_is_one_line(
+    reference: Path, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(reference, tmp_path)
+    (run / "last.state.pt").write_bytes((run / "last.state.pt").read_bytes()[:100])
+    # One truncated state file is survived: the newest step checkpoint holds the same step.
+    assert resume_point(run)[0] == "step-0000010"
+    for path in run.glob("step-*.state.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+    before = sorted(p.name for p in run.iterdir())
+    assert main(train_argv(quick_recipe(quick_data, max_steps=16), run, "--resume")) == 2
+    line = one_error_line(capsys)
+    assert "holds no complete checkpoint with training state" in line and "not a readable" in line
+    assert sorted(p.name for p in run.iterdir()) == before
