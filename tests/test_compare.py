@@ -23,7 +23,7 @@ def test_rnn_sizes_match_the_transformer_within_fifteen_percent() -> None:
 
 
 def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path: Path, capsys) -> None:
-    recipe = tiny_recipe(data_dir, max_steps=4, eval_every=2, average_last=2, lr_factor=1.0)
+    recipe = tiny_recipe(data_dir, max_steps=4, eval_every=2, average_last=2, lr_factor=1.0, log_every=1)
     overrides = [f"{key}={value}" for key, value in recipe.__dict__.items() if key != "time_budget_minutes"]
     overrides += [f"{key}={value}" for key, value in TINY_MODEL.items()]
     card = tmp_path / "card.md"
@@ -36,7 +36,7 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     assert "±" in text and "nrefs:1|case:lc" in text and "Verdicts" in text
     rows = json.loads(card.with_suffix(".json").read_text())
     assert sorted((r["model"], r["seed"]) for r in rows) == sorted((m, s) for m in models for s in (1, 2))
-    assert all(r["training_flops"] > 0 and r["beam4_sentences_per_s"] > 0 for r in rows)
+    assert all(r["training_flops"] > 0 and r["beam4_sentences_per_s"] > 0 and r["updates"] == 4 for r in rows)
     params = {r["model"]: r["parameters"] for r in rows}
     assert all(abs(p / params["transformer"] - 1) < 0.15 for p in params.values()), params
     # A second call reuses the finished runs: nothing is trained again.

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from transformer.checkpoint import load_state
 from transformer.config import RNNConfig, TrainConfig, TransformerConfig
 from transformer.data.batching import collate
 from transformer.data.corpus import corpus_paths, read_split
@@ -65,7 +66,7 @@ class CompareSettings:
     seeds: tuple[int, ...] = (1, 2, 3)
     base: TrainConfig = field(default_factory=TrainConfig)
     transformer_overrides: tuple[tuple[str, Any], ...] = ()
-    emb_dim: int = 256  # the RNNs' embedding size; their hidden size is then chosen to match parameters
+    emb_dim: int = 0  # the RNNs' embedding size (0: the Transformer's d_model); hidden sizes match params
 
 
 def count_parameters(config: TransformerConfig | RNNConfig) -> int:
@@ -74,23 +75,23 @@ def count_parameters(config: TransformerConfig | RNNConfig) -> int:
 
 
 def matched_hidden_size(kind: str, target: int, vocab_size: int, emb_dim: int) -> tuple[int, int]:
-    """The hidden size (a multiple of 16) whose `kind` RNN has the parameter count closest to `target`.
+    """The hidden size (a multiple of 8) whose `kind` RNN has the parameter count closest to `target`.
 
-    Parameter counts grow monotonically with the hidden size, so a bisection over multiples of 16 finds it.
+    Parameter counts grow monotonically with the hidden size, so a bisection over multiples of 8 finds it.
     """
 
     def params(hidden: int) -> int:
         vocab = {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size}
         return count_parameters(RNNConfig(kind=kind, emb_dim=emb_dim, hidden_size=hidden, **vocab, **SHARING))
 
-    lo, hi = 1, 256  # in units of 16: hidden sizes 16 … 4096
+    lo, hi = 1, 512  # in units of 8: hidden sizes 8 … 4096
     while lo < hi:
         mid = (lo + hi) // 2
-        if params(16 * mid) < target:
+        if params(8 * mid) < target:
             lo = mid + 1
         else:
             hi = mid
-    candidates = [16 * h for h in (lo - 1, lo) if h >= 1]
+    candidates = [8 * h for h in (lo - 1, lo) if h >= 1]
     best = min(candidates, key=lambda hidden: abs(params(hidden) - target))
     return best, params(best)
 
@@ -104,8 +105,9 @@ def model_overrides(settings: CompareSettings, kind: str) -> dict[str, Any]:
     reference = TransformerConfig.preset(
         settings.base.preset, src_vocab_size=vocab, tgt_vocab_size=vocab, **transformer
     )
-    hidden, _ = matched_hidden_size(kind, count_parameters(reference), vocab, settings.emb_dim)
-    return {"emb_dim": settings.emb_dim, "hidden_size": hidden, **SHARING}
+    emb_dim = settings.emb_dim or reference.d_model
+    hidden, _ = matched_hidden_size(kind, count_parameters(reference), vocab, emb_dim)
+    return {"emb_dim": emb_dim, "hidden_size": hidden, **SHARING}
 
 
 def run_one(settings: CompareSettings, kind: str, seed: int, out: Path) -> Path:
@@ -171,14 +173,15 @@ def measure(run_dir: Path) -> dict[str, Any]:
     with torch.no_grad():
         valid_loss = teacher_forced_loss(model, valid_data, tc.max_tokens)
     sample = list(zip(valid_data.src[:64], valid_data.tgt[:64], strict=True))
-    tokens_seen = trained[-1]["tokens_seen"] if trained and "tokens_seen" in trained[-1] else 0
+    progress = load_state(run_dir / "last.state.pt")["progress"]
+    tokens_seen = progress.get("tokens_seen", 0)
     return {
         "model": tc.model,
         "seed": tc.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained) if trained else 0.0,
         "minutes_to_best_valid": best_valid["elapsed"] / 60,
-        "updates": trained[-1]["step"] if trained else 0,
+        "updates": progress["step"],
         "valid_ppl": math.exp(min(valid_loss, 50)),
         "training_flops": flops_per_target_token(translator, sample) * tokens_seen,
         "wall_minutes": results.get("wall_seconds", 0.0) / 60,
