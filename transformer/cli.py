@@ -154,6 +154,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from transformer.export import export_marian
+
+    if args.format != "marian":
+        raise TransformerError(f"unknown export format {args.format!r}; the one format is 'marian'")
+    out = export_marian(args.checkpoint, args.out, args.name)
+    print(f"wrote a Hugging Face MarianMT model to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")
     p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face MarianMT model directory")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+    p.add_argument("--format", default="marian", help="the target format (one so far: marian)")
+    p.add_argument("--out", required=True, help="a new directory for the exported model")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
