@@ -114,7 +114,7 @@ def test_n_best_lists_the_final_beam_with_its_probabilities() -> None:
 
 def test_n_best_agrees_with_beam_search_and_teacher_forcing(model: Transformer) -> None:
     src = sources()
-    config = SearchConfig(beam=4)
+    config = SearchConfig(beam=4, extra_len=12)  # short enough to be quick, long enough for EOS to be chosen
     best = beam_search(model, src, config=config, max_len=128, **IDS)
     n_best = beam_search_n_best(model, src, config=config, max_len=128, **IDS)
     assert [hyps[0].tokens for hyps in n_best] == best
@@ -131,4 +131,4 @@ def test_n_best_agrees_with_beam_search_and_teacher_forcing(model: Transformer) 
             forced = len(h.tokens) + 1 >= limits[row]  # ...unless the length limit forced EOS, at no cost
             natural += not forced
             assert h.log_prob == pytest.approx(float(terms[:-1].sum() if forced else terms.sum()), abs=1e-4)
-    assert natural >= 4, "the test needs hypotheses that end by choosing EOS"
+    assert natural >= 2, "the test needs hypotheses that end by choosing EOS"
