@@ -8,7 +8,7 @@ import torch
 from conftest import TINY
 
 from transformer import Transformer
-from transformer.search import SearchConfig, beam_search, greedy_search
+from transformer.search import SearchConfig, beam_search, beam_search_n_best, greedy_search
 
 PAD, BOS, EOS = 0, 2, 3
 IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
@@ -100,3 +100,35 @@ def test_length_penalty_rewards_length() -> None:
     assert toy_search(beam_search, 2, 1.0) == [a1, a2, a3, b]
     normalised = [math.log(p) / ((5 + n) / 6) for p, n in ((0.36, 2), (0.3, 4), (0.27, 5))]
     assert normalised == sorted(normalised)
+
+
+def test_n_best_lists_the_final_beam_with_its_probabilities() -> None:
+    # α = 1 (see above): [A1 A2 A3 B] (0.27 over 5 tokens) beats [A1 A2 A3] (0.3 over 4 tokens).
+    a1, a2, a3, b = ToyModel.A1, ToyModel.A2, ToyModel.A3, ToyModel.B
+    config = SearchConfig(beam=2, length_penalty=1.0, use_cache=False)
+    (n_best,) = beam_search_n_best(ToyModel(), torch.full((1, 3), 9), config=config, max_len=50, **IDS)
+    assert [h.tokens for h in n_best] == [[a1, a2, a3, b], [a1, a2, a3]]
+    assert [h.log_prob for h in n_best] == pytest.approx([math.log(0.27), math.log(0.3)], abs=1e-6)
+    assert [h.score for h in n_best] == pytest.approx([math.log(0.27) / (10 / 6), math.log(0.3) / (9 / 6)])
+
+
+def test_n_best_agrees_with_beam_search_and_teacher_forcing(model: Transformer) -> None:
+    src = sources()
+    config = SearchConfig(beam=4, extra_len=12)  # short enough to be quick, long enough for EOS to be chosen
+    best = beam_search(model, src, config=config, max_len=128, **IDS)
+    n_best = beam_search_n_best(model, src, config=config, max_len=128, **IDS)
+    assert [hyps[0].tokens for hyps in n_best] == best
+    limits = ((src != PAD).sum(1) + config.extra_len).tolist()
+    natural = 0
+    for row, hyps in enumerate(n_best):
+        assert len(hyps) == 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:  # the log-probability the model gives the whole hypothesis, EOS included...
+            tgt = torch.tensor([[BOS, *h.tokens, EOS]])
+            with torch.no_grad():
+                log_probs = model(src[row : row + 1], tgt[:, :-1]).log_softmax(-1)
+            terms = log_probs[0].gather(1, tgt[0, 1:, None])[:, 0]
+            forced = len(h.tokens) + 1 >= limits[row]  # ...unless the length limit forced EOS, at no cost
+            natural += not forced
+            assert h.log_prob == pytest.approx(float(terms[:-1].sum() if forced else terms.sum()), abs=1e-4)
+    assert natural >= 2, "the test needs hypotheses that end by choosing EOS"

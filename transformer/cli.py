@@ -1,4 +1,4 @@
-"""The `transformer` command: train, translate, evaluate, average.
+"""The `transformer` command: train, translate, evaluate, average, doctor, serve, export.
 
 Every user error surfaces as one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -170,6 +170,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from transformer.serve import serve
+
+    serve(args.checkpoint, args.name, args.host, args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from transformer.export import export_marian
+
+    if args.format != "marian":
+        raise TransformerError(f"unknown export format {args.format!r}; the one format is 'marian'")
+    out = export_marian(args.checkpoint, args.out, args.name)
+    print(f"wrote a Hugging Face MarianMT model to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")
     p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("serve", help="serve a checkpoint: a JSON API and a page to see its attention")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face MarianMT model directory")
+    p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+    p.add_argument("--format", default="marian", help="the target format (one so far: marian)")
+    p.add_argument("--out", required=True, help="a new directory for the exported model")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -31,12 +31,13 @@ class TransformerConfig:
     dropout: float = 0.1  # P_drop of the paper: sublayer outputs and embedding sums
     attention_dropout: float = 0.0  # on attention weights (not in the paper; fairseq's attention_dropout)
     activation_dropout: float = 0.0  # inside the FFN, after the activation (not in the paper)
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "swish"] = "relu"  # swish (SiLU): what Marian models use
     norm_first: bool = False  # False: post-LN as in the paper; True: pre-LN (trains without warm-up)
     positional: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
     max_len: int = 1024  # longest sequence the positional table covers
     share_embeddings: bool = False  # one embedding matrix for source and target (needs a joint vocabulary)
     tie_output: bool = True  # the pre-softmax projection reuses the target embedding (paper §3.4)
+    output_bias: bool = False  # a bias on the pre-softmax projection (Marian's final_logits_bias)
     pad_id: int = 0
     attention: Literal["fused", "explicit"] = "fused"  # fused: torch SDPA kernel; explicit: the formula
     layer_norm_eps: float = 1e-5

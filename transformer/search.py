@@ -87,6 +87,16 @@ def greedy_search(
     return _strip(stepper.prefix[:, 1:], eos_id, pad_id)
 
 
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished hypothesis of a beam: its tokens (without BOS and EOS), its log-probability (EOS
+    included) and the score it was ranked by, log_prob / lp(length)."""
+
+    tokens: list[int]
+    log_prob: float
+    score: float
+
+
 @torch.inference_mode()
 def beam_search(
     model: Decodable,
@@ -98,7 +108,64 @@ def beam_search(
     config: SearchConfig,
     max_len: int,
 ) -> list[list[int]]:
-    """Keep the `beam` best hypotheses per sentence, ranked by log-probability / lp(length).
+    """Keep the `beam` best hypotheses per sentence, ranked by log-probability / lp(length); return the
+    best one of each sentence."""
+    hypotheses, scores, lengths = _beam(
+        model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, config=config, max_len=max_len
+    )
+    best = (scores / _penalty(lengths, config)).argmax(-1)  # (batch,)
+    return _strip(hypotheses[torch.arange(src.size(0), device=src.device), best], eos_id, pad_id)
+
+
+@torch.inference_mode()
+def beam_search_n_best(
+    model: Decodable,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    config: SearchConfig,
+    max_len: int,
+) -> list[list[Hypothesis]]:
+    """The same search, returning every hypothesis the beam holds at the end, best first: the
+    alternatives a person may want to see. Fewer than `beam` come back when the vocabulary could not fill
+    the beam (the empty slots have score -inf)."""
+    hypotheses, scores, lengths = _beam(
+        model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, config=config, max_len=max_len
+    )
+    normalised = scores / _penalty(lengths, config)
+    order = normalised.argsort(dim=-1, descending=True)  # (batch, k)
+    results = []
+    for row, ranking in enumerate(order.tolist()):
+        tokens = _strip(hypotheses[row, ranking], eos_id, pad_id)
+        results.append(
+            [
+                Hypothesis(ids, float(scores[row, j]), float(normalised[row, j]))
+                for ids, j in zip(tokens, ranking, strict=True)
+                if normalised[row, j] > float("-inf")
+            ]
+        )
+    return results
+
+
+def _penalty(lengths: Tensor, config: SearchConfig) -> Tensor:
+    """lp(Y) = ((5 + |Y|) / 6)^α of Wu et al. (2016), |Y| counting EOS."""
+    return ((5.0 + lengths) / 6.0) ** config.length_penalty
+
+
+def _beam(
+    model: Decodable,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    config: SearchConfig,
+    max_len: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The beam search itself: returns the kept hypotheses (batch, k, len), their log-probabilities
+    (batch, k) and lengths (batch, k).
 
     All sentences' beams are one batch of batch·beam rows. A finished hypothesis stays in its beam with a
     frozen score (its only continuation is padding at no cost), so it competes with the live ones until a
@@ -128,8 +195,7 @@ def beam_search(
 
         candidates = scores[..., None] + log_probs  # (batch, k, vocab)
         cand_lengths = lengths + (~finished).float()  # (batch, k)
-        penalty = ((5.0 + cand_lengths) / 6.0) ** config.length_penalty
-        ranked = (candidates / penalty[..., None]).view(batch, k * vocab)
+        ranked = (candidates / _penalty(cand_lengths, config)[..., None]).view(batch, k * vocab)
         _, flat = ranked.topk(k, dim=-1)  # (batch, k)
         parent, token = flat // vocab, flat % vocab
 
@@ -140,9 +206,7 @@ def beam_search(
         if (t + 1) % CHECK_EVERY == 0 and bool(finished.all()):
             break
 
-    best = (scores / ((5.0 + lengths) / 6.0) ** config.length_penalty).argmax(-1)  # (batch,)
-    hypotheses = stepper.prefix[:, 1:].view(batch, k, -1)
-    return _strip(hypotheses[torch.arange(batch, device=device), best], eos_id, pad_id)
+    return stepper.prefix[:, 1:].view(batch, k, -1), scores, lengths
 
 
 def _repeat_rows(memory: Any, k: int) -> Any:

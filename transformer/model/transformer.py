@@ -41,14 +41,18 @@ class LayerNorm(nn.Module):
         return self.weight * (x - mean) / torch.sqrt(var + self.eps) + self.bias
 
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}  # gelu: the exact (erf) form
+
+
 class PositionwiseFeedForward(nn.Module):
-    """FFN(x) = max(0, x·W_1 + b_1)·W_2 + b_2, applied to each position separately (§3.3)."""
+    """FFN(x) = max(0, x·W_1 + b_1)·W_2 + b_2, applied to each position separately (§3.3); GELU or swish
+    in place of max(0, ·) where the config asks."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0) -> None:
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
-        self.activation = F.relu if activation == "relu" else F.gelu
+        self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -240,7 +244,7 @@ class Transformer(nn.Module):
         self.dropout = Dropout(c.dropout)  # on the sums of embeddings and positional encodings
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        self.out_proj = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
+        self.out_proj = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
         self._init_weights()
         if c.tie_output:
             self.out_proj.weight = self.tgt_embed.weight

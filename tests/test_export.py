@@ -1,0 +1,191 @@
+"""Export to and import from Hugging Face MarianMT: `transformers` is the reference the logits are held to."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+from transformer.checkpoint import save_checkpoint
+from transformer.cli import main
+from transformer.config import TrainConfig, config_to_dict
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.errors import TransformerError
+from transformer.export import export_marian, load_marian, marian_permutation
+from transformer.model import Transformer
+from transformer.model.transformer import sinusoidal_table
+from transformer.search import SearchConfig, greedy_search
+from transformer.translate import Translator
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-5
+# Two shapes of model: everything shared and tied, with the options Marian models use (swish, an output
+# bias); and separate source / target embeddings with an untied output projection.
+VARIANTS = {
+    "shared-swish-bias": {
+        "share_embeddings": True,
+        "tie_output": True,
+        "activation": "swish",
+        "output_bias": True,
+    },
+    "separate-relu": {
+        "share_embeddings": False,
+        "tie_output": False,
+        "activation": "relu",
+        "output_bias": False,
+    },
+}
+
+
+def random_run(run_dir: Path, out: Path, **changes) -> Transformer:
+    """A run directory with the trained run's tokenizer and a random TINY model of its vocabulary size."""
+    vocab = json.loads((run_dir / "config.json").read_text())["model"]["src_vocab_size"]
+    config = dataclasses.replace(TINY, src_vocab_size=vocab, tgt_vocab_size=vocab, **changes)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # biases and LayerNorms away from their 0 / 1 initial values
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    out.mkdir()
+    shutil.copy(run_dir / "tokenizer.model", out / "tokenizer.model")
+    run_config = {"model": config_to_dict(config), "train": config_to_dict(TrainConfig())}
+    (out / "config.json").write_text(json.dumps(run_config))
+    save_checkpoint(out, "best", model)
+    return model
+
+
+def ids(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded source batch and a target batch starting with BOS."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (3, 9), generator=g)
+    src[1, 6:] = PAD_ID
+    src[2, 3:] = PAD_ID
+    tgt = torch.randint(4, vocab, (3, 7), generator=g)
+    tgt[:, 0] = BOS_ID
+    return src, tgt
+
+
+def hf_logits(hf, src: torch.Tensor, tgt: torch.Tensor, pad_id: int) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=src, attention_mask=(src != pad_id).long(), decoder_input_ids=tgt).logits
+
+
+def test_our_positions_permuted_are_marians() -> None:
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    theirs = MarianSinusoidalPositionalEmbedding(100, 32).create_weight()
+    ours = sinusoidal_table(100, 32)[:, marian_permutation(32)]
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    assert not torch.allclose(sinusoidal_table(100, 32), theirs, atol=1e-2), "the layouts must differ"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_gives_transformers_the_same_logits(run_dir: Path, tmp_path: Path, variant: str) -> None:
+    model = random_run(run_dir, tmp_path / "run", **VARIANTS[variant])
+    out = export_marian(tmp_path / "run", tmp_path / "marian")
+    hf, info = transformers.MarianMTModel.from_pretrained(out, output_loading_info=True)
+    assert not info["unexpected_keys"], info["unexpected_keys"]
+    assert not [k for k in info["missing_keys"] if "embed_positions" not in k], info["missing_keys"]
+    src, tgt = ids(model.config.src_vocab_size)
+    with torch.no_grad():
+        ours = model(src, tgt)
+    error = (hf_logits(hf.eval(), src, tgt, PAD_ID) - ours).abs().max().item()
+    assert error < TOLERANCE, error
+    # Back again: importing the export gives our model's logits.
+    back = (load_marian(out)(src, tgt) - ours).abs().max().item()
+    assert back < TOLERANCE, back
+
+
+def test_exported_tokenizer_and_greedy_search_match_ours(run_dir: Path, tmp_path: Path) -> None:
+    out = export_marian(run_dir, tmp_path / "marian")
+    translator = Translator.from_checkpoint(run_dir)
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(out)
+    sentences = ["Ein Mann fährt Fahrrad.", "Zwei Hunde  spielen im Schnee!", "  Kinder, (3) am Strand."]
+    for sentence in sentences:
+        assert hf_tokenizer(sentence)["input_ids"] == [*translator.tokenizer.encode(sentence), EOS_ID]
+    hf = transformers.MarianMTModel.from_pretrained(out).eval()
+    batch = hf_tokenizer(sentences, return_tensors="pt", padding=True)
+    generated = hf.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=20)
+    src = batch["input_ids"]
+    ours = greedy_search(
+        translator.model,
+        src,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        config=SearchConfig(beam=1),
+        max_len=21,
+    )
+    theirs = [[t for t in row[1:] if t not in (EOS_ID, PAD_ID)] for row in generated.tolist()]
+    assert theirs == ours
+    assert generated[:, 0].tolist() == [BOS_ID] * len(sentences)  # decoding starts from BOS, as trained
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_import_gives_marians_logits(tmp_path: Path, shared: bool) -> None:
+    # A Marian model as opus-mt ships them: swish, the pad id last, the decoder starting from pad, an
+    # output bias; random weights. Unshared, the source vocabulary is the larger one.
+    pad = 29
+    config = transformers.MarianConfig(
+        vocab_size=pad + 1 if shared else 40,
+        decoder_vocab_size=pad + 1,
+        share_encoder_decoder_embeddings=shared,
+        tie_word_embeddings=shared,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        activation_function="swish",
+        scale_embedding=True,
+        max_position_embeddings=64,
+        pad_token_id=pad,
+        decoder_start_token_id=pad,
+        eos_token_id=0,
+    )
+    torch.manual_seed(2)
+    hf = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            if parameter.requires_grad:  # not the frozen position table, which Marian never saves
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        hf.final_logits_bias.normal_()
+    hf.save_pretrained(tmp_path / "marian")
+    model = load_marian(tmp_path / "marian")
+    assert model.config.pad_id == pad and model.config.output_bias and model.config.activation == "swish"
+    g = torch.Generator().manual_seed(3)
+    src = torch.randint(0, pad, (2, 8), generator=g)
+    src[1, 5:] = pad
+    tgt = torch.randint(0, pad, (2, 6), generator=g)
+    tgt[:, 0] = pad
+    with torch.no_grad():
+        error = (model(src, tgt) - hf_logits(hf, src, tgt, pad)).abs().max().item()
+    assert error < TOLERANCE, error
+
+
+def test_export_refuses_what_marian_cannot_express(run_dir: Path, tmp_path: Path) -> None:
+    random_run(run_dir, tmp_path / "pre-ln", norm_first=True)
+    with pytest.raises(TransformerError, match="norm_first"):
+        export_marian(tmp_path / "pre-ln", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(TransformerError, match="not an empty directory"):
+        export_marian(run_dir, tmp_path / "taken")
+
+
+def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli"
+    assert main(["export", "--checkpoint", str(run_dir), "--format", "marian", "--out", str(out)]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert files >= {"config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"}
+    assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--out", str(out)]) != 0
+    assert "onnx" in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""The translation service, in-process: answers against the Translator, attention against the formula,
+bad requests, batching under concurrent load, and a bounded load test on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from transformer.data.batching import collate
+from transformer.serve import Limits, create_app, load, running_server
+from transformer.translate import Translator
+
+SENTENCES = [
+    "Ein Mann fährt Fahrrad.",
+    "Zwei Hunde spielen im Schnee.",
+    "Eine Frau liest ein Buch.",
+    "Kinder spielen am Strand.",
+]
+LIMITS = Limits(max_sentences=4, max_chars=200, max_body_bytes=2000, max_beam=4)
+
+
+@pytest.fixture(scope="module")
+def translator(run_dir: Path) -> Translator:
+    return Translator.from_checkpoint(run_dir)
+
+
+@pytest.fixture
+def client(translator: Translator) -> TestClient:
+    with TestClient(create_app(translator, LIMITS)) as client:
+        yield client
+
+
+def test_translations_are_the_translators_with_the_beams_alternatives(
+    client: TestClient, translator: Translator
+) -> None:
+    answer = client.post("/translate", json={"sentences": [*SENTENCES[:2], " "], "beam": 3})
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["translations"]
+    assert [r["translation"] for r in results] == translator.translate([*SENTENCES[:2], " "], beam=3)
+    for result in results[:2]:
+        alternatives = result["alternatives"]
+        assert len(alternatives) == 3 and alternatives[0]["translation"] == result["translation"]
+        scores = [a["score"] for a in alternatives]
+        assert scores == sorted(scores, reverse=True)
+        assert all(a["log_prob"] < 0 for a in alternatives)
+    assert results[2] == {"translation": "", "score": 0.0, "log_prob": 0.0, "alternatives": [], "source": " "}
+
+
+def test_attention_weights_are_the_models(client: TestClient, translator: Translator) -> None:
+    answer = client.post("/translate", json={"sentences": SENTENCES[:2], "beam": 2, "attention": True})
+    assert answer.status_code == 200, answer.text
+    model, tokenizer = translator.model, translator.tokenizer
+    config = model.config
+    for sentence, result in zip(SENTENCES[:2], answer.json()["translations"], strict=True):
+        a = result["attention"]
+        source = tokenizer.encode(sentence)
+        s, t = len(source) + 1, len(a["output_tokens"])
+        assert a["source_tokens"] == [tokenizer.piece(i) for i in source] + ["</s>"]
+        assert a["target_tokens"][0] == "<s>" and a["output_tokens"][-1] == "</s>"
+        for key, layers, rows, cols in (
+            ("encoder", config.n_encoder_layers, s, s),
+            ("decoder", config.n_decoder_layers, t, t),
+            ("cross", config.n_decoder_layers, t, s),
+        ):
+            weights = torch.tensor(a[key])
+            assert weights.shape == (layers, config.n_heads, rows, cols), key
+            assert torch.allclose(weights.sum(-1), torch.ones(layers, config.n_heads, rows), atol=1e-3), key
+        decoder_self = torch.tensor(a["decoder"])
+        assert (decoder_self.triu(1) == 0).all(), "a target position attends only to earlier ones"
+        # Encoder layer 1 from the formula: softmax(Q·Kᵀ/√d_k) on the embedded source.
+        with torch.no_grad():
+            src = collate([(source, [])]).src
+            x = model.src_pos(model.src_embed(src))
+            attn = model.encoder.layers[0].self_attn
+            q = attn.w_q(x).view(1, s, config.n_heads, -1).transpose(1, 2)
+            k = attn.w_k(x).view(1, s, config.n_heads, -1).transpose(1, 2)
+            expected = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(config.d_k), dim=-1)[0]
+        assert torch.allclose(torch.tensor(a["encoder"][0]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "Invalid JSON"),
+        (b'{"beam": 2}', 422, "sentences"),
+        (b'{"sentences": "Ein Mann."}', 422, "sentences"),
+        (b'{"sentences": []}', 422, "at least one"),
+        (b'{"sentences": ["a"], "beam": 0}', 422, "beam must be between 1 and 4"),
+        (b'{"sentences": ["a"], "beam": 5}', 422, "beam must be between 1 and 4"),
+        (b'{"sentences": ["a"], "beam": "2"}', 422, "beam"),
+        (b'{"sentences": ["a"], "attention": "yes"}', 422, "attention"),
+        (b'{"sentences": ["a"], "temperature": 2}', 422, "temperature"),
+        (b'{"sentences": ["a", "b", "c", "d", "e"]}', 413, "at most 4 per request"),
+        (b'{"sentences": ["' + b"a" * 201 + b'"]}', 413, "201 characters"),
+        (b'{"sentences": ["' + b"a" * 2000 + b'"]}', 413, "at most 2000"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(client: TestClient, body: bytes, status: int, message: str) -> None:
+    answer = client.post("/translate", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+
+
+def test_health_and_page(client: TestClient, translator: Translator) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["attention"] is True
+    assert health["heads"] == translator.model.config.n_heads and health["limits"]["max_beam"] == 4
+    page = client.get("/")
+    assert page.status_code == 200 and '<canvas id="heatmap"' in page.text
+    assert "function draw()" in client.get("/static/app.js").text
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_answers(translator: Translator) -> None:
+    app = create_app(translator, Limits(batch_window_s=0.05))
+    sentences = SENTENCES * 2
+
+    async def send_all() -> list[dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            answers = await asyncio.gather(
+                *(client.post("/translate", json={"sentences": [s], "beam": 2}) for s in sentences)
+            )
+        return [answer.json() for answer in answers]
+
+    answers = asyncio.run(send_all())
+    assert [a["translations"][0]["translation"] for a in answers] == translator.translate(sentences, beam=2)
+    assert app.state.batcher.model_calls < len(sentences)  # batched, not one call per request
+    assert sum(app.state.batcher.batch_sizes) == len(sentences)
+
+
+def test_load_on_loopback_has_no_errors(translator: Translator) -> None:
+    with running_server(create_app(translator)) as url:
+        assert url.startswith("http://127.0.0.1:")
+        report = asyncio.run(load(url, SENTENCES, requests=40, concurrency=8, beam=2))
+    print(report.summary())
+    assert report.errors == 0 and len(report.latencies_ms) == 40
+    assert report.percentile(50) <= report.percentile(90) <= report.percentile(99)

@@ -1,0 +1,88 @@
+"""The attention viewer end to end: headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium) loads the page from a server on loopback, translates a sentence and draws a heatmap.
+
+Skipped only where no browser is installed outside CI; in CI (`CI` set) a missing browser is a failure,
+since .ci/run installs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transformer.serve import create_app, running_server
+from transformer.translate import Translator
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+# Non-white pixels inside the heatmap's cell area, counted by the page's own canvas.
+COUNT_INK = """
+const canvas = document.getElementById('heatmap');
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+let ink = 0;
+for (let i = 0; i < data.length; i += 4) {
+  if (data[i + 3] > 0 && (data[i] < 250 || data[i + 1] < 250 || data[i + 2] < 250)) ink++;
+}
+return [ink, canvas.width, canvas.height];
+"""
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = "headless Chromium needs the chromium and chromium-driver packages"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}, which .ci/run installs")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1100,1400")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_translates_and_draws_attention(run_dir: Path, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    translator = Translator.from_checkpoint(run_dir)
+    sentence = "Zwei Hunde spielen im Schnee."
+    expected = translator.translate([sentence], beam=2)[0]
+    with running_server(create_app(translator)) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: len(b.find_element(By.ID, "beam").find_elements(By.TAG_NAME, "option")) > 0)
+        source = browser.find_element(By.ID, "source")
+        source.clear()
+        source.send_keys(sentence)
+        Select(browser.find_element(By.ID, "beam")).select_by_value("2")
+        browser.find_element(By.ID, "translate").click()
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-drawn"))
+
+        # textContent, not the rendered text: the tiny model's translations may be mostly spaces.
+        shown = browser.find_element(By.ID, "translation").get_attribute("textContent")
+        assert shown == (expected or "(empty)")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#alternatives tbody tr")
+        assert len(rows) == 2
+        assert rows[0].find_elements(By.TAG_NAME, "td")[1].get_attribute("textContent") == expected
+        ink, width, height = browser.execute_script(COUNT_INK)
+        assert width > 100 and height > 100
+        assert ink > 0.05 * width * height, (ink, width, height)  # cells are drawn, not a blank canvas
+
+        # Another kind, layer and head: the drawing follows the selection.
+        Select(browser.find_element(By.ID, "kind")).select_by_value("encoder")
+        Select(browser.find_element(By.ID, "head")).select_by_value("mean")
+        drawn = browser.find_element(By.TAG_NAME, "body").get_attribute("data-drawn")
+        assert drawn == "encoder:0:mean"
+        assert browser.execute_script(COUNT_INK)[0] > 0
+        browser.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").stat().st_size > 10_000
