@@ -154,6 +154,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from transformer.report import main_log, run_report
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    run_report(Path(args.out), checkpoint, preset=args.preset, only=args.only, log=main_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", nargs="+", required=True, help="run directories or .safetensors files")
     p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("report", help="measure the paper's claims and write reports/seed-claims.md (+ HTML)")
+    p.add_argument("--checkpoint", help="trained run to study (default: runs/multi30k-de-en if present)")
+    p.add_argument("--out", default="reports", help="output directory (default: reports)")
+    p.add_argument("--only", nargs="+", metavar="KEY", help="run only these experiments (e.g. cost masking)")
+    p.add_argument(
+        "--preset", default="report", choices=("report", "tiny"), help="tiny: a seconds-long smoke run"
+    )
+    p.set_defaults(func=cmd_report)
     return parser
 
 
