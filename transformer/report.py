@@ -162,6 +162,8 @@ def run_report(
             result.seconds = time.monotonic() - begun
             results.append(result)
             log(f"[{time.monotonic() - started:6.0f} s] {key} done in {result.seconds:.0f} s")
+            for finding in result.findings:
+                log(f"    {finding}")
         translator = context.cache.get(f"translator:{preset}")
         header = {
             "command": command_for(only, out, given, preset),

@@ -193,13 +193,15 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         )
     )
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, points in memory.items():
+    for (name, points), style in zip(memory.items(), ("o-", "s-", "x--"), strict=True):
         ax.loglog(
             [n for n, _ in points],
             [b / 2**20 for _, b in points],
-            "o-",
+            style,
             label=f"{name} (slope {slopes[name]:.2f})",
         )
+    ax.set_xticks(memory_n, [str(n) for n in memory_n])
+    ax.minorticks_off()
     ax.set(title=f"peak memory of one layer, d={memory_d}", xlabel="sequence length n", ylabel="MiB")
     ax.legend(fontsize=8)
     result.figures.append(save_figure(fig, out_dir, "cost-memory.png"))

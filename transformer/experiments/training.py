@@ -35,7 +35,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "report": {
         "task": (29000, 300, 2000),
         "model": {"d_model": 128, "n_heads": 4, "d_ff": 512, "n_encoder_layers": 2, "n_decoder_layers": 2},
-        "recipe": Recipe(steps=300, max_tokens=1000, warmup=100, lr_factor=2.0, eval_every=20),
+        "recipe": Recipe(steps=200, max_tokens=800, warmup=60, lr_factor=0.5, eval_every=20),
     },
 }
 
@@ -103,7 +103,8 @@ def recipe_note(preset: str, task: Task) -> str:
     return (
         f"Short trainings on {task.description}; Transformer d_model={m['d_model']}, {m['n_heads']} heads, "
         f"d_ff={m['d_ff']}, {m['n_encoder_layers']}+{m['n_decoder_layers']} layers, {r.steps} Adam steps of "
-        f"{r.max_tokens} tokens, warm-up {r.warmup}, lr factor {r.lr_factor}, seed {r.seed}. BLEU is greedy "
+        f"{r.max_tokens} tokens, warm-up {r.warmup}, lr factor {r.lr_factor} (peak lr "
+        f"{r.lr_factor * m['d_model'] ** -0.5 * r.warmup**-0.5:.1e}), seed {r.seed}. BLEU is greedy "
         "on the test sentences listed. These are minutes of training, far from convergence: compare the "
         "variants with each other, not with published scores."
     )

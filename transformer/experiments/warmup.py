@@ -41,8 +41,8 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "report": {
         "model": {"d_model": 64, "n_heads": 4, "d_ff": 128, "n_encoder_layers": 4, "n_decoder_layers": 4},
-        "steps": 120,
-        "warmup": 40,
+        "steps": 100,
+        "warmup": 30,
         "max_tokens": 600,
         "seeds": [1, 2, 3],
         "peak_lr": 3e-3,
