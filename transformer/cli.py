@@ -187,6 +187,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from transformer.report import main_log, run_report
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    run_report(Path(args.out), checkpoint, preset=args.preset, only=args.only, log=main_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="marian", help="the target format (one so far: marian)")
     p.add_argument("--out", required=True, help="a new directory for the exported model")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="measure the paper's claims and write reports/seed-claims.md (+ HTML)")
+    p.add_argument("--checkpoint", help="trained run to study (default: runs/multi30k-de-en if present)")
+    p.add_argument("--out", default="reports", help="output directory (default: reports)")
+    p.add_argument("--only", nargs="+", metavar="KEY", help="run only these experiments (e.g. cost masking)")
+    p.add_argument(
+        "--preset", default="report", choices=("report", "tiny"), help="tiny: a seconds-long smoke run"
+    )
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,209 @@
+"""The experiments behind `transformer report`: each one's key claim, measured at tiny size, and the
+report command itself."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from transformer.cli import main
+from transformer.config import TransformerConfig
+from transformer.experiments import (
+    alignment,
+    cost,
+    heads,
+    masking,
+    paths,
+    positional,
+    projections,
+    scaling,
+    warmup,
+)
+from transformer.experiments.common import Table
+from transformer.experiments.training import remove_causal_mask, remove_scaling
+from transformer.model import MultiHeadAttention, Transformer
+from transformer.model.transformer import sinusoidal_table
+
+
+@pytest.mark.parametrize(("n", "d"), [(12, 16), (40, 8)])
+def test_flop_counts_match_torch_flop_counter(n: int, d: int) -> None:
+    x = torch.randn(1, n, d)
+    for module, expected in (
+        (MultiHeadAttention(d, 4, fused=False), cost.attention_flops(n, d)),
+        (nn.GRU(d, d, batch_first=True), cost.recurrent_flops(n, d)),
+    ):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(x)
+        assert counter.get_total_flops() == expected
+    assert cost.attention_flops(d, d) == cost.recurrent_flops(d, d)  # the predicted crossover is n = d
+
+
+def test_crossover_interpolates_in_log_space() -> None:
+    assert cost.crossover([10, 100], [1.0, 4.0], [2.0, 2.0]) == pytest.approx(10**1.5)
+    assert cost.crossover([10, 100], [1.0, 1.0], [2.0, 2.0]) is None
+
+
+def test_explicit_attention_memory_grows_with_the_square_of_n() -> None:
+    d = 32
+    explicit, fused = MultiHeadAttention(d, 8, fused=False).eval(), MultiHeadAttention(d, 8).eval()
+    peaks = {}
+    for n in (256, 512):
+        x = torch.randn(1, n, d)
+        with torch.no_grad():
+            peaks[n] = (cost.peak_memory(lambda x=x: explicit(x)), cost.peak_memory(lambda x=x: fused(x)))
+    weights = 8 * 512 * 512 * 4  # the (heads, n, n) float32 weights at n = 512
+    assert peaks[512][0] >= weights
+    assert peaks[512][1] < weights / 4
+    assert 3.5 < peaks[512][0] / peaks[256][0] < 4.5
+
+
+def test_recurrent_chain_grows_with_n_and_attention_chain_does_not() -> None:
+    d = 8
+    gru, attention = nn.GRU(d, d, batch_first=True), MultiHeadAttention(d, 2)
+    depth = {
+        n: (
+            paths.dependent_ops(gru, torch.randn(1, n, d))[0],
+            paths.dependent_ops(attention, torch.randn(1, n, d))[0],
+        )
+        for n in (4, 8, 16)
+    }
+    assert depth[16][0] - depth[8][0] == 2 * (depth[8][0] - depth[4][0]) > 0  # linear in n
+    assert depth[4][1] == depth[8][1] == depth[16][1] < depth[4][0]
+
+
+def test_recall_batch_puts_the_key_l_steps_from_both_ends() -> None:
+    src, tgt_in, tgt_out = paths.recall_batch(6, 5, torch.Generator().manual_seed(0))
+    assert src.shape == (6, 11) and tgt_in.shape == tgt_out.shape == (6, 1)
+    is_key = src >= paths.FIRST_KEY
+    assert is_key.sum(1).tolist() == [1] * 6 and is_key[:, 5].all()
+    assert torch.equal(tgt_out[:, 0], src[:, 5])
+
+
+def test_unscaled_dot_products_have_variance_d_k() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for d_k in (16, 64, 256):
+        assert abs(scaling.dot_product_variance(d_k, 4000, generator) / d_k - 1) < 0.1
+    raw = scaling.softmax_statistics(256, 32, False, generator)
+    scaled = scaling.softmax_statistics(256, 32, True, generator)
+    assert raw["max_weight"] > 0.8 > 0.3 > scaled["max_weight"]
+    assert raw["entropy"] < 0.5 * scaled["entropy"]
+
+
+def test_remove_scaling_gives_softmax_of_raw_dot_products() -> None:
+    torch.manual_seed(0)
+    module = MultiHeadAttention(16, 2)
+    x = torch.randn(1, 5, 16)
+    q = module.w_q(x).view(1, 5, 2, 8).transpose(1, 2)
+    k = module.w_k(x).view(1, 5, 2, 8).transpose(1, 2)
+    remove_scaling(module)
+    _, weights = module(x, need_weights=True)
+    torch.testing.assert_close(weights, torch.softmax(q @ k.transpose(-2, -1), dim=-1))
+
+
+def test_diagonal_dominates_without_projections() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 64)
+    without = projections.diagonal_mass(projections.identity_attention(x))
+    with_projections = projections.diagonal_mass(
+        projections.projected_attention(projections.random_projections(64, 4), x)
+    )
+    assert without > 0.9
+    assert with_projections < 3 / 16  # near uniform (1/16)
+
+
+def test_encoder_is_permutation_equivariant_only_without_positions() -> None:
+    torch.manual_seed(0)
+    src = torch.randint(4, 50, (2, 9))
+    permutation = torch.randperm(9)
+    errors = {}
+    for kind in ("none", "sinusoidal"):
+        model = Transformer(TransformerConfig(**{**TINY.__dict__, "positional": kind})).eval()
+        errors[kind] = positional.permutation_error(model, src, permutation)
+    assert errors["none"] < 1e-5
+    assert errors["sinusoidal"] > 1e-2
+
+
+def test_sinusoidal_similarity_depends_on_offset_only() -> None:
+    similarity = positional.offset_similarity(sinusoidal_table(64, 32), [0, 10, 30], 20)
+    for start in (10, 30):
+        assert similarity[start] == pytest.approx(similarity[0], abs=1e-4)
+    assert similarity[0][0] == pytest.approx(16.0)  # sin² + cos² over d_model/2 pairs
+
+
+def test_js_divergence_and_head_diversity() -> None:
+    p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert float(heads.js_divergence(p, q)) == pytest.approx(math.log(2))
+    assert float(heads.js_divergence(p, p)) == 0.0
+    same = torch.softmax(torch.randn(2, 1, 5, 5), -1).expand(2, 3, 5, 5)
+    assert heads.head_diversity(same, torch.ones(2, 5, dtype=torch.bool)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_masked_future_weights_are_exactly_zero() -> None:
+    check = masking.mask_check(8, 16)
+    assert check["max_future_weight"] == 0.0
+    assert check["max_row_sum_error"] < 1e-6
+    assert check["max_prefix_softmax_error"] < 1e-6
+
+
+def test_without_causal_mask_earlier_outputs_see_later_tokens() -> None:
+    torch.manual_seed(0)
+    model = Transformer(TINY).eval()
+    src, tgt = torch.randint(4, 50, (1, 6)), torch.randint(4, 60, (1, 5))
+    changed = tgt.clone()
+    changed[0, -1] = (tgt[0, -1] + 1 - 4) % 56 + 4  # a different last token
+    with torch.no_grad():
+        masked_delta = (model(src, tgt) - model(src, changed))[0, :-1].abs().max()
+        remove_causal_mask(model)
+        unmasked_delta = (model(src, tgt) - model(src, changed))[0, :-1].abs().max()
+    assert masked_delta == 0.0
+    assert unmasked_delta > 1e-3
+
+
+@pytest.mark.parametrize(("d_model", "warmup_steps"), [(512, 4000), (256, 100), (1024, 8000)])
+def test_warmup_schedule_peaks_at_warmup(d_model: int, warmup_steps: int) -> None:
+    step, lr = warmup.schedule_peak(d_model, warmup_steps, 3 * warmup_steps)
+    assert step == warmup_steps
+    assert lr == pytest.approx(d_model**-0.5 * warmup_steps**-0.5)
+
+
+def test_unigram_entropy() -> None:
+    assert warmup.unigram_entropy([[5, 6], [5]]) == pytest.approx(
+        -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+    )
+
+
+def test_diagonal_correlation() -> None:
+    assert alignment.diagonal_correlation(torch.eye(6), 6, 6) == pytest.approx(1.0)
+    assert alignment.diagonal_correlation(torch.eye(6).flip(0), 6, 6) == pytest.approx(-1.0)
+
+
+def test_table_escapes_pipes() -> None:
+    assert Table(["|x|"], [[1.5], ["a|b"]]).markdown().splitlines() == [
+        "| \\|x\\| |",
+        "|---|",
+        "| 1.5 |",
+        "| a\\|b |",
+    ]
+
+
+def test_report_command_writes_markdown_html_and_figures(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out)]
+    assert main([*args, "--only", "projections", "alignment"]) == 0
+    markdown = (out / "seed-claims-projections-alignment.md").read_text()
+    assert "transformer report --only projections" in markdown and "![" in markdown
+    assert "<table>" in (out / "seed-claims-projections-alignment.html").read_text()
+    assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".partial-*"))
+
+
+def test_report_command_refuses_unknown_experiments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", "--only", "nonsense", "--out", str(tmp_path / "r")]) != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,110 @@
+"""Short trainings on the small Multi30k task, shared by the experiments that compare model variants.
+
+The variants differ from one baseline in one respect each (no positional encoding, no causal mask, no
+√d_k scaling, 1 or 8 heads), and are trained with the same data order, steps and schedule; each is trained
+once per report and cached in the context. Model changes that the config does not offer (no mask, no
+scaling) are made with hooks on an unchanged model, so the model code stays the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor, nn
+
+from transformer.experiments.common import (
+    Context,
+    Recipe,
+    Task,
+    TrainedModel,
+    pick,
+    seeded,
+    small_transformer,
+    train_model,
+    translation_task,
+)
+from transformer.model import MultiHeadAttention, Transformer
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "task": (400, 40, 400),  # training pairs, test pairs, vocabulary size
+        "model": {"d_model": 32, "n_heads": 4, "d_ff": 64, "n_encoder_layers": 1, "n_decoder_layers": 1},
+        "recipe": Recipe(steps=40, max_tokens=800, warmup=20, lr_factor=2.0, eval_every=10),
+    },
+    "report": {
+        "task": (29000, 300, 2000),
+        "model": {"d_model": 128, "n_heads": 4, "d_ff": 512, "n_encoder_layers": 2, "n_decoder_layers": 2},
+        "recipe": Recipe(steps=200, max_tokens=800, warmup=60, lr_factor=0.5, eval_every=20),
+    },
+}
+
+
+def remove_causal_mask(model: Transformer) -> Transformer:
+    """Let every decoder self-attention see the whole target (future tokens included)."""
+
+    def drop_mask(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "mask": None}
+
+    for block in model.decoder.layers:
+        block.self_attn.register_forward_pre_hook(drop_mask, with_kwargs=True)
+    return model
+
+
+def remove_scaling(model: nn.Module) -> nn.Module:
+    """Attention logits q·k instead of q·k/√d_k: the queries are multiplied by √d_k on their way in,
+    which is the same function of the same parameters, on the fused path as on the explicit one."""
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            factor = math.sqrt(module.d_k)
+
+            def scale_up(
+                _linear: nn.Module, _inputs: tuple, output: Tensor, factor: float = factor
+            ) -> Tensor:
+                return output * factor
+
+            module.w_q.register_forward_hook(scale_up)
+    return model
+
+
+CHANGES = {"no-mask": remove_causal_mask, "unscaled": remove_scaling}
+
+
+def task_for(context: Context, preset: str) -> Task:
+    n_train, n_test, vocab = pick(preset, SIZES)["task"]
+    return translation_task(context, n_train, n_test, vocab)
+
+
+def variant(
+    context: Context, preset: str, name: str, change: str | None = None, **config_changes: Any
+) -> tuple[TrainedModel, Task]:
+    """Train (once per context) the baseline with `config_changes` and an optional hook `change`."""
+    size = pick(preset, SIZES)
+    task = task_for(context, preset)
+
+    def make() -> TrainedModel:
+        seeded(size["recipe"].seed)
+        config = small_transformer(task, size["model"], **config_changes)
+        model = Transformer(config)
+        if change is not None:
+            CHANGES[change](model)
+        return train_model(model, task.train, size["recipe"], config.d_model)
+
+    return context.memo(f"variant:{preset}:{name}", make), task
+
+
+def baseline(context: Context, preset: str) -> tuple[TrainedModel, Task]:
+    return variant(context, preset, "baseline")
+
+
+def recipe_note(preset: str, task: Task) -> str:
+    size = pick(preset, SIZES)
+    m, r = size["model"], size["recipe"]
+    return (
+        f"Short trainings on {task.description}; Transformer d_model={m['d_model']}, {m['n_heads']} heads, "
+        f"d_ff={m['d_ff']}, {m['n_encoder_layers']}+{m['n_decoder_layers']} layers, {r.steps} Adam steps of "
+        f"{r.max_tokens} tokens, warm-up {r.warmup}, lr factor {r.lr_factor} (peak lr "
+        f"{r.lr_factor * m['d_model'] ** -0.5 * r.warmup**-0.5:.1e}), seed {r.seed}. BLEU is greedy "
+        "on the test sentences listed. These are minutes of training, far from convergence: compare the "
+        "variants with each other, not with published scores."
+    )
