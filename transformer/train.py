@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.model import build_model
 from transformer.optim import build_optimizer
+from transformer.precision import MixedPrecision, maybe_compile
 from transformer.runtime import configure_torch
 from transformer.search import SearchConfig
 from transformer.translate import translate_ids
@@ -203,6 +204,7 @@ def train(
     """Train a model into `run_dir` and return the final results (validation and test scores)."""
     started = time.monotonic()
     configure_torch(tc.threads)
+    mixed = MixedPrecision(tc.precision)  # refuses fp16 on CPU before anything is written
     # Read the data first: a bad corpus stops the run before anything is written.
     train_pairs, valid_pairs = (
         read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
@@ -317,7 +319,7 @@ def train(
         save("last")
         return bool(tc.patience and state["stale_evals"] >= tc.patience)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    forward = maybe_compile(model, tc.compile)  # shares model's parameters; `model` is what is saved
     with _stop_on_signals() as stop_signal:  # Ctrl-C or SIGTERM: save `last` after this step, then exit
         model.train()
         stop = False
@@ -346,10 +348,10 @@ def train(
                 collated = [collate([(train_data.src[i], train_data.tgt[i]) for i in ids]) for ids in group]
                 n_tokens = sum(b.n_tgt_tokens for b in collated)
                 for batch in collated:
-                    with autocast:
-                        logits = model(batch.src, batch.tgt_in)
+                    with mixed.autocast():
+                        logits = forward(batch.src, batch.tgt_in)
                     loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
-                    (loss / n_tokens).backward()
+                    mixed.backward(loss / n_tokens)
                     loss_sum += float(loss.detach())
                     step_tokens += batch.n_tgt_tokens
                     window["pad"] += batch.padding_fraction
@@ -367,9 +369,7 @@ def train(
                         )
                     continue
                 state["bad_steps"] = 0
-                if tc.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
-                optimizer.step()
+                mixed.step(optimizer, model, tc.clip_norm)
                 scheduler.step()
                 state["step"] += 1
                 window["loss"] += loss_sum
