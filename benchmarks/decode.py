@@ -97,6 +97,7 @@ def main() -> None:
             s = common.median(ts)
             rows[label] = {
                 "seconds": round(s, 3),
+                "all_s": [round(t, 3) for t in ts],
                 "sentences_per_s": round(args.batch / s, 1),
                 "tokens_per_s": round(args.batch * args.new_tokens / s),
             }
@@ -108,7 +109,7 @@ def main() -> None:
             f"**{name}** (batch {args.batch} × {args.src_len}-token sources, {args.new_tokens} tokens "
             f"generated):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
         )
-    common.report("Decoding", result, "\n\n".join(body))
+    common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
 
 
 def _ratios(rows: dict[str, dict], beams: list[int]) -> dict[str, float]:

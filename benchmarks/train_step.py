@@ -77,6 +77,7 @@ def measure(config_name: str, variants: list[str], shape: tuple[int, int, int], 
         s = common.median(ts)
         rows[variant] = {
             "s_per_step": round(s, 3),
+            "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
             "tgt_tokens_per_s": round(batch * tgt_len / s),
             "gflops": round(common.gflops(flops, s), 1),
         }
@@ -161,7 +162,7 @@ def main() -> None:
             "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
         )
     header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s."
-    common.report("Training step", result, header + "\n\n" + "\n\n".join(body))
+    common.report(f"Training step: {', '.join(args.configs)}", result, header + "\n\n" + "\n\n".join(body))
 
 
 def _markdown(name: str, shape: tuple[int, int, int], rows: dict, compile_s: float | None) -> str:
