@@ -60,6 +60,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": hf,
         "python": platform.python_version(),
         "glibc_tunables": bool(os.environ.get("GLIBC_TUNABLES")),
+        "load_average": round(os.getloadavg()[0], 1),  # other work on the machine when the run started
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
@@ -155,7 +156,8 @@ def update_results(title: str, command: str, body: str, machine: dict[str, Any])
         f"## {title}\n\n`{command}` — {machine['date']}; {machine['cpu']}, {machine['logical_cores']} "
         f"logical cores ({flags}), torch {machine['torch']} with {machine['torch_threads']} threads, "
         f"transformers {machine['transformers']}, GLIBC_TUNABLES "
-        f"{'set' if machine['glibc_tunables'] else 'unset'}.\n\n{body.strip()}\n"
+        f"{'set' if machine['glibc_tunables'] else 'unset'}, load average {machine['load_average']} at the "
+        f"start.\n\n{body.strip()}\n"
     )
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n" + _PREAMBLE
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
