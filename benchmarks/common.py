@@ -95,6 +95,15 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
+    """How many times faster `fast` ran than `slow`: the median over rounds of slow_i / fast_i.
+
+    Both ran in the same rounds of `time_interleaved`, a moment apart, so each round's ratio cancels the
+    load the machine had then; on a busy machine this is steadier than a ratio of the two medians.
+    """
+    return round(statistics.median(s / f for f, s in zip(fast, slow, strict=True)), 3)
+
+
 def _proc_status_mb(field: str) -> float | None:
     """VmRSS (now) or VmHWM (peak) from /proc/self/status, in MB; None off Linux."""
     try:

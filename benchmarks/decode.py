@@ -101,7 +101,7 @@ def main() -> None:
                 "sentences_per_s": round(args.batch / s, 1),
                 "tokens_per_s": round(args.batch * args.new_tokens / s),
             }
-        ratios = _ratios(rows, args.beams)
+        ratios = _ratios(times, args.beams)
         result[name] = {"rows": rows, "ratios": ratios}
         table = [{"search": label, **row} for label, row in rows.items()]
         ratio_lines = "\n".join(f"- {k}: **{v}×**" for k, v in ratios.items())
@@ -112,17 +112,16 @@ def main() -> None:
     common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
 
 
-def _ratios(rows: dict[str, dict], beams: list[int]) -> dict[str, float]:
-    """Speed-ups of our cached search over the other searches of the same kind."""
+def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]:
+    """Speed-ups of our cached search over the other searches of the same kind (paired per round)."""
     out = {}
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
-        ours = rows[f"ours {kind}, cached"]["seconds"]
+        ours = times[f"ours {kind}, cached"]
         for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, separate QKV"):
-            if other in rows:
-                out[f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"] = round(
-                    rows[other]["seconds"] / ours, 3
-                )
+            if other in times:
+                label = f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"
+                out[label] = common.paired_speedup(ours, times[other])
     return out
 
 

@@ -84,6 +84,9 @@ def measure(config_name: str, variants: list[str], shape: tuple[int, int, int], 
         if memory:
             args = ["--memory-of", variant, "--configs", config_name, "--shape", *map(str, shape)]
             rows[variant]["memory"] = common.memory_in_child(__file__, args)
+        for peer in ("nn.Transformer", "MarianMTModel", "ours"):
+            if peer in times:
+                rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
     return rows, compile_s
 
 
@@ -148,9 +151,6 @@ def main() -> None:
         peak = result["fp32_matmul_peak_gflops"]
         for row in rows.values():
             row["fraction_of_fp32_peak"] = round(row["gflops"] / peak, 3)
-            for peer in ("nn.Transformer", "MarianMTModel", "ours"):
-                if peer in rows:
-                    row[f"vs_{peer}"] = round(rows[peer]["s_per_step"] / row["s_per_step"], 3)
         result[name] = {"batch_src_tgt": shape, "variants": rows, "compile_seconds": compile_s}
         body.append(_markdown(name, shape, rows, compile_s))
     if args.json:
@@ -183,7 +183,8 @@ def _markdown(name: str, shape: tuple[int, int, int], rows: dict, compile_s: flo
     note = f" torch.compile took {compile_s} s to compile." if compile_s else ""
     return (
         f"**{name}** (batch {shape[0]}, source {shape[1]} + EOS, target {shape[2]} tokens, vocabulary "
-        f"{peers.VOCAB}, dropout 0.1):{note}\n\n" + common.markdown_table(table)
+        f"{peers.VOCAB}, dropout 0.1); × columns: median over rounds of the per-round speed-up.{note}\n\n"
+        + common.markdown_table(table)
     )
 
 

@@ -19,6 +19,12 @@ def test_time_interleaved_runs_variants_in_turn() -> None:
     assert [len(t) for t in times.values()] == [2, 2] and all(t >= 0 for t in times["a"])
 
 
+def test_paired_speedup_takes_the_median_of_per_round_ratios() -> None:
+    # Round 3 was slow for both (machine load): the per-round ratios are 2, 2 and 1.25.
+    assert common.paired_speedup([1.0, 2.0, 8.0], [2.0, 4.0, 10.0]) == 2.0
+    assert common.paired_speedup([3.0], [1.0]) == pytest.approx(1 / 3, abs=1e-3)
+
+
 def test_peak_rss_growth_sees_a_large_allocation() -> None:
     grown = common.peak_rss_growth_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB, touched
     assert grown["growth_mb"] > 40
