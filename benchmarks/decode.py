@@ -61,8 +61,8 @@ def searches(
     c = peers.config_for(config_name)
     src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
     ours = peers.ours(c).eval()
-    separate = peers.ours(c, fuse_qkv=False).eval()
-    separate.load_state_dict(ours.state_dict())
+    fused = peers.ours(c, fuse_qkv=True).eval()
+    fused.load_state_dict(ours.state_dict())
     marian = peers.marian(c)
     runs = {}
     for beam in beams:
@@ -70,7 +70,7 @@ def searches(
         runs[f"ours {kind}, cached"] = our_search(ours, src, beam, new_tokens, cached=True)
         if beam == 1 or uncached_beam:
             runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
-        runs[f"ours {kind}, cached, separate QKV"] = our_search(separate, src, beam, new_tokens, cached=True)
+        runs[f"ours {kind}, cached, fused QKV"] = our_search(fused, src, beam, new_tokens, cached=True)
         if marian is not None:
             runs[f"Marian {kind}"] = marian_search(marian.eval(), src, beam, new_tokens)
     return runs
@@ -118,7 +118,7 @@ def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
         ours = times[f"ours {kind}, cached"]
-        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, separate QKV"):
+        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, fused QKV"):
             if other in times:
                 label = f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"
                 out[label] = common.paired_speedup(ours, times[other])

@@ -89,8 +89,8 @@ class MarianLogits(nn.Module):
         return self.model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt).logits
 
 
-def ours(c: TransformerConfig, *, fuse_qkv: bool = True, torch_dropout: bool = False) -> Transformer:
-    """Our model; optionally with the self-attention projections run separately, or with nn.Dropout
+def ours(c: TransformerConfig, *, fuse_qkv: bool = False, torch_dropout: bool = False) -> Transformer:
+    """Our model; optionally with the self-attention projections fused into one matmul, or with nn.Dropout
     instead of our cheaper mask (to measure those two choices)."""
     model = Transformer(c)
     for module in list(model.modules()):

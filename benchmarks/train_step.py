@@ -6,7 +6,7 @@
 
 Every model gets the same embeddings (×√d_model, sinusoidal positions), tied output projection,
 label-smoothed loss and Adam (benchmarks/peers.py). Variants of ours measure our speed choices: the
-self-attention projections run separately instead of fused, nn.Dropout instead of our cheaper mask, bf16
+self-attention projections fused into one matmul, nn.Dropout instead of our cheaper mask, bf16
 autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). The
 variants take a step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant
 in a fresh child process. Prints JSON and updates benchmarks/RESULTS.md.
@@ -42,8 +42,8 @@ def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool] | None
     if variant == "MarianMTModel":
         model = peers.marian(c)
         return (peers.MarianLogits(model), False) if model is not None else None
-    if variant == "ours, separate QKV":
-        return peers.ours(c, fuse_qkv=False), False
+    if variant == "ours, fused QKV":
+        return peers.ours(c, fuse_qkv=True), False
     if variant == "ours, nn.Dropout":
         return peers.ours(c, torch_dropout=True), False
     if variant == "ours, torch.compile":
@@ -141,7 +141,7 @@ def main() -> None:
             "ours",
             "nn.Transformer",
             "MarianMTModel",
-            "ours, separate QKV",
+            "ours, fused QKV",
             *(["ours, nn.Dropout"] if name == "small" else []),
             *(["ours, bf16 autocast"] if bf16 else []),
             *(["ours, torch.compile"] if args.compile else []),
