@@ -1,13 +1,15 @@
-"""Training-step speed: ours against torch.nn.Transformer at the same size, measured in one process.
+"""Training speed and memory: ours against torch.nn.Transformer and MarianMTModel, measured in one process.
 
-    python benchmarks/train_step.py                 # small config (d 256, 3+3), fp32, 2 threads
-    python benchmarks/train_step.py --allocator     # the same, run twice: with and without GLIBC_TUNABLES
+    python benchmarks/train_step.py                       # small (d 256, 3+3) and base (d 512, 6+6), fp32
+    python benchmarks/train_step.py --configs small --compile   # adds ours under torch.compile
+    python benchmarks/train_step.py --allocator           # ours, with and without GLIBC_TUNABLES
 
-A third variant is ours with torch's nn.Dropout, to measure our cheaper dropout mask. All get the same
-embeddings (×√d_model, sinusoidal positions), tied output projection,
-label-smoothed cross-entropy and Adam; the variants are timed in turn, step after step, so that machine
-noise hits them alike. Prints JSON: median seconds per step, target tokens/s, achieved GFLOP/s and the
-fraction of the machine's fp32 matmul peak (measured here too), and ratios against nn.Transformer.
+Every model gets the same embeddings (×√d_model, sinusoidal positions), tied output projection,
+label-smoothed loss and Adam (benchmarks/peers.py). Variants of ours measure our speed choices: the
+self-attention projections fused into one matmul, nn.Dropout instead of our cheaper mask, bf16
+autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). The
+variants take a step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant
+in a fresh child process. Prints JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,151 +17,175 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from transformer import Transformer, TransformerConfig
-from transformer.model.dropout import Dropout
-from transformer.model.transformer import sinusoidal_table
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common, peers
 from transformer.runtime import ALLOCATOR_TUNABLES
 
-
-class TorchPeer(nn.Module):
-    """nn.Transformer with the embeddings and output layer a translation model needs."""
-
-    def __init__(self, c: TransformerConfig) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(c.src_vocab_size, c.d_model)
-        self.core = nn.Transformer(
-            c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff, c.dropout, batch_first=True
-        )
-        self.register_buffer("pe", sinusoidal_table(c.max_len, c.d_model))
-        self.scale = c.d_model**0.5
-        self.causal = None
-
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        x = self.embed(src) * self.scale + self.pe[: src.size(1)]
-        y = self.embed(tgt) * self.scale + self.pe[: tgt.size(1)]
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
-        hidden = self.core(
-            x, y, tgt_mask=causal, src_key_padding_mask=src == 0, memory_key_padding_mask=src == 0
-        )
-        return hidden @ self.embed.weight.t()
+# Default batches: about our trainer's token budget for small, and what fits a few-minute run for base.
+SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def with_torch_dropout(model: nn.Module) -> nn.Module:
-    """Our model with torch's per-element Bernoulli dropout in place of our cheaper mask."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Dropout):
-                setattr(module, name, nn.Dropout(child.p))
-    return model
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: int) -> float:
-    """Matmul FLOPs of one forward+backward (3× forward): projections, FFN, attention scores, vocabulary."""
-    d, f = c.d_model, c.d_ff
-    enc_tok = batch * src_len * c.n_encoder_layers * (4 * d * d + 2 * d * f) * 2
-    dec_tok = batch * tgt_len * c.n_decoder_layers * (8 * d * d + 2 * d * f) * 2
-    attn = (
-        batch * c.n_encoder_layers * 4 * src_len**2 * d
-        + batch * c.n_decoder_layers * 4 * tgt_len * (tgt_len + src_len) * d
-    )
-    vocab = batch * tgt_len * d * c.tgt_vocab_size * 2
-    return 3 * (enc_tok + dec_tok + attn + vocab)
-
-
-def measure(steps: int, batch: int, src_len: int, tgt_len: int) -> dict:
+def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool] | None:
+    """The model of a variant and whether it runs under bf16 autocast; None if it cannot be built here."""
+    c = peers.config_for(config_name)
     torch.manual_seed(0)
-    config = TransformerConfig.preset("small", src_vocab_size=8000, tgt_vocab_size=8000)
-    src = torch.randint(4, 8000, (batch, src_len))
-    tgt = torch.randint(4, 8000, (batch, tgt_len + 1))
-    models = {
-        "ours": Transformer(config),
-        "ours with nn.Dropout": with_torch_dropout(Transformer(config)),
-        "nn.Transformer": TorchPeer(config),
-    }
-    optimizers = {
-        k: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9) for k, m in models.items()
-    }
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(steps + 2):
-        for name, model in models.items():
-            start = time.perf_counter()
-            optimizers[name].zero_grad(set_to_none=True)
-            logits = model(src, tgt[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), label_smoothing=0.1)
-            loss.backward()
-            optimizers[name].step()
-            if i >= 2:  # the first steps allocate and warm caches
-                times[name].append(time.perf_counter() - start)
-    peak = matmul_peak()
-    flops = step_flops(config, batch, src_len, tgt_len)
-    result = {
-        "config": "small d256 3+3, vocab 8000, fp32",
-        "batch": [batch, src_len, tgt_len],
-        "threads": torch.get_num_threads(),
-        "matmul_peak_gflops": round(peak, 1),
-        "glibc_tunables": bool(os.environ.get("GLIBC_TUNABLES")),
-    }
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        result[name] = {
-            "s_per_step": round(median, 3),
-            "tgt_tokens_per_s": round(batch * tgt_len / median),
-            "gflops": round(flops / median / 1e9, 1),
-            "fraction_of_peak": round(flops / median / 1e9 / peak, 3),
+    if variant == "nn.Transformer":
+        return peers.TorchPeer(c), False
+    if variant == "MarianMTModel":
+        model = peers.marian(c)
+        return (peers.MarianLogits(model), False) if model is not None else None
+    if variant == "ours, fused QKV":
+        return peers.ours(c, fuse_qkv=True), False
+    if variant == "ours, nn.Dropout":
+        return peers.ours(c, torch_dropout=True), False
+    if variant == "ours, torch.compile":
+        return torch.compile(peers.ours(c)), False
+    return peers.ours(c), variant == "ours, bf16 autocast"
+
+
+def steps_for(variants: list[str], config_name: str, shape: tuple[int, int, int]) -> dict[str, Callable]:
+    src, tgt = peers.random_batch(*shape)
+    steps = {}
+    for variant in variants:
+        built = build(variant, config_name)
+        if built is not None:
+            steps[variant] = peers.training_step(built[0], src, tgt, bf16=built[1])
+    return steps
+
+
+def measure(config_name: str, variants: list[str], shape: tuple[int, int, int], repeats: int, memory: bool):
+    steps = steps_for(variants, config_name, shape)
+    warmup = 2 if "ours, torch.compile" in steps else 1
+    compile_s = None
+    if "ours, torch.compile" in steps:
+        start = time.perf_counter()
+        steps["ours, torch.compile"]()
+        compile_s = round(time.perf_counter() - start, 1)
+    times = common.time_interleaved(steps, repeats, warmup)
+    flops = peers.step_flops(peers.config_for(config_name), *shape)
+    batch, _, tgt_len = shape
+    rows = {}
+    for variant, ts in times.items():
+        s = common.median(ts)
+        rows[variant] = {
+            "s_per_step": round(s, 3),
+            "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
+            "tgt_tokens_per_s": round(batch * tgt_len / s),
+            "gflops": round(common.gflops(flops, s), 1),
         }
-    result["ours_vs_nn.Transformer"] = round(
-        result["nn.Transformer"]["s_per_step"] / result["ours"]["s_per_step"], 3
-    )
-    result["our_dropout_speed_up"] = round(
-        result["ours with nn.Dropout"]["s_per_step"] / result["ours"]["s_per_step"], 3
-    )
-    return result
+        if memory:
+            args = ["--memory-of", variant, "--configs", config_name, "--shape", *map(str, shape)]
+            rows[variant]["memory"] = common.memory_in_child(__file__, args)
+        for peer in ("nn.Transformer", "MarianMTModel", "ours"):
+            if peer in times:
+                rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
+    return rows, compile_s
+
+
+def memory_of(variant: str, config_name: str, shape: tuple[int, int, int]) -> None:
+    """Child-process mode: peak memory of two training steps of one variant, printed as JSON."""
+    step = steps_for([variant], config_name, shape)[variant]
+    print(json.dumps(common.peak_rss_growth_mb(lambda: (step(), step()))))
+
+
+def allocator_comparison(args: argparse.Namespace) -> None:
+    """Run ours twice in child processes, with and without GLIBC_TUNABLES (glibc reads it at start-up)."""
+    runs = {}
+    for label, tunables in (("default allocator", None), ("GLIBC_TUNABLES", ALLOCATOR_TUNABLES)):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        argv = [sys.executable, __file__, "--configs", "small", "--variants", "ours", "--no-memory", "--json"]
+        argv += ["--repeats", str(args.repeats)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+        runs[label] = json.loads(done.stdout)["small"]["variants"]["ours"]["s_per_step"]
+    runs["speed-up"] = round(runs["default allocator"] / runs["GLIBC_TUNABLES"], 3)
+    print(json.dumps(runs, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=180)
-    parser.add_argument("--src-len", type=int, default=24)
-    parser.add_argument("--tgt-len", type=int, default=22)
-    parser.add_argument("--allocator", action="store_true", help="run with and without GLIBC_TUNABLES")
+    parser.add_argument("--configs", nargs="+", default=["small", "base"], choices=["small", "base"])
+    parser.add_argument("--variants", nargs="+", help="default: all that apply")
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("BATCH", "SRC_LEN", "TGT_LEN"))
+    parser.add_argument("--bf16", action="store_true", help="measure bf16 autocast even without bf16 CPU")
+    parser.add_argument("--compile", action="store_true", help="add ours under torch.compile (slow start)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help="print JSON only; leave RESULTS.md alone")
+    parser.add_argument("--allocator", action="store_true", help="ours with and without GLIBC_TUNABLES")
     args = parser.parse_args()
     if args.allocator:
-        runs = {}
-        for label, tunables in (("default allocator", None), ("GLIBC_TUNABLES", ALLOCATOR_TUNABLES)):
-            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-            if tunables:
-                env["GLIBC_TUNABLES"] = tunables
-            argv = [sys.executable, __file__, "--steps", str(args.steps), "--batch", str(args.batch)]
-            runs[label] = json.loads(
-                subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-            )
-        runs["speed-up of ours"] = round(
-            runs["default allocator"]["ours"]["s_per_step"] / runs["GLIBC_TUNABLES"]["ours"]["s_per_step"], 3
-        )
-        print(json.dumps(runs, indent=2))
+        allocator_comparison(args)
         return
-    print(json.dumps(measure(args.steps, args.batch, args.src_len, args.tgt_len), indent=2))
+    if args.memory_of:
+        memory_of(args.memory_of, args.configs[0], tuple(args.shape))
+        return
+
+    bf16 = args.bf16 or common.has_native_bf16()
+    result = {"machine": common.machine_info(), "fp32_matmul_peak_gflops": common.matmul_peak_gflops()}
+    if bf16:
+        result["bf16_matmul_peak_gflops"] = common.matmul_peak_gflops(torch.bfloat16)
+    body = []
+    for name in args.configs:
+        variants = args.variants or [
+            "ours",
+            "nn.Transformer",
+            "MarianMTModel",
+            "ours, fused QKV",
+            *(["ours, nn.Dropout"] if name == "small" else []),
+            *(["ours, bf16 autocast"] if bf16 else []),
+            *(["ours, torch.compile"] if args.compile else []),
+        ]
+        shape = tuple(args.shape) if args.shape else SHAPES[name]
+        rows, compile_s = measure(name, variants, shape, args.repeats, args.memory)
+        peak = result["fp32_matmul_peak_gflops"]
+        for row in rows.values():
+            row["fraction_of_fp32_peak"] = round(row["gflops"] / peak, 3)
+        result[name] = {"batch_src_tgt": shape, "variants": rows, "compile_seconds": compile_s}
+        body.append(_markdown(name, shape, rows, compile_s))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    if not bf16:
+        body.append(
+            "bf16 autocast not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), "
+            "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
+        )
+    header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s."
+    common.report(f"Training step: {', '.join(args.configs)}", result, header + "\n\n" + "\n\n".join(body))
+
+
+def _markdown(name: str, shape: tuple[int, int, int], rows: dict, compile_s: float | None) -> str:
+    table = []
+    for variant, row in rows.items():
+        entry = {
+            "model": variant,
+            "s/step": row["s_per_step"],
+            "target tok/s": row["tgt_tokens_per_s"],
+            "GFLOP/s": row["gflops"],
+            "of fp32 peak": row["fraction_of_fp32_peak"],
+            "× nn.Transformer": row.get("vs_nn.Transformer", "–"),
+            "× Marian": row.get("vs_MarianMTModel", "–"),
+        }
+        if "memory" in row:
+            entry["memory growth, 2 steps (MB)"] = row["memory"]["growth_mb"]
+        table.append(entry)
+    note = f" torch.compile took {compile_s} s to compile." if compile_s else ""
+    return (
+        f"**{name}** (batch {shape[0]}, source {shape[1]} + EOS, target {shape[2]} tokens, vocabulary "
+        f"{peers.VOCAB}, dropout 0.1); × columns: median over rounds of the per-round speed-up.{note}\n\n"
+        + common.markdown_table(table)
+    )
 
 
 if __name__ == "__main__":

@@ -135,3 +135,23 @@ def test_cache_appends_and_reorders() -> None:
     cache.reorder(torch.tensor([2, 2, 0]))
     k, _ = cache.self_kv[0]
     assert torch.equal(k[0], k[1]) and not torch.equal(k[0], k[2])
+
+
+def test_fused_qkv_projection_equals_separate_projections() -> None:
+    """One matmul with W_Q, W_K, W_V stacked gives the three projections' outputs and their gradients."""
+    torch.manual_seed(5)
+    mha = MultiHeadAttention(16, 4)
+    randomise(mha)
+    x = torch.randn(3, 7, 16)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    results = []
+    for fuse in (True, False):
+        mha.fuse_qkv = fuse
+        mha.zero_grad()
+        out, _ = mha(x, mask=causal)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in mha.parameters()]))
+    (fused, fused_grads), (separate, separate_grads) = results
+    assert torch.allclose(fused, separate, atol=1e-6)
+    for a, b in zip(fused_grads, separate_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

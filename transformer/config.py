@@ -236,7 +236,8 @@ class TrainConfig:
     beam: int = 4
     length_penalty: float = 0.6
     valid_beam: int = 1  # validation BLEU during training decodes greedily, for speed
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 (with loss scaling) on CUDA only
+    compile: bool = False  # torch.compile the model for training (minutes of compiling first)
     seed: int = 1
     threads: int = 0  # torch intra-op threads; 0: torch's default
     log_every: int = 20

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.model import build_model
 from transformer.optim import build_optimizer
+from transformer.precision import MixedPrecision, maybe_compile
 from transformer.runtime import configure_torch
 from transformer.search import SearchConfig
 from transformer.translate import translate_ids
@@ -212,6 +213,17 @@ def _stop_on_signals() -> Iterator[list[str]]:
             signal.signal(sig, handler)
 
 
+def _non_finite(loss_sum: float, model: nn.Module, mixed: MixedPrecision) -> str | None:
+    """Why this step must be skipped, or None. Under fp16 loss scaling an overflowing gradient is routine,
+    and GradScaler skips that step and lowers its scale itself, so only the loss is judged then."""
+    if not math.isfinite(loss_sum):
+        return "non-finite loss"
+    if mixed.scales_loss:
+        return None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return None if torch.isfinite(torch.nn.utils.get_total_norm(grads)) else "non-finite gradient"
+
+
 def train(
     tc: TrainConfig, model_overrides: dict[str, Any], run_dir: Path, *, resume: bool = False
 ) -> dict[str, Any]:
@@ -219,6 +231,7 @@ def train(
     started = time.monotonic()
     configure_torch(tc.threads)
     device = distributed.init()  # joins the process group under torchrun; see transformer/distributed.py
+    mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
     # Read the data first: a bad corpus stops the run before anything is written.
     train_pairs, valid_pairs = (
         read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
@@ -365,7 +378,7 @@ def train(
         save("last")
         return bool(tc.patience and state["stale_evals"] >= tc.patience)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+    forward = maybe_compile(train_model, tc.compile)  # shares model's parameters; `model` is what is saved
     # Ctrl-C or SIGTERM: save `last` after this step, then exit. `bars` clears the progress bar whatever
     # ends the loop, so that an error is printed on a line of its own.
     with _stop_on_signals() as stop_signal, ExitStack() as bars:
@@ -406,26 +419,25 @@ def train(
                 step_tokens = sum(len(train_data.tgt[i]) + 1 for ids in step_group for i in ids)
                 for k, batch in enumerate(collated):
                     with distributed.gradient_sync(train_model, k == len(collated) - 1):
-                        with autocast:
-                            logits = train_model(batch.src, batch.tgt_in)
+                        with mixed.autocast():
+                            logits = forward(batch.src, batch.tgt_in)
                         loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
-                        (loss / step_tokens * distributed.world_size()).backward()
+                        mixed.backward(loss / step_tokens * distributed.world_size())
                     loss_sum += float(loss.detach())
                     window["pad"] += batch.padding_fraction
                     window["batches"] += 1
                 loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
                 state["batch"] += len(step_group)
                 progress.update(len(step_group))
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads) if math.isfinite(loss_sum) else None
-                if grad_norm is None or not torch.isfinite(grad_norm):
+                problem = _non_finite(loss_sum, model, mixed)
+                if problem:
                     # Skipped: no update, so weights and Adam's moments stay as the last good step left them.
                     state["bad_steps"] += 1
                     state["skipped_steps"] += 1
                     log.write(
                         event="skipped_step",
                         step=state["step"],
-                        reason="non-finite loss" if grad_norm is None else "non-finite gradient",
+                        reason=problem,
                         in_a_row=state["bad_steps"],
                         total=state["skipped_steps"],
                     )
@@ -434,9 +446,7 @@ def train(
                         raise TransformerError(_diverged_message(run_dir, state["step"]))
                     continue
                 state["bad_steps"] = 0
-                if tc.clip_norm > 0:
-                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.clip_norm, grad_norm)
-                optimizer.step()
+                mixed.step(optimizer, model, tc.clip_norm)
                 scheduler.step()
                 state["step"] += 1
                 state["tokens_seen"] = state.get("tokens_seen", 0) + step_tokens

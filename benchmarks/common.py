@@ -1,0 +1,188 @@
+"""What every benchmark script shares: machine facts, the matmul peak, interleaved timing, peak memory,
+and the update of benchmarks/RESULTS.md.
+
+The machines are shared and noisy, so a figure is only worth reporting as a ratio against a peer measured
+in the same run: `time_interleaved` runs the variants in turn, round after round, so that a burst of load
+from elsewhere hits them alike, and reports medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that decide matmul speed
+
+
+def _cpu() -> tuple[str, set[str]]:
+    """The CPU model name and flags from /proc/cpuinfo (Linux), or what `platform` knows."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", set()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return (model.group(1).strip() if model else "unknown"), set(flags.group(1).split() if flags else ())
+
+
+def has_native_bf16() -> bool:
+    """True when the CPU has bf16 matmul instructions; without them torch's bf16 matmuls are emulated and
+    run far below fp32 speed, so a bf16 benchmark would take minutes and measure nothing useful."""
+    return bool(_cpu()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+def machine_info() -> dict[str, Any]:
+    model, flags = _cpu()
+    try:
+        hf = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        hf = None
+    return {
+        "cpu": model,
+        "cpu_flags": [f for f in _FLAGS if f in flags],
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": hf,
+        "python": platform.python_version(),
+        "glibc_tunables": bool(os.environ.get("GLIBC_TUNABLES")),
+        "load_average": round(os.getloadavg()[0], 1),  # other work on the machine when the run started
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's measured matmul rate: the median of `repeats` square n×n products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: the first call picks kernels and faults the output in
+
+    def one() -> None:
+        a @ b
+
+    return 2 * n**3 / median(time_interleaved({"mm": one}, repeats, warmup=0)["mm"]) / 1e9
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, from `repeats` rounds in which every variant runs once in turn.
+    The first `warmup` rounds (allocation, kernel selection, caches) are run but not recorded."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(warmup + repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
+    """How many times faster `fast` ran than `slow`: the median over rounds of slow_i / fast_i.
+
+    Both ran in the same rounds of `time_interleaved`, a moment apart, so each round's ratio cancels the
+    load the machine had then; on a busy machine this is steadier than a ratio of the two medians.
+    """
+    return round(statistics.median(s / f for f, s in zip(fast, slow, strict=True)), 3)
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (peak) from /proc/self/status, in MB; None off Linux."""
+    try:
+        match = re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) / 2**10 if match else None
+
+
+def _current_rss_mb() -> float:
+    now = _proc_status_mb("VmRSS")
+    return now if now is not None else _max_rss_mb()
+
+
+def _max_rss_mb() -> float:
+    """The peak RSS of this process image. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss
+    would still hold the parent's size at fork time, so it is only the fallback."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def peak_rss_growth_mb(fn: Callable[[], object]) -> dict[str, float]:
+    """Run `fn` and report how far the process's peak resident memory rose above what it held before.
+
+    Only meaningful in a fresh process whose earlier work stayed small (see `memory_in_child`): the
+    kernel keeps one high-water mark per process.
+    """
+    before = _current_rss_mb()
+    fn()
+    peak = _max_rss_mb()
+    return {"peak_rss_mb": round(peak, 1), "growth_mb": round(max(peak - before, 0.0), 1)}
+
+
+def memory_in_child(script: str, args: Sequence[str]) -> dict[str, float]:
+    """Run `python script *args` (a script's single-variant memory mode) and read the JSON it prints."""
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def gflops(flops: float, seconds: float) -> float:
+    return flops / seconds / 1e9
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows with the same keys -> a Markdown table (the keys are the header)."""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_results(title: str, command: str, body: str, machine: dict[str, Any]) -> None:
+    """Replace (or append) the `## title` section of RESULTS.md with this run's figures."""
+    flags = ", ".join(machine["cpu_flags"]) or "none of " + ", ".join(_FLAGS)
+    section = (
+        f"## {title}\n\n`{command}` — {machine['date']}; {machine['cpu']}, {machine['logical_cores']} "
+        f"logical cores ({flags}), torch {machine['torch']} with {machine['torch_threads']} threads, "
+        f"transformers {machine['transformers']}, GLIBC_TUNABLES "
+        f"{'set' if machine['glibc_tunables'] else 'unset'}, load average {machine['load_average']} at the "
+        f"start.\n\n{body.strip()}\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n" + _PREAMBLE
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text + "\n" + section
+    RESULTS.write_text(text.rstrip() + "\n")
+
+
+def report(title: str, result: dict[str, Any], body: str) -> None:
+    """Print the JSON result and update RESULTS.md with `body` (Markdown) under `title`."""
+    print(json.dumps(result, indent=2))
+    update_results(
+        title, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), body, result["machine"]
+    )
+
+
+_PREAMBLE = (
+    "Written by the scripts in this folder (each updates its own section). Every figure is a ratio or a\n"
+    "median measured in one run, the variants interleaved, because the machines are shared and noisy.\n"
+)

@@ -1,0 +1,129 @@
+"""Decoding speed: our search with the KV cache, without it, and MarianMTModel.generate, in one process.
+
+    python benchmarks/decode.py                    # small and base, batch 64 × 20-token sources
+    python benchmarks/decode.py --configs small --repeats 5
+
+Every search produces exactly `--new-tokens` tokens per sentence (random weights would otherwise stop at
+random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy and beam 4
+(length penalty 0.6 for both). Prints JSON (sentences/s, tokens/s, ratios) and updates benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common, peers
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.search import SearchConfig, generate
+
+
+def our_search(
+    model: torch.nn.Module, src: torch.Tensor, beam: int, new_tokens: int, cached: bool
+) -> Callable:
+    # The search stops at (non-padding source tokens + extra_len) steps: here exactly `new_tokens`.
+    extra = new_tokens - int((src != PAD_ID).sum(1).max())
+    config = SearchConfig(beam=beam, extra_len=extra, use_cache=cached)
+    max_len = model.config.max_len
+
+    def run() -> list[list[int]]:
+        return generate(
+            model, src, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, config=config, max_len=max_len
+        )
+
+    return run
+
+
+def marian_search(model: torch.nn.Module, src: torch.Tensor, beam: int, new_tokens: int) -> Callable:
+    @torch.inference_mode()
+    def run() -> torch.Tensor:
+        return model.generate(
+            input_ids=src,
+            attention_mask=src != PAD_ID,
+            num_beams=beam,
+            do_sample=False,
+            length_penalty=0.6,
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+        )
+
+    return run
+
+
+def searches(
+    config_name: str, batch: int, src_len: int, new_tokens: int, beams: list[int], uncached_beam: bool
+) -> dict[str, Callable]:
+    c = peers.config_for(config_name)
+    src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
+    ours = peers.ours(c).eval()
+    fused = peers.ours(c, fuse_qkv=True).eval()
+    fused.load_state_dict(ours.state_dict())
+    marian = peers.marian(c)
+    runs = {}
+    for beam in beams:
+        kind = "greedy" if beam == 1 else f"beam {beam}"
+        runs[f"ours {kind}, cached"] = our_search(ours, src, beam, new_tokens, cached=True)
+        if beam == 1 or uncached_beam:
+            runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
+        runs[f"ours {kind}, cached, fused QKV"] = our_search(fused, src, beam, new_tokens, cached=True)
+        if marian is not None:
+            runs[f"Marian {kind}"] = marian_search(marian.eval(), src, beam, new_tokens)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["small", "base"], choices=["small", "base"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--src-len", type=int, default=20, help="source tokens, EOS included")
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--uncached-beam", action="store_true", help="also time beam search without cache")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    result = {"machine": common.machine_info()}
+    body = []
+    for name in args.configs:
+        runs = searches(name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam)
+        times = common.time_interleaved(runs, args.repeats)
+        rows = {}
+        for label, ts in times.items():
+            s = common.median(ts)
+            rows[label] = {
+                "seconds": round(s, 3),
+                "all_s": [round(t, 3) for t in ts],
+                "sentences_per_s": round(args.batch / s, 1),
+                "tokens_per_s": round(args.batch * args.new_tokens / s),
+            }
+        ratios = _ratios(times, args.beams)
+        result[name] = {"rows": rows, "ratios": ratios}
+        table = [{"search": label, **row} for label, row in rows.items()]
+        ratio_lines = "\n".join(f"- {k}: **{v}×**" for k, v in ratios.items())
+        body.append(
+            f"**{name}** (batch {args.batch} × {args.src_len}-token sources, {args.new_tokens} tokens "
+            f"generated):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
+        )
+    common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
+
+
+def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]:
+    """Speed-ups of our cached search over the other searches of the same kind (paired per round)."""
+    out = {}
+    for beam in beams:
+        kind = "greedy" if beam == 1 else f"beam {beam}"
+        ours = times[f"ours {kind}, cached"]
+        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, fused QKV"):
+            if other in times:
+                label = f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"
+                out[label] = common.paired_speedup(ours, times[other])
+    return out
+
+
+if __name__ == "__main__":
+    main()

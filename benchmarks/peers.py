@@ -1,0 +1,144 @@
+"""The models the benchmarks compare, built at the same configuration: ours, torch.nn.Transformer with the
+layers a translation model needs around it, and Hugging Face's MarianMTModel (random weights, no download;
+the optional `bench` dependency group installs `transformers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from transformer import Transformer, TransformerConfig
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.model.dropout import Dropout
+from transformer.model.transformer import sinusoidal_table
+from transformer.train import label_smoothed_loss
+
+VOCAB = 8000  # the project's joint SentencePiece vocabulary, for both configurations
+
+
+def config_for(name: str, max_len: int = 1024) -> TransformerConfig:
+    """`small` (d 256, 3+3) or the paper's `base` (d 512, 6+6), with our vocabulary."""
+    return TransformerConfig.preset(name, src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, max_len=max_len)
+
+
+class TorchPeer(nn.Module):
+    """nn.Transformer with shared √d_model-scaled embeddings, sinusoidal positions, a tied output layer."""
+
+    def __init__(self, c: TransformerConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.core = nn.Transformer(
+            c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff, c.dropout, batch_first=True
+        )
+        self.register_buffer("pe", sinusoidal_table(c.max_len, c.d_model))
+        self.scale = c.d_model**0.5
+        self.pad_id = c.pad_id
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        x = self.embed(src) * self.scale + self.pe[: src.size(1)]
+        y = self.embed(tgt) * self.scale + self.pe[: tgt.size(1)]
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
+        pad = src == self.pad_id
+        hidden = self.core(x, y, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        return hidden @ self.embed.weight.t()  # (batch, tgt_len, vocab)
+
+
+def marian(c: TransformerConfig) -> nn.Module | None:
+    """MarianMTModel at our configuration (post-LN, ReLU, scaled shared embeddings, sinusoidal positions,
+    tied output), or None when `transformers` is not installed."""
+    try:
+        from transformers import MarianConfig, MarianMTModel
+    except ImportError:
+        return None
+    config = MarianConfig(
+        vocab_size=c.src_vocab_size,
+        decoder_vocab_size=c.tgt_vocab_size,
+        d_model=c.d_model,
+        encoder_layers=c.n_encoder_layers,
+        decoder_layers=c.n_decoder_layers,
+        encoder_attention_heads=c.n_heads,
+        decoder_attention_heads=c.n_heads,
+        encoder_ffn_dim=c.d_ff,
+        decoder_ffn_dim=c.d_ff,
+        activation_function=c.activation,
+        dropout=c.dropout,
+        attention_dropout=c.attention_dropout,
+        activation_dropout=c.activation_dropout,
+        max_position_embeddings=c.max_len,
+        scale_embedding=True,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        forced_eos_token_id=None,
+        decoder_start_token_id=BOS_ID,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    return MarianMTModel(config)
+
+
+class MarianLogits(nn.Module):
+    """(src, tgt_in) -> logits, the interface our training step uses."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return self.model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt).logits
+
+
+def ours(c: TransformerConfig, *, fuse_qkv: bool = False, torch_dropout: bool = False) -> Transformer:
+    """Our model; optionally with the self-attention projections fused into one matmul, or with nn.Dropout
+    instead of our cheaper mask (to measure those two choices)."""
+    model = Transformer(c)
+    for module in list(model.modules()):
+        if hasattr(module, "fuse_qkv"):
+            module.fuse_qkv = fuse_qkv
+        for name, child in list(module.named_children()):
+            if torch_dropout and isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return model
+
+
+def training_step(model: nn.Module, src: Tensor, tgt: Tensor, bf16: bool = False) -> Callable[[], None]:
+    """One step as our trainer takes it: label-smoothed loss per target token, backward, Adam (β₂ 0.98).
+    `tgt` holds BOS … EOS: the model reads tgt[:, :-1] and predicts tgt[:, 1:]."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    n_tokens = int((tgt[:, 1:] != PAD_ID).sum())
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(src, tgt[:, :-1])
+        loss = label_smoothed_loss(logits, tgt[:, 1:], 0.1) / n_tokens
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def random_batch(batch: int, src_len: int, tgt_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Sources of `src_len` tokens + EOS, targets BOS + `tgt_len` tokens (the model sees tgt_len steps)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (batch, src_len + 1), generator=g)
+    src[:, -1] = EOS_ID
+    tgt = torch.randint(4, VOCAB, (batch, tgt_len + 1), generator=g)
+    tgt[:, 0] = BOS_ID
+    return src, tgt
+
+
+def step_flops(c: TransformerConfig, batch: int, src_len: int, tgt_len: int, backward: bool = True) -> float:
+    """Matmul FLOPs of a forward pass (×3 with the backward): projections, FFN, attention, vocabulary."""
+    d, f = c.d_model, c.d_ff
+    enc = batch * src_len * c.n_encoder_layers * (4 * d * d + 2 * d * f) * 2
+    dec = batch * tgt_len * c.n_decoder_layers * (4 * d * d + 2 * d * f) * 2
+    cross = c.n_decoder_layers * batch * (tgt_len + src_len) * 2 * d * d * 2  # Q·W_Q… and memory·W_K, W_V
+    attn = (
+        batch * c.n_encoder_layers * 4 * src_len**2 * d
+        + batch * c.n_decoder_layers * 4 * tgt_len * (tgt_len + src_len) * d
+    )
+    vocab = batch * tgt_len * d * c.tgt_vocab_size * 2
+    return (3 if backward else 1) * (enc + dec + cross + attn + vocab)

@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark scripts' parts, at tiny sizes (the figures themselves live in RESULTS.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import common, decode, peers, scaling, train_step
+from transformer.config import TransformerConfig
+
+
+def test_time_interleaved_runs_variants_in_turn() -> None:
+    calls: list[str] = []
+    times = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 1)
+    assert calls == ["a", "b"] * 3
+    assert [len(t) for t in times.values()] == [2, 2] and all(t >= 0 for t in times["a"])
+
+
+def test_paired_speedup_takes_the_median_of_per_round_ratios() -> None:
+    # Round 3 was slow for both (machine load): the per-round ratios are 2, 2 and 1.25.
+    assert common.paired_speedup([1.0, 2.0, 8.0], [2.0, 4.0, 10.0]) == 2.0
+    assert common.paired_speedup([3.0], [1.0]) == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_peak_rss_growth_sees_a_large_allocation() -> None:
+    grown = common.peak_rss_growth_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB, touched
+    assert grown["growth_mb"] > 40
+
+
+def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    machine = common.machine_info()
+    common.update_results("A", "cmd a", "first", machine)
+    common.update_results("B", "cmd b", common.markdown_table([{"x": 1, "y": 2}]), machine)
+    common.update_results("A", "cmd a", "second", machine)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "second" in text and "first" not in text and "| x | y |\n|---|---|\n| 1 | 2 |" in text
+    assert text.index("## A") < text.index("## B") and text.count("## A") == 1
+
+
+def test_step_flops_matches_torch_flop_counter() -> None:
+    """Our matmul count against torch's own, for one forward pass of the small model (explicit attention:
+    the counter does not see inside torch's fused CPU attention kernel)."""
+    c = dataclasses.replace(peers.config_for("small"), attention="explicit")
+    model = peers.ours(c).eval()
+    src, tgt = peers.random_batch(2, 6, 5)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(src, tgt[:, :-1])
+    expected = peers.step_flops(c, 2, src.size(1), tgt.size(1) - 1, backward=False)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_variants_take_a_step() -> None:
+    rows, _ = train_step.measure("small", ["ours", "nn.Transformer"], (2, 5, 4), repeats=1, memory=False)
+    assert set(rows) == {"ours", "nn.Transformer"} and all(r["s_per_step"] > 0 for r in rows.values())
+
+
+def test_marian_matches_our_configuration() -> None:
+    pytest.importorskip("transformers")
+    c = TransformerConfig.preset("small", src_vocab_size=300, tgt_vocab_size=300, max_len=64)
+    marian = peers.marian(c)
+    trainable = sum(p.numel() for p in marian.parameters() if p.requires_grad)
+    assert trainable == peers.ours(c).num_parameters()  # same layers and sizes, the same tying
+    src, _ = peers.random_batch(3, 4, 1)
+    out = decode.marian_search(marian.eval(), src.clamp(max=299), beam=2, new_tokens=6)()
+    assert out.shape == (3, 1 + 6)  # decoder start + exactly the forced number of tokens
+
+
+def test_our_search_generates_the_requested_steps() -> None:
+    model = peers.ours(peers.config_for("small")).eval()
+    src, _ = peers.random_batch(3, 5, 1)
+    cached = decode.our_search(model, src, beam=1, new_tokens=4, cached=True)()
+    assert cached == decode.our_search(model, src, beam=1, new_tokens=4, cached=False)()
+    assert all(len(ids) <= 3 for ids in cached)  # 4 steps, the last one a forced EOS
+
+
+def test_scaling_point_reports_time_and_memory() -> None:
+    measured = scaling.point("decode", 8, batch=1, new_tokens=2, repeats=1)
+    assert measured["seconds"] > 0 and measured["growth_mb"] >= 0

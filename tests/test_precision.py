@@ -1,0 +1,61 @@
+"""Mixed precision and compile options of training, against a plain fp32 step written out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY
+
+from transformer import Transformer
+from transformer.errors import TransformerError
+from transformer.precision import MixedPrecision, maybe_compile
+
+
+def one_step(mixed: MixedPrecision | None, clip_norm: float) -> list[torch.Tensor]:
+    """Parameters after one Adam step of the tiny model, through `mixed` or written out by hand."""
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    src, tgt = torch.randint(4, 50, (3, 5)), torch.randint(4, 60, (3, 4))
+    if mixed is None:
+        model(src, tgt).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+    else:
+        with mixed.autocast():
+            loss = model(src, tgt).square().mean()
+        mixed.backward(loss)
+        mixed.step(optimizer, model, clip_norm)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fp32_step_is_the_plain_step() -> None:
+    for a, b in zip(one_step(MixedPrecision("fp32"), 0.5), one_step(None, 0.5), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loss_scaling_unscales_before_clipping_and_stepping() -> None:
+    """The fp16 recipe's scaler (run here on CPU in fp32): a 2^10-scaled loss gives the same update."""
+    mixed = MixedPrecision("fp32")
+    mixed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for a, b in zip(one_step(mixed, 0.5), one_step(None, 0.5), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_runs_matmuls_in_bf16() -> None:
+    model = Transformer(TINY)
+    with MixedPrecision("bf16").autocast():
+        logits = model(torch.randint(4, 50, (2, 3)), torch.randint(4, 60, (2, 3)))
+    assert logits.dtype == torch.bfloat16
+
+
+def test_fp16_is_refused_on_cpu() -> None:
+    with pytest.raises(TransformerError, match="fp16 needs a CUDA device"):
+        MixedPrecision("fp16", "cpu")
+
+
+def test_compile_wraps_the_same_parameters() -> None:
+    model = Transformer(TINY)
+    assert maybe_compile(model, False) is model
+    compiled = maybe_compile(model, True)  # compiling itself happens at the first call (minutes on CPU)
+    assert list(compiled.parameters()) == list(model.parameters())
