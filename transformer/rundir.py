@@ -30,8 +30,7 @@ from transformer.checkpoint import (
 )
 from transformer.errors import TransformerError
 
-# Settings a resume may change: budgets and logging, not what is trained or how.
-# Budgets and settings that do not change the computation's result may differ on resume.
+# Settings a resume may change: budgets, logging and compilation, not what is trained or how.
 MAY_CHANGE = frozenset(
     {"max_epochs", "max_steps", "time_budget_minutes", "patience", "log_every", "threads", "compile"}
 )
