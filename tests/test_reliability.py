@@ -536,7 +536,7 @@ def test_empty_training_or_validation_data_writes_nothing(
         ("log_every=0", "log_every must be positive, got 0"),
         ("label_smoothing=1.5", "label_smoothing must be in [0, 1), got 1.5"),
         ("d_ff=wide", "d_ff must be of type int, got 'wide'"),
-        ("precision=fp8", "precision must be one of 'fp32', 'bf16', got 'fp8'"),
+        ("precision=fp8", "precision must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ],
 )
 def test_bad_settings_are_one_line_and_write_nothing(
