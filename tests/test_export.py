@@ -230,3 +230,61 @@ def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert files >= {"config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"}
     assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--out", str(out)]) != 0
     assert "onnx" in capsys.readouterr().err
+
+
+def ct2_translator(hf_dir: Path, out: Path):
+    """The exported directory through CTranslate2's own converter, loaded for CPU."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out))
+    return ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_ctranslate2_translates_like_greedy_search(run_dir: Path, tmp_path: Path, trained: bool) -> None:
+    # The trained tiny model repeats a token; the random untied one wanders over the vocabulary.
+    if trained:
+        checkpoint = run_dir
+    else:
+        checkpoint = tmp_path / "run"
+        model = random_run(run_dir, checkpoint, **{**VARIANTS["separate-relu"], "output_bias": True})
+        with torch.no_grad():
+            model.out_proj.bias[PAD_ID] = -1e4  # as training leaves it: pad is never predicted
+        save_checkpoint(checkpoint, "best", model)
+    ct2 = ct2_translator(export_marian(checkpoint, tmp_path / "marian"), tmp_path / "ct2")
+    translator = Translator.from_checkpoint(checkpoint)
+    tokenizer = translator.tokenizer
+    search = SearchConfig(beam=1, extra_len=8)
+    sentences = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Kinder am Strand."]
+    for sentence in sentences:
+        src = torch.tensor([[*tokenizer.encode(sentence), EOS_ID]])
+        (ours,) = greedy_search(
+            translator.model, src, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, config=search, max_len=64
+        )
+        pieces = [tokenizer.piece(i) for i in src[0].tolist()]
+        # Our search forces EOS at src length + extra_len, so at most one token fewer comes before it.
+        (result,) = ct2.translate_batch(
+            [pieces], beam_size=1, max_decoding_length=len(pieces) + search.extra_len - 1
+        )
+        assert result.hypotheses[0] == [tokenizer.piece(i) for i in ours], sentence
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ctranslate2_scores_tokens_like_our_model(run_dir: Path, tmp_path: Path, variant: str) -> None:
+    # Every variant's token log-probabilities, teacher-forced: the full distribution, not just the argmax.
+    model = random_run(run_dir, tmp_path / "run", **VARIANTS[variant])
+    ct2 = ct2_translator(export_marian(tmp_path / "run", tmp_path / "marian"), tmp_path / "ct2")
+    tokenizer = Translator.from_checkpoint(tmp_path / "run").tokenizer
+    src, tgt = ids(model.config.src_vocab_size)
+    with torch.no_grad():
+        logits = model(src, tgt)
+    logits[..., PAD_ID] = float("-inf")  # the export never generates pad
+    targets = torch.cat([tgt[:, 1:], torch.full((tgt.size(0), 1), EOS_ID)], 1)
+    ours = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (batch, tgt_len)
+
+    def pieces(rows: torch.Tensor) -> list[list[str]]:
+        return [[tokenizer.piece(i) for i in row if i != PAD_ID] for row in rows.tolist()]
+
+    results = ct2.score_batch(pieces(src), pieces(tgt[:, 1:]))
+    theirs = torch.tensor([r.log_probs for r in results])  # (batch, tgt_len): EOS's log-probability last
+    error = (theirs - ours).abs().max().item()
+    assert error < TOLERANCE, error
