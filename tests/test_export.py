@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from safetensors.torch import load_file, save_file
 
 from transformer.checkpoint import save_checkpoint
 from transformer.cli import main
@@ -221,6 +222,16 @@ def test_export_refuses_what_marian_cannot_express(run_dir: Path, tmp_path: Path
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(TransformerError, match="not an empty directory"):
         export_marian(run_dir, tmp_path / "taken")
+
+
+def test_import_refuses_positions_it_cannot_compute(run_dir: Path, tmp_path: Path) -> None:
+    # Only the decoder's row 0 may depart from the sinusoids (it carries the start token's input).
+    out = export_marian(run_dir, tmp_path / "marian")
+    weights = load_file(out / "model.safetensors")
+    weights["model.decoder.embed_positions.weight"][3] += 0.01
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(TransformerError, match="decoder's position table"):
+        load_marian(out)
 
 
 def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
