@@ -10,13 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from safetensors.torch import load_file, save_file
 
 from transformer.checkpoint import save_checkpoint
 from transformer.cli import main
 from transformer.config import TrainConfig, config_to_dict
-from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer.errors import TransformerError
-from transformer.export import export_marian, load_marian, marian_permutation
+from transformer.export import (
+    MARIAN_BOS_ID,
+    MARIAN_EOS_ID,
+    MARIAN_UNK_ID,
+    export_marian,
+    load_marian,
+    marian_permutation,
+    marian_vocab_order,
+)
 from transformer.model import Transformer
 from transformer.model.transformer import sinusoidal_table
 from transformer.search import SearchConfig, greedy_search
@@ -76,6 +85,27 @@ def hf_logits(hf, src: torch.Tensor, tgt: torch.Tensor, pad_id: int) -> torch.Te
         return hf(input_ids=src, attention_mask=(src != pad_id).long(), decoder_input_ids=tgt).logits
 
 
+def to_marian(src: torch.Tensor, tgt: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our source and target ids as the exported model's ids, the target starting from pad (the last id)."""
+    ids_ = torch.argsort(marian_vocab_order(vocab))  # our id -> exported id
+    tgt = ids_[tgt]
+    tgt[:, 0] = vocab - 1
+    return ids_[src], tgt
+
+
+def in_our_order(logits: torch.Tensor) -> torch.Tensor:
+    """The exported model's logits rearranged to our token ids."""
+    return logits[..., torch.argsort(marian_vocab_order(logits.size(-1)))]
+
+
+def assert_same_logits(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+    """Same logits on every token but pad, which the export never generates (-inf)."""
+    theirs = in_our_order(theirs)
+    assert torch.isneginf(theirs[..., PAD_ID]).all()
+    error = (theirs[..., PAD_ID + 1 :] - ours[..., PAD_ID + 1 :]).abs().max().item()
+    assert error < TOLERANCE, error
+
+
 def test_our_positions_permuted_are_marians() -> None:
     from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
 
@@ -85,34 +115,46 @@ def test_our_positions_permuted_are_marians() -> None:
     assert not torch.allclose(sinusoidal_table(100, 32), theirs, atol=1e-2), "the layouts must differ"
 
 
+def test_vocabulary_order_is_opus_mts() -> None:
+    order = marian_vocab_order(10).tolist()
+    assert order == [EOS_ID, UNK_ID, BOS_ID, 4, 5, 6, 7, 8, 9, PAD_ID]
+    assert [order[i] for i in (MARIAN_EOS_ID, MARIAN_UNK_ID, MARIAN_BOS_ID)] == [EOS_ID, UNK_ID, BOS_ID]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_export_gives_transformers_the_same_logits(run_dir: Path, tmp_path: Path, variant: str) -> None:
     model = random_run(run_dir, tmp_path / "run", **VARIANTS[variant])
     out = export_marian(tmp_path / "run", tmp_path / "marian")
     hf, info = transformers.MarianMTModel.from_pretrained(out, output_loading_info=True)
-    assert not info["unexpected_keys"], info["unexpected_keys"]
-    assert not [k for k in info["missing_keys"] if "embed_positions" not in k], info["missing_keys"]
-    src, tgt = ids(model.config.src_vocab_size)
+    # Nothing missing: the position tables are read from the file, the decoder's with BOS in row 0.
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    vocab = model.config.src_vocab_size
+    assert hf.config.decoder_start_token_id == hf.config.pad_token_id == vocab - 1
+    assert not hf.get_decoder().embed_tokens.weight[vocab - 1].any()  # starts from a zero embedding
+    src, tgt = ids(vocab)
     with torch.no_grad():
         ours = model(src, tgt)
-    error = (hf_logits(hf.eval(), src, tgt, PAD_ID) - ours).abs().max().item()
-    assert error < TOLERANCE, error
-    # Back again: importing the export gives our model's logits.
-    back = (load_marian(out)(src, tgt) - ours).abs().max().item()
-    assert back < TOLERANCE, back
+    src_m, tgt_m = to_marian(src, tgt, vocab)
+    assert_same_logits(hf_logits(hf.eval(), src_m, tgt_m, vocab - 1), ours)
+    # Back again: importing the export gives our model's logits, in the exported ids.
+    with torch.no_grad():
+        assert_same_logits(load_marian(out)(src_m, tgt_m), ours)
 
 
 def test_exported_tokenizer_and_greedy_search_match_ours(run_dir: Path, tmp_path: Path) -> None:
     out = export_marian(run_dir, tmp_path / "marian")
     translator = Translator.from_checkpoint(run_dir)
+    vocab = translator.tokenizer.vocab_size
+    order = marian_vocab_order(vocab)
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(out)
     sentences = ["Ein Mann fährt Fahrrad.", "Zwei Hunde  spielen im Schnee!", "  Kinder, (3) am Strand."]
     for sentence in sentences:
-        assert hf_tokenizer(sentence)["input_ids"] == [*translator.tokenizer.encode(sentence), EOS_ID]
+        exported = hf_tokenizer(sentence)["input_ids"]
+        assert order[exported].tolist() == [*translator.tokenizer.encode(sentence), EOS_ID]
     hf = transformers.MarianMTModel.from_pretrained(out).eval()
     batch = hf_tokenizer(sentences, return_tensors="pt", padding=True)
     generated = hf.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=20)
-    src = batch["input_ids"]
+    src = order[batch["input_ids"]]  # our ids; the padding is our pad
     ours = greedy_search(
         translator.model,
         src,
@@ -122,9 +164,9 @@ def test_exported_tokenizer_and_greedy_search_match_ours(run_dir: Path, tmp_path
         config=SearchConfig(beam=1),
         max_len=21,
     )
-    theirs = [[t for t in row[1:] if t not in (EOS_ID, PAD_ID)] for row in generated.tolist()]
+    theirs = [[t for t in order[row[1:]].tolist() if t not in (EOS_ID, PAD_ID)] for row in generated]
     assert theirs == ours
-    assert generated[:, 0].tolist() == [BOS_ID] * len(sentences)  # decoding starts from BOS, as trained
+    assert generated[:, 0].tolist() == [vocab - 1] * len(sentences)  # decoding starts from pad
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -182,6 +224,16 @@ def test_export_refuses_what_marian_cannot_express(run_dir: Path, tmp_path: Path
         export_marian(run_dir, tmp_path / "taken")
 
 
+def test_import_refuses_positions_it_cannot_compute(run_dir: Path, tmp_path: Path) -> None:
+    # Only the decoder's row 0 may depart from the sinusoids (it carries the start token's input).
+    out = export_marian(run_dir, tmp_path / "marian")
+    weights = load_file(out / "model.safetensors")
+    weights["model.decoder.embed_positions.weight"][3] += 0.01
+    save_file(weights, out / "model.safetensors")
+    with pytest.raises(TransformerError, match="decoder's position table"):
+        load_marian(out)
+
+
 def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
     assert main(["export", "--checkpoint", str(run_dir), "--format", "marian", "--out", str(out)]) == 0
@@ -189,3 +241,61 @@ def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert files >= {"config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"}
     assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--out", str(out)]) != 0
     assert "onnx" in capsys.readouterr().err
+
+
+def ct2_translator(hf_dir: Path, out: Path):
+    """The exported directory through CTranslate2's own converter, loaded for CPU."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out))
+    return ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_ctranslate2_translates_like_greedy_search(run_dir: Path, tmp_path: Path, trained: bool) -> None:
+    # The trained tiny model repeats a token; the random untied one wanders over the vocabulary.
+    if trained:
+        checkpoint = run_dir
+    else:
+        checkpoint = tmp_path / "run"
+        model = random_run(run_dir, checkpoint, **{**VARIANTS["separate-relu"], "output_bias": True})
+        with torch.no_grad():
+            model.out_proj.bias[PAD_ID] = -1e4  # as training leaves it: pad is never predicted
+        save_checkpoint(checkpoint, "best", model)
+    ct2 = ct2_translator(export_marian(checkpoint, tmp_path / "marian"), tmp_path / "ct2")
+    translator = Translator.from_checkpoint(checkpoint)
+    tokenizer = translator.tokenizer
+    search = SearchConfig(beam=1, extra_len=8)
+    sentences = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Kinder am Strand."]
+    for sentence in sentences:
+        src = torch.tensor([[*tokenizer.encode(sentence), EOS_ID]])
+        (ours,) = greedy_search(
+            translator.model, src, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, config=search, max_len=64
+        )
+        pieces = [tokenizer.piece(i) for i in src[0].tolist()]
+        # Our search forces EOS at src length + extra_len, so at most one token fewer comes before it.
+        (result,) = ct2.translate_batch(
+            [pieces], beam_size=1, max_decoding_length=len(pieces) + search.extra_len - 1
+        )
+        assert result.hypotheses[0] == [tokenizer.piece(i) for i in ours], sentence
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ctranslate2_scores_tokens_like_our_model(run_dir: Path, tmp_path: Path, variant: str) -> None:
+    # Every variant's token log-probabilities, teacher-forced: the full distribution, not just the argmax.
+    model = random_run(run_dir, tmp_path / "run", **VARIANTS[variant])
+    ct2 = ct2_translator(export_marian(tmp_path / "run", tmp_path / "marian"), tmp_path / "ct2")
+    tokenizer = Translator.from_checkpoint(tmp_path / "run").tokenizer
+    src, tgt = ids(model.config.src_vocab_size)
+    with torch.no_grad():
+        logits = model(src, tgt)
+    logits[..., PAD_ID] = float("-inf")  # the export never generates pad
+    targets = torch.cat([tgt[:, 1:], torch.full((tgt.size(0), 1), EOS_ID)], 1)
+    ours = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (batch, tgt_len)
+
+    def pieces(rows: torch.Tensor) -> list[list[str]]:
+        return [[tokenizer.piece(i) for i in row if i != PAD_ID] for row in rows.tolist()]
+
+    results = ct2.score_batch(pieces(src), pieces(tgt[:, 1:]))
+    theirs = torch.tensor([r.log_probs for r in results])  # (batch, tgt_len): EOS's log-probability last
+    error = (theirs - ours).abs().max().item()
+    assert error < TOLERANCE, error

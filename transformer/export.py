@@ -13,8 +13,16 @@ exactly here:
   same logits with positions in Marian's layout. The inner widths (heads, FFN) are left alone.
 * Marian models use swish in the FFN and a bias on the output projection (final_logits_bias): our config
   has `activation="swish"` and `output_bias` for them.
-* Marian's decoder starts from the pad token; ours from BOS. The exported config says
-  `decoder_start_token_id` = our BOS, the token the model was trained to start from.
+* Marian's vocabulary ends with the pad token, and Marian's decoder starts from pad's embedding, which is
+  zero: CTranslate2's converter relies on both (it drops the last vocabulary row and starts its decoder
+  from a zero embedding). Ours has pad first and starts from BOS's embedding. The export therefore
+  reorders the vocabulary the way opus-mt models have it (</s>, <unk>, <s>, the pieces, <pad> last),
+  starts the decoder from pad with a zero row, and moves what BOS contributed to the first decoder input,
+  √d_model·embedding(BOS), into row 0 of the decoder's position table, which is written into the weights
+  (the decoder's position 0 only ever holds the start token). Pad's logit is -inf through
+  `final_logits_bias`: our model never learnt to predict pad, and Marian never generates it.
+  Transformers' `save_pretrained` leaves the position tables out, so convert the exported directory
+  itself, not a re-saved copy of it.
 * Marian's tokenizer runs SentencePiece on the raw sentence, where ours adds the word-initial space
   itself (see `transformer.data.tokenizer`): the exported .spm files have `add_dummy_prefix` switched on,
   which gives the same pieces.
@@ -24,7 +32,9 @@ Nothing here needs `transformers`: the files are written and read with safetenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -35,12 +45,26 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from transformer.config import TransformerConfig
-from transformer.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import Transformer
+from transformer.model.transformer import sinusoidal_table
 
 # Marian reads token ids through vocab.json, so the special pieces must carry these names.
 _SPECIAL_PIECES = {"<pad>", "<unk>", "</s>"}
+
+
+# Token ids of the exported model (opus-mt's order); pad is the last id, vocab_size - 1.
+MARIAN_EOS_ID, MARIAN_UNK_ID, MARIAN_BOS_ID = 0, 1, 2
+# Positions that differ from Marian's sinusoidal table by more than this are refused on import.
+_POSITION_TOLERANCE = 1e-4
+
+
+def marian_vocab_order(vocab_size: int) -> Tensor:
+    """Our token id for each exported id: </s>, <unk>, <s>, the pieces in our order, <pad> last."""
+    specials = [EOS_ID, UNK_ID, BOS_ID]
+    pieces = [i for i in range(vocab_size) if i not in (*specials, PAD_ID)]
+    return torch.tensor([*specials, *pieces, PAD_ID])
 
 
 def marian_permutation(d_model: int) -> Tensor:
@@ -105,6 +129,10 @@ def check_exportable(config: object) -> TransformerConfig:
         problems.append(f"positional={config.positional} (Marian has sinusoidal positions only)")
     if config.norm_first:
         problems.append("norm_first=true (Marian is post-LN)")
+    if config.src_vocab_size != config.tgt_vocab_size:
+        problems.append("different source and target vocabulary sizes (the export writes one vocabulary)")
+    if config.pad_id != PAD_ID:
+        problems.append(f"pad_id={config.pad_id} (the tokenizer's pad id is {PAD_ID})")
     if config.layer_norm_eps != 1e-5:
         problems.append(f"layer_norm_eps={config.layer_norm_eps} (Marian's LayerNorms use 1e-5)")
     if problems:
@@ -113,22 +141,37 @@ def check_exportable(config: object) -> TransformerConfig:
 
 
 def to_marian_state_dict(model: Transformer) -> dict[str, Tensor]:
-    """Our weights under Marian's names, with the residual stream permuted to Marian's position layout.
+    """Our weights under Marian's names, with the residual stream permuted to Marian's position layout and
+    the vocabulary reordered by `marian_vocab_order`; BOS's input moved into the decoder's position 0.
 
     Tied matrices are written once, under the name Marian ties the others to."""
     c = check_exportable(model.config)
     ours = model.state_dict()
     p = marian_permutation(c.d_model)
+    order = marian_vocab_order(c.tgt_vocab_size)
+
+    def vocabulary_rows(weight: Tensor) -> Tensor:
+        rows = _permute(weight, (1,), p).index_select(0, order)  # (vocab, d_model), Marian's ids and layout
+        rows[-1] = 0.0  # pad, the decoder's start: a zero embedding, as CTranslate2 assumes
+        return rows
+
     out = {theirs: _permute(ours[key], axes, p) for key, theirs, axes in _parameter_map(c)}
     if c.share_embeddings:
-        out["model.shared.weight"] = _permute(ours["src_embed.weight"], (1,), p)
+        out["model.shared.weight"] = vocabulary_rows(ours["src_embed.weight"])
     else:
-        out["model.encoder.embed_tokens.weight"] = _permute(ours["src_embed.weight"], (1,), p)
-        out["model.decoder.embed_tokens.weight"] = _permute(ours["tgt_embed.weight"], (1,), p)
+        out["model.encoder.embed_tokens.weight"] = vocabulary_rows(ours["src_embed.weight"])
+        out["model.decoder.embed_tokens.weight"] = vocabulary_rows(ours["tgt_embed.weight"])
     if not c.tie_output:
-        out["lm_head.weight"] = _permute(ours["out_proj.weight"], (1,), p)
+        out["lm_head.weight"] = vocabulary_rows(ours["out_proj.weight"])
     bias = ours["out_proj.bias"] if c.output_bias else torch.zeros(c.tgt_vocab_size)
-    out["final_logits_bias"] = bias.reshape(1, -1).clone()
+    bias = bias.index_select(0, order)
+    bias[-1] = float("-inf")  # pad is never generated
+    out["final_logits_bias"] = bias.reshape(1, -1)
+    table = sinusoidal_table(c.max_len, c.d_model)[:, p]  # (max_len, d_model), Marian's layout
+    out["model.encoder.embed_positions.weight"] = table
+    start = table.clone()
+    start[0] += math.sqrt(c.d_model) * ours["tgt_embed.weight"][BOS_ID, p]  # what BOS adds at position 0
+    out["model.decoder.embed_positions.weight"] = start
     return {key: tensor.detach().cpu().contiguous() for key, tensor in out.items()}
 
 
@@ -155,13 +198,20 @@ def marian_config(config: TransformerConfig) -> dict:
         "dropout": config.dropout,
         "attention_dropout": config.attention_dropout,
         "activation_dropout": config.activation_dropout,
-        "pad_token_id": config.pad_id,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "forced_eos_token_id": EOS_ID,
-        "decoder_start_token_id": BOS_ID,  # our decoder was trained to start from BOS, not from pad
+        **_marian_special_ids(config.tgt_vocab_size),
         "is_encoder_decoder": True,
         "torch_dtype": "float32",
+    }
+
+
+def _marian_special_ids(vocab_size: int) -> dict[str, int]:
+    pad = vocab_size - 1
+    return {
+        "pad_token_id": pad,
+        "bos_token_id": MARIAN_BOS_ID,
+        "eos_token_id": MARIAN_EOS_ID,
+        "forced_eos_token_id": MARIAN_EOS_ID,
+        "decoder_start_token_id": pad,  # with a zero embedding; BOS's input is in the decoder's position 0
     }
 
 
@@ -198,11 +248,7 @@ def export_marian(checkpoint: str | Path, out: str | Path, name: str = "best") -
         "config.json": _json(marian_config(config)),
         "generation_config.json": _json(
             {
-                "decoder_start_token_id": BOS_ID,
-                "bos_token_id": BOS_ID,
-                "eos_token_id": EOS_ID,
-                "forced_eos_token_id": EOS_ID,
-                "pad_token_id": config.pad_id,
+                **_marian_special_ids(config.tgt_vocab_size),
                 "num_beams": tc.beam,
                 "max_length": config.max_len,
             }
@@ -219,7 +265,9 @@ def export_marian(checkpoint: str | Path, out: str | Path, name: str = "best") -
                 "pad_token": "<pad>",
             }
         ),
-        "vocab.json": _json({piece: i for i, piece in enumerate(pieces)}),
+        "vocab.json": _json(
+            {pieces[ours]: i for i, ours in enumerate(marian_vocab_order(len(pieces)).tolist())}
+        ),
         "source.spm": marian_spm(tokenizer),
     }
     files["target.spm"] = files["source.spm"]  # one joint vocabulary
@@ -248,7 +296,10 @@ def load_marian(path: str | Path) -> Transformer:
     `Transformer`, computing the same logits for the same token ids.
 
     The model keeps Marian's token ids and its decoder start token (config `decoder_start_token_id`,
-    usually the pad id); the tokenizer files are not read."""
+    usually the pad id); the tokenizer files are not read. Position tables, where the weights hold them
+    (as our exports do), must be Marian's sinusoids, except that the decoder's row 0 may carry the start
+    token's input, as `to_marian_state_dict` puts it there: that is moved back into the start token's
+    embedding."""
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
@@ -267,11 +318,24 @@ def load_marian(path: str | Path) -> Transformer:
     tgt = marian.get("model.decoder.embed_tokens.weight", shared)
     if src is None or tgt is None:
         raise TransformerError(f"{path}: the weights hold no token embeddings")
-    state["src_embed.weight"] = _permute(src, (1,), p_inv)
-    state["tgt_embed.weight"] = _permute(tgt, (1,), p_inv)
     lm_head = tgt if config.tie_output else marian.get("lm_head.weight")
     if lm_head is None:
         raise TransformerError(f"{path}: tie_word_embeddings is false but the weights hold no lm_head.weight")
+    start_input = _start_position_input(marian, config, path)
+    if start_input is not None:
+        # The start token's embedding takes its position-0 input; untied, so that neither the source
+        # embedding nor the output projection changes with it.
+        start = hf.get("decoder_start_token_id", config.pad_id)
+        if start != config.pad_id:
+            raise TransformerError(
+                f"{path}: the decoder's position 0 differs from Marian's sinusoid, which only a decoder "
+                f"starting from pad can carry (decoder_start_token_id={start}, pad_token_id={config.pad_id})"
+            )
+        config = dataclasses.replace(config, share_embeddings=False, tie_output=False)
+        tgt = tgt.clone()
+        tgt[start] += start_input / math.sqrt(config.d_model)
+    state["src_embed.weight"] = _permute(src, (1,), p_inv)
+    state["tgt_embed.weight"] = _permute(tgt, (1,), p_inv)
     state["out_proj.weight"] = _permute(lm_head, (1,), p_inv)
     if config.output_bias:
         state["out_proj.bias"] = marian["final_logits_bias"].reshape(-1)
@@ -283,6 +347,26 @@ def load_marian(path: str | Path) -> Transformer:
             f"{path}: weights do not fit config.json ({str(error).splitlines()[-1]})"
         ) from None
     return model.eval()
+
+
+def _start_position_input(marian: dict[str, Tensor], config: TransformerConfig, path: Path) -> Tensor | None:
+    """What the decoder's position 0 adds to Marian's sinusoid, or None where the weights hold no
+    decoder table or it adds nothing; refuses any other departure from the sinusoids."""
+    d = config.d_model
+    start_input = None
+    for side in ("encoder", "decoder"):
+        table = marian.get(f"model.{side}.embed_positions.weight")
+        if table is None:
+            continue
+        expected = sinusoidal_table(table.size(0), d)[:, marian_permutation(d)]  # Marian's layout
+        difference = table - expected
+        if side == "decoder":
+            start_input, difference = difference[0], difference[1:]
+        if table.size(1) != d or difference.abs().max() > _POSITION_TOLERANCE:
+            raise TransformerError(f"{path}: the {side}'s position table is not Marian's sinusoidal table")
+    if start_input is None or start_input.abs().max() <= _POSITION_TOLERANCE:
+        return None
+    return start_input
 
 
 def _config_from_marian(hf: dict, bias: Tensor | None, path: Path) -> TransformerConfig:
