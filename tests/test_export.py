@@ -243,6 +243,15 @@ def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert "onnx" in capsys.readouterr().err
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """CTranslate2 sets the OpenMP thread count, which torch shares: give torch its count back, so that
+    later tests (which compare runs bit for bit across processes) see the thread count they started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def ct2_translator(hf_dir: Path, out: Path):
     """The exported directory through CTranslate2's own converter, loaded for CPU."""
     ctranslate2 = pytest.importorskip("ctranslate2")
