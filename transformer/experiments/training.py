@@ -35,7 +35,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "report": {
         "task": (29000, 300, 2000),
         "model": {"d_model": 128, "n_heads": 4, "d_ff": 512, "n_encoder_layers": 2, "n_decoder_layers": 2},
-        "recipe": Recipe(steps=200, max_tokens=800, warmup=60, lr_factor=0.5, eval_every=20),
+        "recipe": Recipe(steps=600, max_tokens=1200, warmup=150, lr_factor=0.5, eval_every=50),
     },
 }
 
