@@ -132,9 +132,22 @@ def test_cache_appends_and_reorders() -> None:
         cache.advance()
         steps.append(out)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-6)
+    before = cache.self_kv[0][0][:, :, :5].clone()
     cache.reorder(torch.tensor([2, 2, 0]))
     k, _ = cache.self_kv[0]
-    assert torch.equal(k[0], k[1]) and not torch.equal(k[0], k[2])
+    assert torch.equal(k[:, :, :5], before[[2, 2, 0]])
+    cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
+    assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
+
+
+def test_reorder_within_sources_leaves_the_cross_attention_cache() -> None:
+    cache = KVCache(max_len=4)
+    cross = torch.randn(6, 2, 3, 4)
+    cache.cross_kv[0] = (cross, cross)
+    cache.reorder(torch.tensor([1, 1, 0, 5, 3, 3]), within_sources=True)
+    assert cache.cross_kv[0][0] is cross  # untouched: the caller promised rows of the same source
+    cache.reorder(torch.tensor([1, 1, 0, 5, 3, 3]))
+    assert torch.equal(cache.cross_kv[0][0], cross[[1, 1, 0, 5, 3, 3]])
 
 
 def test_fused_qkv_projection_equals_separate_projections() -> None:

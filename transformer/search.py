@@ -46,11 +46,12 @@ class _Stepper:
         return self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]  # (n, vocab)
 
     def push(self, tokens: Tensor, index: Tensor | None = None) -> None:
-        """Append `tokens` (n,) to the hypotheses, after keeping rows `index` (beam reordering)."""
+        """Append `tokens` (n,) to the hypotheses, after keeping rows `index` (beam reordering: each row's
+        parent is one of the same sentence's beams, so the source-side cache entries need no reordering)."""
         if index is not None:
             self.prefix = self.prefix.index_select(0, index)
             if self.cache is not None:
-                self.cache.reorder(index)
+                self.cache.reorder(index, within_sources=True)
         self.prefix = torch.cat([self.prefix, tokens[:, None]], dim=1)
 
 

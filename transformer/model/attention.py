@@ -81,11 +81,24 @@ class KVCache:
         """Called once per decoding step, after every layer has appended."""
         self.length += n
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search: the parents of the surviving hypotheses)."""
-        for store in (self.self_kv, self.cross_kv):
-            for layer, (k, v) in store.items():
-                store[layer] = (k.index_select(0, index), v.index_select(0, index))
+    def reorder(self, index: Tensor, *, within_sources: bool = False) -> None:
+        """Keep batch rows `index` (beam search: the parents of the surviving hypotheses).
+
+        Only the filled prefix of the self-attention buffers is copied, in place when the number of rows
+        stays the same. With `within_sources` the caller promises that every row is replaced by a row of
+        the same source (a sentence's beams), whose cross-attention keys/values are identical copies: then
+        those are left as they are, which saves copying (beam·batch, heads, src_len, d_k) per layer per step.
+        """
+        n = self.length
+        for layer, (k, v) in self.self_kv.items():
+            if index.numel() == k.size(0):
+                k[:, :, :n] = k[:, :, :n].index_select(0, index)
+                v[:, :, :n] = v[:, :, :n].index_select(0, index)
+            else:
+                self.self_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
+        if not within_sources:
+            for layer, (k, v) in self.cross_kv.items():
+                self.cross_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
 
 
 class MultiHeadAttention(nn.Module):
@@ -95,9 +108,9 @@ class MultiHeadAttention(nn.Module):
     heads are projected by one matmul and then split: (batch, len, d_model) -> (batch, heads, len, d_k).
     In self-attention, where Q, K and V are projections of the same x, `fuse_qkv` stacks W_Q, W_K and W_V
     at call time and projects x once (one larger matmul, one read of x); the parameters stay the paper's
-    three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off
-    until the benchmarks show it faster on a quiet machine: on our loaded 2-core one, training's projections
-    alone ran 1.09-1.24× faster fused (cached decoding 0.93-1.04×), but whole steps gave no clear answer.
+    three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off:
+    on a quiet 2-core CPU whole training steps ran 0.98× (small) and 1.03× (base) as fast fused, and greedy
+    decoding 0.91-0.94× (benchmarks/RESULTS.md).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:

@@ -34,7 +34,9 @@ class RNNState:
     length: int = 0
     hidden: Tensor | tuple[Tensor, Tensor] | None = None
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, *, within_sources: bool = False) -> None:
+        """Keep batch rows `index`. The encoder states live in the memory, not here: `within_sources` (see
+        `KVCache.reorder`) changes nothing."""
         if isinstance(self.hidden, tuple):
             self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
         elif self.hidden is not None:
