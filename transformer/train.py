@@ -300,6 +300,7 @@ def train(
         "stale_evals": 0,
         "bad_steps": 0,  # non-finite losses in a row
         "skipped_steps": 0,  # non-finite losses in all
+        "tokens_seen": 0,  # target tokens trained on (the comparison card's FLOP count uses it)
         "seconds": 0.0,  # wall time of the run so far, across resumptions: the time budget counts this
         # The sums behind the next `train` log record, saved so a resumed run logs what an unbroken one does.
         "window": {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0},
@@ -449,7 +450,7 @@ def train(
                 mixed.step(optimizer, model, tc.clip_norm)
                 scheduler.step()
                 state["step"] += 1
-                state["tokens_seen"] = state.get("tokens_seen", 0) + step_tokens
+                state["tokens_seen"] += step_tokens
                 window["loss"] += loss_sum
                 window["tokens"] += step_tokens
 
