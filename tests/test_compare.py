@@ -30,8 +30,9 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     models = ["transformer", "rnn"]  # the other families train through the same calls (tests/test_rnn.py)
     args = ["compare", *overrides, "--models", *models, "--seeds", "1", "2", "--minutes", "0"]
     args += ["--out", str(tmp_path / "runs")]
-    assert main([*args, "--card", str(card)]) == 0
+    assert main([*args, "--jobs", "2", "--card", str(card)]) == 0  # two worker processes
     text = card.read_text()
+    assert "2 runs at a time, each training and decoding on" in text
     assert "| | Transformer | RNN encoder–decoder |" in text
     assert "±" in text and "nrefs:1|case:lc" in text and "Verdicts" in text
     rows = json.loads(card.with_suffix(".json").read_text())
@@ -39,7 +40,9 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     assert all(r["training_flops"] > 0 and r["beam4_sentences_per_s"] > 0 and r["updates"] == 4 for r in rows)
     params = {r["model"]: r["parameters"] for r in rows}
     assert all(abs(p / params["transformer"] - 1) < 0.15 for p in params.values()), params
-    # A second call reuses the finished runs: nothing is trained again.
+    # A second call, in this process, reuses the finished runs and their measurements: nothing is trained
+    # or measured again.
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "runs").glob("*/best.safetensors")}
     assert main([*args, "--card", str(tmp_path / "again.md")]) == 0
     assert stamps == {p: p.stat().st_mtime for p in (tmp_path / "runs").glob("*/best.safetensors")}
+    assert json.loads((tmp_path / "again.json").read_text()) == rows

@@ -155,6 +155,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.overrides)
     base, transformer_overrides = load_train_settings(args.config, overrides)
+    if args.jobs < 1:
+        raise TransformerError(f"--jobs must be at least 1, not {args.jobs}")
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise TransformerError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
@@ -163,6 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         seeds=tuple(args.seeds),
         base=dataclasses.replace(base, time_budget_minutes=args.minutes),
         transformer_overrides=tuple(transformer_overrides.items()),
+        jobs=args.jobs,
     )
     command = " ".join(["transformer compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else ""
     compare(settings, Path(args.out), Path(args.card), command or "transformer compare")
@@ -253,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["transformer", "rnn", "birnn", "rnn-attention"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget of each run")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each on an equal share of the cores (default 1)"
+    )
     p.add_argument("--out", default="runs/compare", help="where the runs go (finished ones are reused)")
     p.add_argument("--card", default="reports/comparison.md", help="the Markdown card to write")
     p.set_defaults(func=cmd_compare)

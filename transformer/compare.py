@@ -17,10 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,9 @@ from transformer.config import RNNConfig, TrainConfig, TransformerConfig
 from transformer.data.batching import collate
 from transformer.data.corpus import corpus_paths, read_split
 from transformer.evaluate import score
+from transformer.loss import label_smoothed_loss
 from transformer.model import build_model
-from transformer.train import encode_corpus, label_smoothed_loss, teacher_forced_loss, train
+from transformer.train import encode_corpus, teacher_forced_loss, train
 from transformer.translate import Translator
 
 MODELS = ("transformer", "rnn", "birnn", "rnn-attention")
@@ -67,6 +71,7 @@ class CompareSettings:
     base: TrainConfig = field(default_factory=TrainConfig)
     transformer_overrides: tuple[tuple[str, Any], ...] = ()
     emb_dim: int = 0  # the RNNs' embedding size (0: the Transformer's d_model); hidden sizes match params
+    jobs: int = 1  # runs trained and measured at once, each on cpu_count // jobs threads
 
 
 def count_parameters(config: TransformerConfig | RNNConfig) -> int:
@@ -199,7 +204,7 @@ def data_checksums(tc: TrainConfig) -> dict[str, str]:
     return out
 
 
-def hardware() -> str:
+def hardware(threads: int = 0) -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -207,7 +212,9 @@ def hardware() -> str:
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
     python = platform.python_version()
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {python}"
+    threads = threads or torch.get_num_threads()
+    cores = os.cpu_count()
+    return f"{cpu}, {cores} cores, {threads} threads per run, torch {torch.__version__}, Python {python}"
 
 
 def _mean_std(values: Sequence[float], fmt: str) -> str:
@@ -278,7 +285,12 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         f"label smoothing {tc.label_smoothing}, average of the last {tc.average_last} checkpoints), "
         f"{tc.time_budget_minutes:g} minutes of training per run, seeds "
         f"{', '.join(map(str, settings.seeds))}; "
-        "mean ± standard deviation over seeds.",
+        "mean ± standard deviation over seeds."
+        + (
+            f" {settings.jobs} runs at a time, each training and decoding on {tc.threads} thread(s)."
+            if settings.jobs > 1
+            else ""
+        ),
         "",
         f"Reproduce: `{command}`",
         "",
@@ -298,7 +310,7 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
     lines += [
         "## Provenance",
         "",
-        f"- Hardware: {hardware()}",
+        f"- Hardware: {hardware(tc.threads)}",
         f"- BLEU signature: `{sample['beam4_bleu_signature']}`; "
         f"lowercased: `{sample['beam4_bleu_lc_signature']}`; chrF: `{sample['beam4_chrf_signature']}`",
         "- Data (sha256, first 16 hex digits): "
@@ -317,11 +329,35 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
     return text
 
 
+def train_and_measure(settings: CompareSettings, kind: str, seed: int, out: Path) -> dict[str, Any]:
+    """One cell of the card. The measurement is kept beside the run (`measured.json`), so that a card
+    interrupted while measuring does not measure finished runs again."""
+    if settings.base.threads:
+        torch.set_num_threads(settings.base.threads)  # decoding speed is measured on the training's threads
+    run_dir = run_one(settings, kind, seed, out)
+    kept = run_dir / "measured.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    row = measure(run_dir)
+    kept.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
 def compare(settings: CompareSettings, out: Path, card: Path, command: str) -> str:
-    """Train every model and seed (reusing finished runs), measure them, and write the card."""
-    measured = []
-    for kind in settings.models:
-        for seed in settings.seeds:
-            run_dir = run_one(settings, kind, seed, out)
-            measured.append(measure(run_dir))
+    """Train every model and seed (reusing finished runs), measure them, and write the card.
+
+    With `jobs` > 1 the runs go to that many worker processes, each pinned to an equal share of the
+    cores: on a small CPU, two one-thread runs do more work than one two-thread run (small matrix
+    products do not split well), and every run still sees the same conditions as the others.
+    """
+    cells = [(kind, seed) for kind in settings.models for seed in settings.seeds]
+    if settings.jobs <= 1:
+        measured = [train_and_measure(settings, kind, seed, out) for kind, seed in cells]
+        return write_card(measured, settings, command, card)
+    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    settings = replace(settings, base=replace(settings.base, threads=threads))
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
+        futures = [pool.submit(train_and_measure, settings, kind, seed, out) for kind, seed in cells]
+        measured = [future.result() for future in futures]
     return write_card(measured, settings, command, card)
