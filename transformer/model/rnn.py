@@ -7,7 +7,7 @@
 - `rnn-attention`: a bidirectional encoder and a decoder that, at every step, attends over all encoder
   states (Bahdanau et al. 2015, additive scores; Luong et al. 2015 dot-product scores as an option).
 
-Padding never reaches the recurrences: sequences are packed, so the final state is that of the last real
+Padding never reaches the recurrences: padded batches are packed, so the final state is that of the last real
 token. Like the Transformer, a model maps (src, tgt_in) to logits and decodes incrementally through a
 cache (here the decoder's hidden state), reordered by index for beam search.
 """
@@ -132,11 +132,15 @@ class RNNSeq2Seq(nn.Module):
         (states (batch, src_len, dirs·hidden), summary (batch, dirs·hidden))."""
         mask = src != self.config.pad_id
         lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = pack_padded_sequence(
-            self.dropout(self.src_embed(src)), lengths, batch_first=True, enforce_sorted=False
-        )
-        states, final = self.encoder(packed)
-        states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.size(1))
+        embedded = self.dropout(self.src_embed(src))  # (batch, src_len, emb)
+        if bool((lengths == src.size(1)).all()):
+            # No padding: skip packing, whose backward on CPU grows faster than linearly with the length
+            # (4.2 s against 0.31 s for a GRU over 32 sequences of 1,025 tokens).
+            states, final = self.encoder(embedded)
+        else:
+            packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+            states, final = self.encoder(packed)
+            states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.size(1))
         final_h = final[0] if isinstance(final, tuple) else final  # (layers·dirs, batch, hidden)
         directions = 2 if self.config.kind != "rnn" else 1
         top = final_h.view(self.config.n_layers, directions, src.size(0), -1)[-1]  # (dirs, batch, hidden)
