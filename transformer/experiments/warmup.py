@@ -44,7 +44,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "steps": 100,
         "warmup": 30,
         "max_tokens": 600,
-        "seeds": [1, 2, 3],
+        "seeds": [1, 2, 3, 4, 5],  # failures counted over five seeds, not an anecdote of one
         "peak_lr": 3e-3,
     },
 }
