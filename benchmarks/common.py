@@ -39,12 +39,6 @@ def _cpu() -> tuple[str, set[str]]:
     return (model.group(1).strip() if model else "unknown"), set(flags.group(1).split() if flags else ())
 
 
-def has_native_bf16() -> bool:
-    """True when the CPU has bf16 matmul instructions; without them torch's bf16 matmuls are emulated and
-    run far below fp32 speed, so a bf16 benchmark would take minutes and measure nothing useful."""
-    return bool(_cpu()[1] & {"avx512_bf16", "amx_bf16"})
-
-
 def machine_info() -> dict[str, Any]:
     model, flags = _cpu()
     try:

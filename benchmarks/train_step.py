@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
+from transformer.precision import has_native_bf16
 from transformer.runtime import ALLOCATOR_TUNABLES
 
 # Default batches: about our trainer's token budget for small, and what fits a few-minute run for base.
@@ -131,7 +132,7 @@ def main() -> None:
         memory_of(args.memory_of, args.configs[0], tuple(args.shape))
         return
 
-    bf16 = args.bf16 or common.has_native_bf16()
+    bf16 = args.bf16 or has_native_bf16()  # emulated bf16 would measure nothing useful
     result = {"machine": common.machine_info(), "fp32_matmul_peak_gflops": common.matmul_peak_gflops()}
     if bf16:
         result["bf16_matmul_peak_gflops"] = common.matmul_peak_gflops(torch.bfloat16)

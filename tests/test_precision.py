@@ -59,3 +59,14 @@ def test_compile_wraps_the_same_parameters() -> None:
     assert maybe_compile(model, False) is model
     compiled = maybe_compile(model, True)  # compiling itself happens at the first call (minutes on CPU)
     assert list(compiled.parameters()) == list(model.parameters())
+
+
+def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformer import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert MixedPrecision("auto").precision == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # emulated bf16: slow
+    assert MixedPrecision("auto").precision == "fp32"
+    assert MixedPrecision("bf16").precision == "bf16"  # an explicit choice is kept
+    assert precision.resolve_precision("auto", "mps") == "fp32"

@@ -236,19 +236,17 @@ def test_a_fragment_of_a_metrics_line_is_dropped(tmp_path: Path) -> None:
 
 def poison_losses(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None, from_call: int = 0) -> None:
     """Make the training loss (not validation's) non-finite on the given calls, or from `from_call` on."""
-    original = train_module.label_smoothed_loss
+    original = train_module.batch_loss  # the training loss alone: validation computes its own
     calls = [0]
 
-    def loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-        value = original(logits, target, smoothing)
-        if not torch.is_grad_enabled():
-            return value
+    def loss(*args: Any) -> torch.Tensor:
+        value = original(*args)
         calls[0] += 1
         if (bad_calls is not None and calls[0] in bad_calls) or (bad_calls is None and calls[0] >= from_call):
             return value * float("nan") if calls[0] % 2 else value * float("inf")
         return value
 
-    monkeypatch.setattr(train_module, "label_smoothed_loss", loss)
+    monkeypatch.setattr(train_module, "batch_loss", loss)
 
 
 def test_non_finite_losses_are_skipped_and_counted(
@@ -546,7 +544,7 @@ def test_empty_training_or_validation_data_writes_nothing(
         ("log_every=0", "log_every must be positive, got 0"),
         ("label_smoothing=1.5", "label_smoothing must be in [0, 1), got 1.5"),
         ("d_ff=wide", "d_ff must be of type int, got 'wide'"),
-        ("precision=fp8", "precision must be one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        ("precision=fp8", "precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ],
 )
 def test_bad_settings_are_one_line_and_write_nothing(

@@ -4,11 +4,18 @@ bf16 has fp32's exponent range, so autocast alone is enough; fp16 does not, and 
 underflow to zero, so its loss is scaled up before the backward pass and the gradients scaled back down
 before the optimiser step (torch's GradScaler, which also skips steps whose gradients overflowed). fp16
 is offered on CUDA only: CPUs have no fast fp16 matmuls.
+
+`auto`, the default, picks bf16 where the hardware multiplies bf16 natively (CUDA devices that support it,
+CPUs with AVX-512 BF16 or AMX) and fp32 elsewhere: on a CPU without those instructions torch emulates bf16
+matmuls at a tenth of the fp32 speed, so bf16 there would be a slowdown, not a speed-up.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,10 +25,36 @@ from transformer.errors import TransformerError
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. on macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return frozenset(found.group(1).split()) if found else frozenset()
+
+
+def has_native_bf16(device_type: str = "cpu") -> bool:
+    """True where bf16 matmuls run in hardware: CUDA devices that support bf16, CPUs with AVX-512 BF16/AMX."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """The precision `auto` stands for on this device (bf16 where native, else fp32); others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16" if has_native_bf16(device_type) else "fp32"
+
+
 class MixedPrecision:
-    """The autocast context and loss scaling of one precision setting (`fp32`, `bf16` or `fp16`)."""
+    """The autocast context and loss scaling of one precision setting (`auto`, `fp32`, `bf16` or `fp16`)."""
 
     def __init__(self, precision: str, device_type: str = "cpu") -> None:
+        precision = resolve_precision(precision, device_type)
         if precision == "fp16" and device_type != "cuda":
             raise TransformerError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
         self.precision, self.device_type = precision, device_type
