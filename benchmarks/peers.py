@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from transformer import Transformer, TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.loss import label_smoothed_loss
 from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
-from transformer.train import label_smoothed_loss
 
 VOCAB = 8000  # the project's joint SentencePiece vocabulary, for both configurations
 

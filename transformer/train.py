@@ -14,13 +14,12 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -33,12 +32,13 @@ from transformer.config import (
     config_to_dict,
     model_width,
 )
-from transformer.data.batching import collate, token_batches
+from transformer.data.batching import Batch, collate, token_batches
 from transformer.data.corpus import filter_pairs, read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
-from transformer.model import build_model
+from transformer.loss import label_smoothed_loss, projected_loss
+from transformer.model import Transformer, build_model
 from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, maybe_compile
 from transformer.runtime import configure_torch
@@ -104,15 +104,16 @@ def build_tokenizer(
     return tokenizer
 
 
-def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Summed cross-entropy against (1 − ε)·one-hot + ε/V, padding ignored (Szegedy et al. 2016; §5.4)."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        target.flatten(),
-        ignore_index=PAD_ID,
-        label_smoothing=smoothing,
-        reduction="sum",
-    )
+def batch_loss(
+    forward: Callable[..., torch.Tensor], model: nn.Module, batch: Batch, smoothing: float
+) -> torch.Tensor:
+    """The summed label-smoothed loss of one training batch, through `forward` (the model, or its DDP or
+    compiled wrapper). The Transformer projects only the positions that predict a token (see
+    transformer.loss.projected_loss)."""
+    if isinstance(model, Transformer):
+        hidden = forward(batch.src, batch.tgt_in, project=False)  # (batch, tgt_len, d_model)
+        return projected_loss(hidden, model.out_proj, batch.tgt_out, smoothing)
+    return label_smoothed_loss(forward(batch.src, batch.tgt_in), batch.tgt_out, smoothing)
 
 
 @torch.no_grad()
@@ -280,6 +281,7 @@ def train(
     train_data, train_stats = encode_corpus(train_pairs, tokenizer, tc.max_len)
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, None)
     log.write(event="data", train=train_stats, valid=valid_stats)
+    log.write(event="precision", precision=mixed.precision, device=device.type)  # what `auto` chose
     if len(train_data) == 0:
         raise TransformerError(f"no training pairs left in {tc.data_dir}/{tc.train_split} after filtering")
     tqdm.write(
@@ -320,7 +322,10 @@ def train(
         started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
         log.write(event="resume", step=state["step"], checkpoint=name)
         tqdm.write(f"resuming {run_dir} from {name} at step {state['step']} (epoch {state['epoch'] + 1})")
-    tqdm.write(f"model: {model.num_parameters() / 1e6:.1f}M parameters; writing to {run_dir}")
+    tqdm.write(
+        f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}; "
+        f"writing to {run_dir}"
+    )
     train_model = distributed.wrap(model)  # DDP under torchrun: forward and backward go through this
     if distributed.world_size() > 1:
         log.write(event="distributed", world_size=distributed.world_size(), backend=distributed.backend())
@@ -421,8 +426,7 @@ def train(
                 for k, batch in enumerate(collated):
                     with distributed.gradient_sync(train_model, k == len(collated) - 1):
                         with mixed.autocast():
-                            logits = forward(batch.src, batch.tgt_in)
-                        loss = label_smoothed_loss(logits, batch.tgt_out, tc.label_smoothing)
+                            loss = batch_loss(forward, model, batch, tc.label_smoothing)
                         mixed.backward(loss / step_tokens * distributed.world_size())
                     loss_sum += float(loss.detach())
                     window["pad"] += batch.padding_fraction

@@ -27,8 +27,9 @@ from transformer.config import TransformerConfig
 from transformer.data.batching import collate, token_batches
 from transformer.data.corpus import read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer
+from transformer.loss import label_smoothed_loss
 from transformer.optim import build_optimizer
-from transformer.train import Corpus, encode_corpus, label_smoothed_loss, translate_and_score
+from transformer.train import Corpus, encode_corpus, translate_and_score
 
 PRESETS = ("tiny", "report")
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "multi30k"

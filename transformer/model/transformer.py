@@ -270,20 +270,25 @@ class Transformer(nn.Module):
         src_mask: Tensor,
         cache: KVCache | None = None,
         record: AttentionRecord | None = None,
+        *,
+        project: bool = True,
     ) -> Tensor:
         """tgt (batch, tgt_len): the whole shifted target, or with a cache only the newest positions.
 
         Target padding needs no mask: it sits at the end, where the causal mask already hides it from every
-        real position, and the loss ignores the outputs at padded positions.
+        real position, and the loss ignores the outputs at padded positions. With `project=False` the
+        result is the decoder's output before the vocabulary projection (batch, tgt_len, d_model).
         """
         offset = cache.length if cache is not None else 0
         x = self.dropout(self.tgt_pos(self.tgt_embed(tgt), offset))
         x = self.decoder(x, memory, src_mask, cache, record)
-        return self.out_proj(x)  # (batch, tgt_len, tgt_vocab)
+        return self.out_proj(x) if project else x  # (batch, tgt_len, tgt_vocab) or (…, d_model)
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, *, project: bool = True) -> Tensor:
+        """Logits (batch, tgt_len, tgt_vocab); with `project=False` the features they are projected from,
+        for a loss that fuses the projection (transformer.loss.projected_label_smoothed_loss)."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt, memory, src_mask)
+        return self.decode(tgt, memory, src_mask, project=project)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(max_len=max_len or self.config.max_len)
