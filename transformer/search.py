@@ -186,21 +186,28 @@ def _beam(
     finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
     row_offset = (torch.arange(batch, device=device) * k)[:, None]  # (batch, 1)
 
+    # A finished hypothesis may only continue with padding, one at its length limit only with EOS, both
+    # at no cost: such a row's candidates are that one token at log-probability 0 and nothing else.
+    only_one = torch.full((k,), float("-inf"), device=device)
+    only_one[0] = 0.0
     for t in range(steps):
-        log_probs = torch.log_softmax(stepper.logits().float(), dim=-1)  # (batch·k, vocab)
-        vocab = log_probs.size(-1)
-        log_probs = log_probs.view(batch, k, vocab)
-        forced_eos = (t + 1 >= limits) & ~finished  # (batch, k)
-        log_probs = torch.where(forced_eos[..., None], _one_hot_log(vocab, eos_id, device), log_probs)
-        log_probs = torch.where(finished[..., None], _one_hot_log(vocab, pad_id, device), log_probs)
+        logits = stepper.logits().float().view(batch, k, -1)  # (batch, k, vocab)
+        # The length penalty is the same for all candidates of one row, so a row's k best candidates
+        # overall are among its k most probable tokens: rank those k·k instead of all k·vocab.
+        width = min(k, logits.size(-1))
+        top_logits, top_tokens = logits.topk(width, dim=-1)  # (batch, k, width)
+        top_log_probs = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        constrained = (finished | (t + 1 >= limits))[..., None]  # (batch, k, 1)
+        top_log_probs = torch.where(constrained, only_one[:width], top_log_probs)
+        top_tokens = torch.where(constrained, torch.where(finished, pad_id, eos_id)[..., None], top_tokens)
 
-        candidates = scores[..., None] + log_probs  # (batch, k, vocab)
+        candidates = (scores[..., None] + top_log_probs).view(batch, k * width)
         cand_lengths = lengths + (~finished).float()  # (batch, k)
-        ranked = (candidates / _penalty(cand_lengths, config)[..., None]).view(batch, k * vocab)
+        ranked = candidates / _penalty(cand_lengths, config).repeat_interleave(width, dim=1)
         _, flat = ranked.topk(k, dim=-1)  # (batch, k)
-        parent, token = flat // vocab, flat % vocab
+        parent, token = flat // width, top_tokens.view(batch, k * width).gather(1, flat)
 
-        scores = candidates.view(batch, k * vocab).gather(1, flat)
+        scores = candidates.gather(1, flat)
         lengths = cand_lengths.gather(1, parent)
         finished = finished.gather(1, parent) | (token == eos_id)
         stepper.push(token.view(-1), (parent + row_offset).view(-1))
@@ -215,13 +222,6 @@ def _repeat_rows(memory: Any, k: int) -> Any:
     if isinstance(memory, tuple):
         return tuple(_repeat_rows(part, k) for part in memory)
     return memory.repeat_interleave(k, 0)
-
-
-def _one_hot_log(vocab: int, token: int, device: torch.device) -> Tensor:
-    """Log-probabilities that allow only `token` (at zero cost)."""
-    row = torch.full((vocab,), float("-inf"), device=device)
-    row[token] = 0.0
-    return row
 
 
 def _strip(tokens: Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
