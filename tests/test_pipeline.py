@@ -174,3 +174,14 @@ def test_sigterm_saves_and_exits_cleanly(data_dir: Path, tmp_path: Path) -> None
         resume=True,
     )
     assert load_state(out / "last.state.pt")["progress"]["step"] == state["progress"]["step"] + 5
+
+
+def test_the_default_recipe_file_spells_out_the_defaults() -> None:
+    """`transformer train` and `transformer train --config experiments/multi30k-de-en.yaml` are one run."""
+    from transformer.cli import load_train_settings
+    from transformer.config import TrainConfig, TransformerConfig
+
+    recipe = Path(__file__).resolve().parent.parent / "experiments" / "multi30k-de-en.yaml"
+    tc, model = load_train_settings(str(recipe), {})
+    assert tc == TrainConfig()
+    assert TransformerConfig.preset(tc.preset, **model) == TransformerConfig.preset(tc.preset)
