@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import TINY_MODEL, tiny_recipe
 
 from transformer.cli import main
-from transformer.compare import MODELS, CompareSettings, count_parameters, model_overrides
+from transformer.compare import MODELS, CompareSettings, count_parameters, model_overrides, verdicts
 from transformer.config import RNNConfig, TransformerConfig
 
 
@@ -46,3 +46,14 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     assert main([*args, "--card", str(tmp_path / "again.md")]) == 0
     assert stamps == {p: p.stat().st_mtime for p in (tmp_path / "runs").glob("*/best.safetensors")}
     assert json.loads((tmp_path / "again.json").read_text()) == rows
+
+
+def test_verdicts_judge_lowercased_greedy_bleu_and_name_each_side_s_parameters() -> None:
+    def rows(bleu: float, params: int) -> list[dict[str, float]]:
+        return [{"beam1_bleu_lc": bleu + delta, "parameters": params} for delta in (-1.0, 1.0)]
+
+    lines = verdicts({"transformer": rows(30.0, 2_000_000), "rnn": rows(21.0, 1_800_000)})
+    assert lines == [
+        "- RNN encoder–decoder: 21.00 beats the published GRU encoder–decoder (notebook 2) figure 20.6.",
+        "- Transformer vs RNN encoder–decoder: +9.00 BLEU (lowercased, greedy) at 2.00M vs 1.80M parameters.",
+    ]

@@ -214,7 +214,11 @@ def hardware(threads: int = 0) -> str:
     python = platform.python_version()
     threads = threads or torch.get_num_threads()
     cores = os.cpu_count()
-    return f"{cpu}, {cores} cores, {threads} threads per run, torch {torch.__version__}, Python {python}"
+    return f"{cpu}, {cores} cores, {_threads(threads)} per run, torch {torch.__version__}, Python {python}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def _mean_std(values: Sequence[float], fmt: str) -> str:
@@ -230,7 +234,7 @@ ROWS = (
     ("updates", "updates", 1, ".0f"),
     ("minutes_to_best_valid", "wall minutes to best validation", 1, ".1f"),
     ("wall_minutes", "wall minutes in all (with evaluation)", 1, ".1f"),
-    ("training_flops", "training FLOPs (×10¹⁵)", 1e-15, ".2f"),
+    ("training_flops", "training FLOPs (×10¹²)", 1e-12, ".1f"),
     ("valid_ppl", "validation perplexity (teacher forcing)", 1, ".2f"),
     ("beam1_sentences_per_s", "decoding sentences/s, greedy", 1, ".1f"),
     ("beam4_sentences_per_s", "decoding sentences/s, beam 4", 1, ".1f"),
@@ -263,7 +267,7 @@ def verdicts(by_model: dict[str, list[dict[str, Any]]]) -> list[str]:
                 gap = mean["transformer"] - mean[kind]
                 lines.append(
                     f"- Transformer vs {LABELS[kind]}: {gap:+.2f} BLEU (lowercased, greedy) at "
-                    f"{millions(by_model[kind])}M vs {millions(by_model['transformer'])}M parameters."
+                    f"{millions(by_model['transformer'])}M vs {millions(by_model[kind])}M parameters."
                 )
     return lines
 
@@ -287,7 +291,7 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         f"{', '.join(map(str, settings.seeds))}; "
         "mean ± standard deviation over seeds."
         + (
-            f" {settings.jobs} runs at a time, each training and decoding on {tc.threads} thread(s)."
+            f" {settings.jobs} runs at a time, each training and decoding on {_threads(tc.threads)}."
             if settings.jobs > 1
             else ""
         ),
