@@ -24,29 +24,20 @@ from typing import Any
 
 import torch
 
+from transformer.runtime import cpu_flags, cpu_name
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that decide matmul speed
 
 
-def _cpu() -> tuple[str, set[str]]:
-    """The CPU model name and flags from /proc/cpuinfo (Linux), or what `platform` knows."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown", set()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return (model.group(1).strip() if model else "unknown"), set(flags.group(1).split() if flags else ())
-
-
 def machine_info() -> dict[str, Any]:
-    model, flags = _cpu()
+    flags = cpu_flags()
     try:
         hf = metadata.version("transformers")
     except metadata.PackageNotFoundError:
         hf = None
     return {
-        "cpu": model,
+        "cpu": cpu_name(),
         "cpu_flags": [f for f in _FLAGS if f in flags],
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

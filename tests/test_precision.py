@@ -70,3 +70,14 @@ def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: p
     assert MixedPrecision("auto").precision == "fp32"
     assert MixedPrecision("bf16").precision == "bf16"  # an explicit choice is kept
     assert precision.resolve_precision("auto", "mps") == "fp32"
+
+
+def test_cpu_name_and_flags_come_from_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformer import runtime
+
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n"
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: text)
+    assert runtime.cpu_name() == "AMD EPYC 9B14"
+    assert runtime.cpu_flags() == frozenset({"fpu", "avx2", "avx512_bf16"})
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: "")  # no /proc/cpuinfo (macOS)
+    assert runtime.cpu_flags() == frozenset() and runtime.cpu_name()

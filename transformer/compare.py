@@ -38,6 +38,7 @@ from transformer.data.corpus import corpus_paths, read_split
 from transformer.evaluate import score
 from transformer.loss import label_smoothed_loss
 from transformer.model import build_model
+from transformer.runtime import cpu_name
 from transformer.train import encode_corpus, teacher_forced_loss, train
 from transformer.translate import Translator
 
@@ -205,12 +206,7 @@ def data_checksums(tc: TrainConfig) -> dict[str, str]:
 
 
 def hardware(threads: int = 0) -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        lines = cpuinfo.read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     python = platform.python_version()
     threads = threads or torch.get_num_threads()
     cores = os.cpu_count()

@@ -12,28 +12,15 @@ matmuls at a tenth of the fp32 speed, so bf16 there would be a slowdown, not a s
 
 from __future__ import annotations
 
-import re
 from contextlib import AbstractContextManager
-from functools import cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from transformer.errors import TransformerError
+from transformer.runtime import cpu_flags
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. on macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return frozenset(found.group(1).split()) if found else frozenset()
 
 
 def has_native_bf16(device_type: str = "cpu") -> bool:

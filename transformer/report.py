@@ -12,7 +12,6 @@ import datetime
 import importlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -47,14 +46,9 @@ def command_for(keys: Sequence[str] | None, out: Path, checkpoint: Path | None, 
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from transformer.runtime import cpu_name
+
+    cpu = cpu_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores available, torch {torch.__version__} with {torch.get_num_threads()} threads"
 

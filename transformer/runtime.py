@@ -9,10 +9,35 @@ only at start-up, so the `transformer` command re-executes itself once with it s
 from __future__ import annotations
 
 import os
+import platform
+import re
 import sys
+from functools import cache
+from pathlib import Path
 
 ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 _OPT_OUT = "TRANSFORMER_KEEP_ALLOCATOR"  # set to 1 to run under the allocator as it is
+
+
+@cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ('' where there is none, e.g. on macOS)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the machine lines of reports, cards and benchmarks."""
+    found = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing): they decide which matmuls are fast."""
+    found = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return frozenset(found.group(1).split()) if found else frozenset()
 
 
 def configure_torch(threads: int = 0) -> None:
@@ -29,8 +54,6 @@ def reexec_with_allocator_tunables() -> None:
     """Re-run this command with GLIBC_TUNABLES set, unless it is already set, opted out, or not glibc."""
     if os.environ.get("GLIBC_TUNABLES") or os.environ.get(_OPT_OUT) or not sys.platform.startswith("linux"):
         return
-    import platform
-
     if platform.libc_ver()[0] != "glibc":
         return
     env = {**os.environ, "GLIBC_TUNABLES": ALLOCATOR_TUNABLES, _OPT_OUT: "1"}
