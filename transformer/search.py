@@ -201,13 +201,13 @@ def _beam(
         top_log_probs = torch.where(constrained, only_one[:width], top_log_probs)
         top_tokens = torch.where(constrained, torch.where(finished, pad_id, eos_id)[..., None], top_tokens)
 
-        candidates = (scores[..., None] + top_log_probs).view(batch, k * width)
+        candidates = scores[..., None] + top_log_probs  # (batch, k, width)
         cand_lengths = lengths + (~finished).float()  # (batch, k)
-        ranked = candidates / _penalty(cand_lengths, config).repeat_interleave(width, dim=1)
+        ranked = (candidates / _penalty(cand_lengths, config)[..., None]).view(batch, k * width)
         _, flat = ranked.topk(k, dim=-1)  # (batch, k)
         parent, token = flat // width, top_tokens.view(batch, k * width).gather(1, flat)
 
-        scores = candidates.gather(1, flat)
+        scores = candidates.view(batch, k * width).gather(1, flat)
         lengths = cand_lengths.gather(1, parent)
         finished = finished.gather(1, parent) | (token == eos_id)
         stepper.push(token.view(-1), (parent + row_offset).view(-1))

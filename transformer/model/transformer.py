@@ -286,7 +286,7 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt: Tensor, *, project: bool = True) -> Tensor:
         """Logits (batch, tgt_len, tgt_vocab); with `project=False` the features they are projected from,
-        for a loss that fuses the projection (transformer.loss.projected_label_smoothed_loss)."""
+        for a loss that projects only the positions it needs (transformer.loss.projected_loss)."""
         memory, src_mask = self.encode(src)
         return self.decode(tgt, memory, src_mask, project=project)
 
