@@ -54,12 +54,14 @@ def quick_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def quick_recipe(data: Path, **changes: Any) -> TrainConfig:
     """10 updates, validated and saved at 4, 8 and 10, logged every 3: a checkpoint falls inside a log
-    window, so a resume must restore the window's partial sums to log what the unbroken run logs."""
+    window, so a resume must restore the window's partial sums to log what the unbroken run logs. The
+    rate cools down from update 5 to 0 at 10, so resuming before, at and inside the cool-down is tested."""
     # One thread in every process: bit-identical weights need the same reduction order in the killed run,
     # the resumed one and the reference (an attention key bias has zero true gradient, so Adam turns any
     # rounding difference in it into a full-size step).
     settings = {
         "max_steps": 10,
+        "cooldown": 0.5,
         "eval_every": 4,
         "log_every": 3,
         "average_last": 0,
@@ -189,6 +191,7 @@ def test_sigkill_then_resume_equals_an_unbroken_run(
     resumed_at = max(i for i, r in enumerate(log) if r["event"] == "resume")
     assert log[resumed_at] == {"event": "resume", "step": step, "checkpoint": resumes_from}
     assert_same_history(comparable(log[resumed_at:], step), comparable(records(reference), step))
+    assert {"event": "cooldown", "step": 5, "until": 10} in records(reference)
     for key, value in load_weights(reference / "last.safetensors").items():
         assert torch.equal(load_weights(run / "last.safetensors")[key], value), key
     assert not list(run.glob(".*.tmp-*")), "the killed write's temp file is cleaned up on resume"

