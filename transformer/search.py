@@ -191,12 +191,12 @@ def _beam(
     only_one = torch.full((k,), float("-inf"), device=device)
     only_one[0] = 0.0
     for t in range(steps):
-        logits = stepper.logits().float().view(batch, k, -1)  # (batch, k, vocab)
+        log_probs = torch.log_softmax(stepper.logits().float(), dim=-1)  # (batch·k, vocab)
+        log_probs = log_probs.view(batch, k, -1)  # (batch, k, vocab)
         # The length penalty is the same for all candidates of one row, so a row's k best candidates
         # overall are among its k most probable tokens: rank those k·k instead of all k·vocab.
-        width = min(k, logits.size(-1))
-        top_logits, top_tokens = logits.topk(width, dim=-1)  # (batch, k, width)
-        top_log_probs = top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        width = min(k, log_probs.size(-1))
+        top_log_probs, top_tokens = log_probs.topk(width, dim=-1)  # (batch, k, width)
         constrained = (finished | (t + 1 >= limits))[..., None]  # (batch, k, 1)
         top_log_probs = torch.where(constrained, only_one[:width], top_log_probs)
         top_tokens = torch.where(constrained, torch.where(finished, pad_id, eos_id)[..., None], top_tokens)
