@@ -4,14 +4,19 @@ the optional `bench` dependency group installs `transformers`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from transformer import Transformer, TransformerConfig
-from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from transformer.loss import label_smoothed_loss
+from transformer.data.batching import collate, token_batches
+from transformer.data.corpus import read_split
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from transformer.loss import label_smoothed_loss, projected_loss
 from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
 
@@ -102,22 +107,60 @@ def ours(c: TransformerConfig, *, fuse_qkv: bool = False, torch_dropout: bool = 
     return model
 
 
-def training_step(model: nn.Module, src: Tensor, tgt: Tensor, bf16: bool = False) -> Callable[[], None]:
-    """One step as our trainer takes it: label-smoothed loss per target token, backward, Adam (β₂ 0.98).
-    `tgt` holds BOS … EOS: the model reads tgt[:, :-1] and predicts tgt[:, 1:]."""
+def training_step(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    *,
+    bf16: bool = False,
+    fused_adam: bool = False,
+    projected: bool = False,
+) -> Callable[[], None]:
+    """One training step per call, on the next of `batches` (src, tgt) in turn: label-smoothed loss per
+    target token, backward, Adam (β₂ 0.98). `tgt` holds BOS … EOS: the model reads tgt[:, :-1] and
+    predicts tgt[:, 1:]; padding is ignored by the loss.
+
+    `projected` and `fused_adam` make it the step our trainer takes (transformer/train.py): only the
+    non-padding positions are projected onto the vocabulary, and Adam is torch's fused one. The peers get
+    their logits' loss and torch.optim.Adam as constructed by default (the for-loop implementation on
+    the CPU), as their users would write it."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-    n_tokens = int((tgt[:, 1:] != PAD_ID).sum())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused_adam)
+    prepared = [(src, tgt[:, :-1], tgt[:, 1:], int((tgt[:, 1:] != PAD_ID).sum())) for src, tgt in batches]
+    turns = itertools.cycle(prepared)
 
     def step() -> None:
+        src, tgt_in, tgt_out, n_tokens = next(turns)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(src, tgt[:, :-1])
-        loss = label_smoothed_loss(logits, tgt[:, 1:], 0.1) / n_tokens
-        loss.backward()
+            if projected:  # as transformer.train.batch_loss
+                loss = projected_loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
+            else:
+                logits = model(src, tgt_in)
+        if not projected:
+            loss = label_smoothed_loss(logits, tgt_out, 0.1)
+        (loss / n_tokens).backward()
         optimizer.step()
 
     return step
+
+
+def corpus_batches(count: int, max_tokens: int = 2500, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """The first `count` training batches our trainer would make from the bundled Multi30k de→en: a joint
+    SentencePiece model of VOCAB pieces trained on the spot (a few seconds), token-budget batches of
+    `max_tokens` in the trainer's shuffled order. Real lengths, so real padding (~7 %), which a loss over
+    all positions pays for and ours skips. Returns (src, tgt) pairs, tgt = BOS … EOS."""
+    root = Path(__file__).resolve().parent.parent / "data" / "multi30k"
+    pairs = read_split(root, "train", "de", "en")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Tokenizer.train([t for pair in pairs for t in pair], Path(tmp) / "sp.model", VOCAB)
+        src = tokenizer.encode_batch([s for s, _ in pairs])
+        tgt = tokenizer.encode_batch([t for _, t in pairs])
+    order = token_batches([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=True, seed=seed)
+    out = []
+    for ids in order[:count]:
+        batch = collate([(src[i], tgt[i]) for i in ids])
+        out.append((batch.src, torch.cat([batch.tgt_in[:, :1], batch.tgt_out], dim=1)))
+    return out
 
 
 def random_batch(batch: int, src_len: int, tgt_len: int, seed: int = 0) -> tuple[Tensor, Tensor]:

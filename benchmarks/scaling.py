@@ -30,7 +30,7 @@ def point(kind: str, length: int, batch: int, new_tokens: int, repeats: int) -> 
     model = peers.ours(c)
     src, tgt = peers.random_batch(batch, length - 1, length)
     if kind == "train":
-        run = peers.training_step(model, src, tgt)
+        run = peers.training_step(model, [(src, tgt)], fused_adam=True, projected=True)  # our trainer's step
     else:
         run = our_search(model.eval(), src, beam=1, new_tokens=new_tokens, cached=True)
     times: list[float] = []

@@ -5,8 +5,9 @@
     python benchmarks/train_step.py --allocator           # ours, with and without GLIBC_TUNABLES
 
 Every model gets the same embeddings (×√d_model, sinusoidal positions), tied output projection,
-label-smoothed loss and Adam (benchmarks/peers.py). Variants of ours measure our speed choices: the
-self-attention projections fused into one matmul, nn.Dropout instead of our cheaper mask, bf16
+label-smoothed loss and Adam (benchmarks/peers.py); ours gets the fused Adam our trainer uses, the peers
+torch.optim.Adam's default. Variants of ours measure our speed choices: the self-attention projections
+fused into one matmul, nn.Dropout instead of our cheaper mask, the for-loop Adam the peers get, bf16
 autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). The
 variants take a step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant
 in a fresh child process. Prints JSON and updates benchmarks/RESULTS.md.
@@ -19,14 +20,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
+from transformer.data.tokenizer import PAD_ID
 from transformer.precision import has_native_bf16
 from transformer.runtime import ALLOCATOR_TUNABLES
 
@@ -34,36 +38,44 @@ from transformer.runtime import ALLOCATOR_TUNABLES
 SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool] | None:
-    """The model of a variant and whether it runs under bf16 autocast; None if it cannot be built here."""
+def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool, bool] | None:
+    """The model of a variant, whether it runs under bf16 autocast and whether it gets the fused Adam our
+    trainer uses; None if it cannot be built here."""
     c = peers.config_for(config_name)
     torch.manual_seed(0)
     if variant == "nn.Transformer":
-        return peers.TorchPeer(c), False
+        return peers.TorchPeer(c), False, False
     if variant == "MarianMTModel":
         model = peers.marian(c)
-        return (peers.MarianLogits(model), False) if model is not None else None
+        return (peers.MarianLogits(model), False, False) if model is not None else None
     if variant == "ours, fused QKV":
-        return peers.ours(c, fuse_qkv=True), False
+        return peers.ours(c, fuse_qkv=True), False, True
     if variant == "ours, nn.Dropout":
-        return peers.ours(c, torch_dropout=True), False
+        return peers.ours(c, torch_dropout=True), False, True
     if variant == "ours, torch.compile":
-        return torch.compile(peers.ours(c)), False
-    return peers.ours(c), variant == "ours, bf16 autocast"
+        return torch.compile(peers.ours(c)), False, True
+    if variant == "ours, for-loop Adam":
+        return peers.ours(c), False, False
+    return peers.ours(c), variant == "ours, bf16 autocast", True
 
 
-def steps_for(variants: list[str], config_name: str, shape: tuple[int, int, int]) -> dict[str, Callable]:
-    src, tgt = peers.random_batch(*shape)
+def steps_for(
+    variants: list[str], config_name: str, batches: list[tuple[Tensor, Tensor]]
+) -> dict[str, Callable]:
     steps = {}
     for variant in variants:
         built = build(variant, config_name)
         if built is not None:
-            steps[variant] = peers.training_step(built[0], src, tgt, bf16=built[1])
+            model, bf16, ours = built
+            steps[variant] = peers.training_step(model, batches, bf16=bf16, fused_adam=ours, projected=ours)
     return steps
 
 
-def measure(config_name: str, variants: list[str], shape: tuple[int, int, int], repeats: int, memory: bool):
-    steps = steps_for(variants, config_name, shape)
+def measure(
+    config_name: str, variants: list[str], batches: list[tuple[Tensor, Tensor]], repeats: int, memory: bool
+) -> tuple[dict, float | None]:
+    """Every variant steps through the same `batches`, one per round (so the rounds compare alike)."""
+    steps = steps_for(variants, config_name, batches)
     warmup = 2 if "ours, torch.compile" in steps else 1
     compile_s = None
     if "ours, torch.compile" in steps:
@@ -71,29 +83,43 @@ def measure(config_name: str, variants: list[str], shape: tuple[int, int, int], 
         steps["ours, torch.compile"]()
         compile_s = round(time.perf_counter() - start, 1)
     times = common.time_interleaved(steps, repeats, warmup)
-    flops = peers.step_flops(peers.config_for(config_name), *shape)
-    batch, _, tgt_len = shape
+    config = peers.config_for(config_name)
+    round_batches = [
+        batches[i % len(batches)] for i in range(warmup, warmup + repeats)
+    ]  # what each round ran
     rows = {}
     for variant, ts in times.items():
         s = common.median(ts)
+        # Target tokens (not padding) per second, and the padded shapes' FLOPs, over the rounds' batches.
+        tokens = target_tokens(round_batches) / sum(ts)
+        flops = sum(
+            peers.step_flops(config, src.size(0), src.size(1), tgt.size(1) - 1) for src, tgt in round_batches
+        )
         rows[variant] = {
             "s_per_step": round(s, 3),
             "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
-            "tgt_tokens_per_s": round(batch * tgt_len / s),
-            "gflops": round(common.gflops(flops, s), 1),
+            "tgt_tokens_per_s": round(tokens),
+            "gflops": round(common.gflops(flops, sum(ts)), 1),
         }
         if memory:
-            args = ["--memory-of", variant, "--configs", config_name, "--shape", *map(str, shape)]
-            rows[variant]["memory"] = common.memory_in_child(__file__, args)
+            with tempfile.NamedTemporaryFile(suffix=".pt") as saved:
+                torch.save(batches, saved.name)
+                args = ["--memory-of", variant, "--configs", config_name, "--batches-file", saved.name]
+                rows[variant]["memory"] = common.memory_in_child(__file__, args)
         for peer in ("nn.Transformer", "MarianMTModel", "ours"):
             if peer in times:
                 rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
     return rows, compile_s
 
 
-def memory_of(variant: str, config_name: str, shape: tuple[int, int, int]) -> None:
+def target_tokens(batches: list[tuple[Tensor, Tensor]]) -> int:
+    """The tokens the batches' steps predict: the targets after BOS (EOS included), padding excluded."""
+    return sum(int((tgt[:, 1:] != PAD_ID).sum()) for _, tgt in batches)
+
+
+def memory_of(variant: str, config_name: str, batches: list[tuple[Tensor, Tensor]]) -> None:
     """Child-process mode: peak memory of two training steps of one variant, printed as JSON."""
-    step = steps_for([variant], config_name, shape)[variant]
+    step = steps_for([variant], config_name, batches)[variant]
     print(json.dumps(common.peak_rss_growth_mb(lambda: (step(), step()))))
 
 
@@ -118,10 +144,18 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", help="default: all that apply")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--shape", type=int, nargs=3, metavar=("BATCH", "SRC_LEN", "TGT_LEN"))
+    parser.add_argument(
+        "--batches",
+        choices=["random", "corpus"],
+        default="random",
+        help="random: one unpadded batch of --shape; corpus: the trainer's Multi30k batches (padded)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=2500, help="token budget of the corpus batches")
     parser.add_argument("--bf16", action="store_true", help="measure bf16 autocast even without bf16 CPU")
     parser.add_argument("--compile", action="store_true", help="add ours under torch.compile (slow start)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--batches-file", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON only; leave RESULTS.md alone")
     parser.add_argument("--allocator", action="store_true", help="ours with and without GLIBC_TUNABLES")
     args = parser.parse_args()
@@ -129,13 +163,14 @@ def main() -> None:
         allocator_comparison(args)
         return
     if args.memory_of:
-        memory_of(args.memory_of, args.configs[0], tuple(args.shape))
+        memory_of(args.memory_of, args.configs[0], torch.load(args.batches_file))
         return
 
     bf16 = args.bf16 or has_native_bf16()  # emulated bf16 would measure nothing useful
     result = {"machine": common.machine_info(), "fp32_matmul_peak_gflops": common.matmul_peak_gflops()}
     if bf16:
         result["bf16_matmul_peak_gflops"] = common.matmul_peak_gflops(torch.bfloat16)
+    corpus = peers.corpus_batches(args.repeats + 2, args.max_tokens) if args.batches == "corpus" else None
     body = []
     for name in args.configs:
         variants = args.variants or [
@@ -143,17 +178,19 @@ def main() -> None:
             "nn.Transformer",
             "MarianMTModel",
             "ours, fused QKV",
-            *(["ours, nn.Dropout"] if name == "small" else []),
+            *(["ours, nn.Dropout", "ours, for-loop Adam"] if name == "small" else []),
             *(["ours, bf16 autocast"] if bf16 else []),
             *(["ours, torch.compile"] if args.compile else []),
         ]
         shape = tuple(args.shape) if args.shape else SHAPES[name]
-        rows, compile_s = measure(name, variants, shape, args.repeats, args.memory)
+        batches = corpus or [peers.random_batch(*shape)]
+        rows, compile_s = measure(name, variants, batches, args.repeats, args.memory)
         peak = result["fp32_matmul_peak_gflops"]
         for row in rows.values():
             row["fraction_of_fp32_peak"] = round(row["gflops"] / peak, 3)
-        result[name] = {"batch_src_tgt": shape, "variants": rows, "compile_seconds": compile_s}
-        body.append(_markdown(name, shape, rows, compile_s))
+        described = _describe(batches, shape if corpus is None else None, args.max_tokens)
+        result[name] = {"batches": described, "variants": rows, "compile_seconds": compile_s}
+        body.append(_markdown(name, described, rows, compile_s))
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -163,10 +200,29 @@ def main() -> None:
             "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
         )
     header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s."
-    common.report(f"Training step: {', '.join(args.configs)}", result, header + "\n\n" + "\n\n".join(body))
+    where = " on Multi30k batches" if corpus else ""
+    common.report(
+        f"Training step{where}: {', '.join(args.configs)}", result, header + "\n\n" + "\n\n".join(body)
+    )
 
 
-def _markdown(name: str, shape: tuple[int, int, int], rows: dict, compile_s: float | None) -> str:
+def _describe(
+    batches: list[tuple[Tensor, Tensor]], shape: tuple[int, int, int] | None, max_tokens: int
+) -> str:
+    if shape is not None:
+        return f"batch {shape[0]}, source {shape[1]} + EOS, target {shape[2]} tokens, no padding"
+    positions = sum(src.numel() + tgt[:, 1:].numel() for src, tgt in batches)
+    padding = (
+        sum(int((src == PAD_ID).sum() + (tgt[:, 1:] == PAD_ID).sum()) for src, tgt in batches) / positions
+    )
+    sentences = sum(src.size(0) for src, _ in batches) / len(batches)
+    return (
+        f"{len(batches)} Multi30k de→en training batches of ≤ {max_tokens} tokens in the trainer's order, "
+        f"{sentences:.0f} sentences each on average, {padding:.1%} padding"
+    )
+
+
+def _markdown(name: str, described: str, rows: dict, compile_s: float | None) -> str:
     table = []
     for variant, row in rows.items():
         entry = {
@@ -183,9 +239,8 @@ def _markdown(name: str, shape: tuple[int, int, int], rows: dict, compile_s: flo
         table.append(entry)
     note = f" torch.compile took {compile_s} s to compile." if compile_s else ""
     return (
-        f"**{name}** (batch {shape[0]}, source {shape[1]} + EOS, target {shape[2]} tokens, vocabulary "
-        f"{peers.VOCAB}, dropout 0.1); × columns: median over rounds of the per-round speed-up.{note}\n\n"
-        + common.markdown_table(table)
+        f"**{name}** ({described}; vocabulary {peers.VOCAB}, dropout 0.1); × columns: median over rounds "
+        f"of the per-round speed-up.{note}\n\n" + common.markdown_table(table)
     )
 
 

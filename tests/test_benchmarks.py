@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common, decode, peers, scaling, train_step
 from transformer.config import TransformerConfig
+from transformer.data.tokenizer import PAD_ID
 
 
 def test_time_interleaved_runs_variants_in_turn() -> None:
@@ -54,8 +55,30 @@ def test_step_flops_matches_torch_flop_counter() -> None:
 
 
 def test_training_variants_take_a_step() -> None:
-    rows, _ = train_step.measure("small", ["ours", "nn.Transformer"], (2, 5, 4), repeats=1, memory=False)
+    batches = [peers.random_batch(2, 5, 4)]
+    rows, _ = train_step.measure("small", ["ours", "nn.Transformer"], batches, repeats=1, memory=False)
     assert set(rows) == {"ours", "nn.Transformer"} and all(r["s_per_step"] > 0 for r in rows.values())
+    src, tgt = batches[0]
+    tgt[1, 3:] = PAD_ID  # the second target two tokens shorter (tgt holds BOS, 4 tokens)
+    assert train_step.target_tokens([(src, tgt)] * 2) == 2 * (4 + 2)
+
+
+def test_our_training_step_and_the_peers_compute_the_same_gradients_on_a_padded_batch() -> None:
+    """Ours (projected loss, fused Adam) and the same weights through the peers' path (full logits,
+    for-loop Adam): the gradients the step leaves behind agree, padding ignored by both."""
+    c = TransformerConfig(
+        src_vocab_size=40, tgt_vocab_size=40, d_model=16, n_heads=2, d_ff=32,
+        n_encoder_layers=1, n_decoder_layers=1, dropout=0.0, max_len=32,
+    )  # fmt: skip
+    src, tgt = peers.random_batch(3, 6, 5)
+    src, tgt = src.clamp(max=39), tgt.clamp(max=39)
+    tgt[0, 4:] = PAD_ID  # a shorter target
+    models = [peers.ours(c), peers.ours(c)]
+    models[1].load_state_dict(models[0].state_dict())
+    peers.training_step(models[0], [(src, tgt)], fused_adam=True, projected=True)()
+    peers.training_step(models[1], [(src, tgt)])()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_marian_matches_our_configuration() -> None:
