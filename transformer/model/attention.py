@@ -109,8 +109,8 @@ class MultiHeadAttention(nn.Module):
     In self-attention, where Q, K and V are projections of the same x, `fuse_qkv` stacks W_Q, W_K and W_V
     at call time and projects x once (one larger matmul, one read of x); the parameters stay the paper's
     three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off:
-    on a quiet 2-core CPU whole training steps ran 0.98× (small) and 1.03× (base) as fast fused, and greedy
-    decoding 0.91-0.94× (benchmarks/RESULTS.md).
+    paired per round on a 2-core CPU, whole training steps ran 0.96-1.03× as fast fused (small and base,
+    random and real batches, four runs) and cached decoding 0.95-0.99× (benchmarks/RESULTS.md): no gain.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:
