@@ -131,13 +131,11 @@ def training_step(
     def step() -> None:
         src, tgt_in, tgt_out, n_tokens = next(turns)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the loss too, as in the trainer
             if projected:  # as transformer.train.batch_loss
                 loss = projected_loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
             else:
-                logits = model(src, tgt_in)
-        if not projected:
-            loss = label_smoothed_loss(logits, tgt_out, 0.1)
+                loss = label_smoothed_loss(model(src, tgt_in), tgt_out, 0.1)
         (loss / n_tokens).backward()
         optimizer.step()
 

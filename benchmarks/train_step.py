@@ -83,32 +83,32 @@ def measure(
         steps["ours, torch.compile"]()
         compile_s = round(time.perf_counter() - start, 1)
     times = common.time_interleaved(steps, repeats, warmup)
+    # What the timed rounds ran (one batch each, after the warm-up ones): the target tokens (not padding)
+    # and the padded shapes' FLOPs over all of them, the same for every variant.
+    round_batches = [batches[i % len(batches)] for i in range(warmup, warmup + repeats)]
     config = peers.config_for(config_name)
-    round_batches = [
-        batches[i % len(batches)] for i in range(warmup, warmup + repeats)
-    ]  # what each round ran
+    tokens = target_tokens(round_batches)
+    flops = sum(
+        peers.step_flops(config, src.size(0), src.size(1), tgt.size(1) - 1) for src, tgt in round_batches
+    )
     rows = {}
-    for variant, ts in times.items():
-        s = common.median(ts)
-        # Target tokens (not padding) per second, and the padded shapes' FLOPs, over the rounds' batches.
-        tokens = target_tokens(round_batches) / sum(ts)
-        flops = sum(
-            peers.step_flops(config, src.size(0), src.size(1), tgt.size(1) - 1) for src, tgt in round_batches
-        )
-        rows[variant] = {
-            "s_per_step": round(s, 3),
-            "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
-            "tgt_tokens_per_s": round(tokens),
-            "gflops": round(common.gflops(flops, sum(ts)), 1),
-        }
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "batches.pt"  # for the memory children, written once
         if memory:
-            with tempfile.NamedTemporaryFile(suffix=".pt") as saved:
-                torch.save(batches, saved.name)
-                args = ["--memory-of", variant, "--configs", config_name, "--batches-file", saved.name]
+            torch.save(batches, saved)
+        for variant, ts in times.items():
+            rows[variant] = {
+                "s_per_step": round(common.median(ts), 3),
+                "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
+                "tgt_tokens_per_s": round(tokens / sum(ts)),
+                "gflops": round(common.gflops(flops, sum(ts)), 1),
+            }
+            if memory:
+                args = ["--memory-of", variant, "--configs", config_name, "--batches-file", str(saved)]
                 rows[variant]["memory"] = common.memory_in_child(__file__, args)
-        for peer in ("nn.Transformer", "MarianMTModel", "ours"):
-            if peer in times:
-                rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
+            for peer in ("nn.Transformer", "MarianMTModel", "ours"):
+                if peer in times:
+                    rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
     return rows, compile_s
 
 
