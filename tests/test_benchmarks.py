@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common, decode, peers, scaling, train_step
 from transformer.config import TransformerConfig
-from transformer.data.tokenizer import PAD_ID
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 def test_time_interleaved_runs_variants_in_turn() -> None:
@@ -103,3 +103,16 @@ def test_our_search_generates_the_requested_steps() -> None:
 def test_scaling_point_reports_time_and_memory() -> None:
     measured = scaling.point("decode", 8, batch=1, new_tokens=2, repeats=1)
     assert measured["seconds"] > 0 and measured["growth_mb"] >= 0
+
+
+def test_corpus_batches_are_the_trainers_padded_multi30k_batches() -> None:
+    """Real Multi30k pairs through a freshly trained tokenizer and the trainer's token-budget batching."""
+    batches = peers.corpus_batches(3, max_tokens=600)
+    assert len(batches) == 3
+    for src, tgt in batches:
+        assert src.size(0) == tgt.size(0) and src.size(0) * max(src.size(1), tgt.size(1) - 1) <= 600
+        assert (tgt[:, 0] == BOS_ID).all() and int(tgt.max()) < peers.VOCAB
+        lengths = (tgt != PAD_ID).sum(1)  # BOS … EOS of each row, then padding
+        assert (tgt[torch.arange(tgt.size(0)), lengths - 1] == EOS_ID).all()
+    assert any((src == PAD_ID).any() for src, _ in batches)  # real lengths differ within a batch
+    assert train_step.target_tokens(batches) == sum(int((t != PAD_ID).sum()) - t.size(0) for _, t in batches)
