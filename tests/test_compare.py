@@ -28,11 +28,12 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     overrides += [f"{key}={value}" for key, value in TINY_MODEL.items()]
     card = tmp_path / "card.md"
     models = ["transformer", "rnn"]  # the other families train through the same calls (tests/test_rnn.py)
-    args = ["compare", *overrides, "--models", *models, "--seeds", "1", "2", "--minutes", "0"]
+    args = ["compare", *overrides, "cooldown=0.5", "--models", *models, "--seeds", "1", "2", "--minutes", "0"]
     args += ["--out", str(tmp_path / "runs")]
     assert main([*args, "--jobs", "2", "--card", str(card)]) == 0  # two worker processes
     text = card.read_text()
     assert "2 runs at a time, each training and decoding on" in text
+    assert "the rate falling linearly to 0 over the last 50%" in text  # the recipe's cool-down is stated
     assert "| | Transformer | RNN encoder–decoder |" in text
     assert "±" in text and "nrefs:1|case:lc" in text and "Verdicts" in text
     rows = json.loads(card.with_suffix(".json").read_text())

@@ -282,7 +282,9 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         "",
         f"Multi30k {tc.src_lang}→{tc.tgt_lang}, same pipeline for every model (joint {tc.vocab_size} "
         f"SentencePiece vocabulary, batches of ≤ {tc.max_tokens} tokens, Adam with warm-up {tc.warmup}, "
-        f"label smoothing {tc.label_smoothing}, average of the last {tc.average_last} checkpoints), "
+        f"label smoothing {tc.label_smoothing}"
+        + (f", the rate falling linearly to 0 over the last {tc.cooldown:.0%}" if tc.cooldown else "")
+        + f", average of the last {tc.average_last} checkpoints kept where it validates better), "
         f"{tc.time_budget_minutes:g} minutes of training per run, seeds "
         f"{', '.join(map(str, settings.seeds))}; "
         "mean ± standard deviation over seeds."
