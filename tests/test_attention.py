@@ -168,3 +168,41 @@ def test_fused_qkv_projection_equals_separate_projections() -> None:
     assert torch.allclose(fused, separate, atol=1e-6)
     for a, b in zip(fused_grads, separate_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("grad", "k_len", "kernel_dtype"),
+    [(True, 12, torch.float32), (False, 12, torch.bfloat16), (True, 2048, torch.bfloat16)],
+)
+def test_bf16_training_on_cpu_runs_the_kernel_in_fp32(
+    monkeypatch: pytest.MonkeyPatch, grad: bool, k_len: int, kernel_dtype: torch.dtype
+) -> None:
+    """The CPU flash-attention backward is slow in bf16 at translation lengths, so training runs the
+    kernel in fp32 (inside bf16 autocast, which would otherwise cast its inputs back), returns bf16, and
+    gets the gradients of the exact function; inference and very long keys keep the bf16 kernel."""
+    seen = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        out = kernel(q, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.bfloat16) for n in (5, k_len, k_len))
+    mask = torch.ones(2, 1, 1, k_len, dtype=torch.bool)
+    mask[0, ..., -2:] = False
+    for t in (q, k, v):
+        t.requires_grad_(grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_attention(q, k, v, mask)
+    assert seen == [kernel_dtype] and out.dtype == torch.bfloat16
+    if grad:
+        out.float().square().sum().backward()
+        exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, _ = scaled_dot_product_attention(*exact, mask)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+        for ours, theirs in zip((q, k, v), exact, strict=True):
+            torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=5e-2, rtol=5e-2)
