@@ -5,12 +5,14 @@
 
 Every search produces exactly `--new-tokens` tokens per sentence (random weights would otherwise stop at
 random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy and beam 4
-(length penalty 0.6 for both). Prints JSON (sentences/s, tokens/s, ratios) and updates benchmarks/RESULTS.md.
+(length penalty 0.6 for both). Where the CPU multiplies bf16 natively (or with --bf16), also both with
+their weights cast to bf16. Prints JSON (sentences/s, tokens/s, ratios) and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.precision import has_native_bf16
 from transformer.search import SearchConfig, generate
 
 
@@ -56,7 +59,13 @@ def marian_search(model: torch.nn.Module, src: torch.Tensor, beam: int, new_toke
 
 
 def searches(
-    config_name: str, batch: int, src_len: int, new_tokens: int, beams: list[int], uncached_beam: bool
+    config_name: str,
+    batch: int,
+    src_len: int,
+    new_tokens: int,
+    beams: list[int],
+    uncached_beam: bool,
+    bf16: bool,
 ) -> dict[str, Callable]:
     c = peers.config_for(config_name)
     src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
@@ -64,6 +73,10 @@ def searches(
     fused = peers.ours(c, fuse_qkv=True).eval()
     fused.load_state_dict(ours.state_dict())
     marian = peers.marian(c)
+    # bf16 as `transformer translate --precision bf16` decodes: the weights cast, not autocast; Marian the
+    # same way (model.to(torch.bfloat16)), as its users would
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16) if bf16 else None
+    marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
     runs = {}
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
@@ -73,6 +86,10 @@ def searches(
         runs[f"ours {kind}, cached, fused QKV"] = our_search(fused, src, beam, new_tokens, cached=True)
         if marian is not None:
             runs[f"Marian {kind}"] = marian_search(marian.eval(), src, beam, new_tokens)
+        if ours_bf16 is not None:
+            runs[f"ours {kind}, cached, bf16"] = our_search(ours_bf16, src, beam, new_tokens, cached=True)
+        if marian_bf16 is not None:
+            runs[f"Marian {kind}, bf16"] = marian_search(marian_bf16.eval(), src, beam, new_tokens)
     return runs
 
 
@@ -85,12 +102,14 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--uncached-beam", action="store_true", help="also time beam search without cache")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="measure bf16 decoding even without bf16 CPU")
     args = parser.parse_args()
+    bf16 = args.bf16 or has_native_bf16()
 
     result = {"machine": common.machine_info()}
     body = []
     for name in args.configs:
-        runs = searches(name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam)
+        runs = searches(name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam, bf16)
         times = common.time_interleaved(runs, args.repeats)
         rows = {}
         for label, ts in times.items():
@@ -109,6 +128,11 @@ def main() -> None:
             f"**{name}** (batch {args.batch} × {args.src_len}-token sources, {args.new_tokens} tokens "
             f"generated):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
         )
+    if not bf16:
+        body.append(
+            "bf16 decoding not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), "
+            "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
+        )
     common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
 
 
@@ -122,6 +146,13 @@ def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]
             if other in times:
                 label = f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"
                 out[label] = common.paired_speedup(ours, times[other])
+        ours_bf16 = times.get(f"ours {kind}, cached, bf16")
+        if ours_bf16 is not None:
+            out[f"ours {kind} cached bf16 vs fp32"] = common.paired_speedup(ours_bf16, ours)
+            for other in (f"Marian {kind}, bf16", f"Marian {kind}"):
+                if other in times:
+                    speedup = common.paired_speedup(ours_bf16, times[other])
+                    out[f"ours {kind} cached bf16 vs {other}"] = speedup
     return out
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MODEL, tiny_recipe
 
 from transformer.checkpoint import load_state
@@ -84,6 +85,11 @@ def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp
     steps = [r["step"] for r in records(run, "train")]
     assert steps[:6] == [5, 10, 15, 20, 25, 30] and steps[6:] == [35, 40]
     assert [r["step"] for r in records(run, "valid")] == [15, 30, 40]
+    # The first run had cooled its rate down to 0 at its budget's end (cooldown 0.2 of 30 steps); given 10
+    # more steps, the rate returns to the paper's schedule and cools down again over the new budget's end.
+    assert records(run, "cooldown_reset") == [{"event": "cooldown_reset", "step": 30}]
+    assert [r["until"] for r in records(run, "cooldown")] == [30, 40]
+    assert next(r["lr"] for r in records(run, "train") if r["step"] == 35) > 0
     elapsed = [r["elapsed"] for r in records(run, "train")]
     assert elapsed[6] > elapsed[5], "the run's clock (and its time budget) continues across a resume"
 
@@ -185,3 +191,19 @@ def test_the_default_recipe_file_spells_out_the_defaults() -> None:
     tc, model = load_train_settings(str(recipe), {})
     assert tc == TrainConfig()
     assert TransformerConfig.preset(tc.preset, **model) == TransformerConfig.preset(tc.preset)
+
+
+def test_decoding_precision(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--precision bf16` decodes with bf16 weights (one line out per line in, as in fp32); fp16 needs
+    CUDA and says so in one line."""
+    translator = Translator.from_checkpoint(run_dir, precision="bf16")
+    assert {p.dtype for p in translator.model.parameters()} == {torch.bfloat16}
+    out = translator.translate(["Ein Mann.", "", "Eine Frau."], beam=2)
+    assert len(out) == 3 and out[1] == "" and out[0]
+    source = tmp_path / "in.de"
+    source.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde.\n")
+    args = ["translate", "--checkpoint", str(run_dir), "--input", str(source), "--precision"]
+    assert main([*args, "bf16"]) == 0
+    assert len(capsys.readouterr().out.split("\n")) == 4
+    assert main([*args, "fp16"]) == 2
+    assert "fp16 needs a CUDA device" in one_error_line(capsys)

@@ -359,11 +359,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def serve(checkpoint: str | Path, name: str = "best", host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    checkpoint: str | Path,
+    name: str = "best",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    precision: str = "fp32",
+) -> None:
     """`transformer serve`: load the checkpoint and serve it until interrupted."""
     import uvicorn
 
-    app = create_app(Translator.from_checkpoint(checkpoint, name))
+    app = create_app(Translator.from_checkpoint(checkpoint, name, precision=precision))
     print(f"serving {checkpoint} on http://{host}:{port}/ (the page) and /translate (the API)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
