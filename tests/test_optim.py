@@ -92,3 +92,27 @@ def test_a_time_budgeted_run_cools_down_over_the_steps_its_pace_leaves(
         [noam_lr(3, 32, recipe.warmup, recipe.lr_factor), 2 / 3 * peak, 1 / 3 * peak, 0.0]
     )
     assert max(lr) == 6  # stopped when the rate reached 0, within the budget
+
+
+def test_without_time_or_step_budget_the_cooldown_ends_with_the_last_epoch(data_dir, tmp_path: Path) -> None:
+    """No time budget and no max_steps: the run's end is max_epochs, so the rate falls to 0 over the last
+    fraction of its updates (here 2 epochs of the 200-pair slice, cool-down 0.5)."""
+    recipe = tiny_recipe(
+        data_dir,
+        max_steps=0,
+        time_budget_minutes=0,
+        max_epochs=2,
+        cooldown=0.5,
+        log_every=1,
+        eval_every=0,
+        test_split="",
+    )
+    train_module.train(recipe, TINY_MODEL, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = max(r["step"] for r in log if r["event"] == "train")
+    assert steps >= 8 and steps % 2 == 0  # two epochs of equally many batches
+    assert [r for r in log if r["event"] == "cooldown"] == [
+        {"event": "cooldown", "step": steps // 2, "until": steps}
+    ]
+    lr = {r["step"]: r["lr"] for r in log if r["event"] == "train"}  # the rate of the step after
+    assert lr[steps - 1] == 0.0 and lr[steps - 2] > 0.0

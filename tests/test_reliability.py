@@ -547,7 +547,6 @@ def test_empty_training_or_validation_data_writes_nothing(
         ("log_every=0", "log_every must be positive, got 0"),
         ("label_smoothing=1.5", "label_smoothing must be in [0, 1), got 1.5"),
         ("cooldown=1", "cooldown must be in [0, 1), got 1.0"),
-        ("max_steps=0", "cooldown needs a time_budget_minutes or max_steps"),  # quick_recipe cools down
         ("d_ff=wide", "d_ff must be of type int, got 'wide'"),
         ("precision=fp8", "precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ],

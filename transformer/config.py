@@ -224,9 +224,9 @@ class TrainConfig:
     accumulate: int = 1  # batches per optimiser step
     lr_factor: float = 0.8
     warmup: int = 500
-    # the last fraction of the run (of time_budget_minutes, or of max_steps) in which the learning rate
-    # falls linearly to 0; 0 keeps the paper's 1/√step decay to the end
-    cooldown: float = 0.0
+    # the last fraction of the run (of time_budget_minutes, or of max_steps or max_epochs, whichever ends
+    # first) in which the learning rate falls linearly to 0; 0 keeps the paper's 1/√step decay to the end
+    cooldown: float = 0.2
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 0.0  # 0 disables gradient clipping
@@ -258,8 +258,6 @@ class TrainConfig:
                 raise TransformerError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0.0 <= self.cooldown < 1.0:
             raise TransformerError(f"cooldown must be in [0, 1), got {self.cooldown}")
-        if self.cooldown and not (self.time_budget_minutes or self.max_steps):
-            raise TransformerError("cooldown needs a time_budget_minutes or max_steps to end at")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TransformerError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.src_lang == self.tgt_lang:

@@ -225,6 +225,17 @@ def _non_finite(loss_sum: float, model: nn.Module, mixed: MixedPrecision) -> str
     return None if torch.isfinite(torch.nn.utils.get_total_norm(grads)) else "non-finite gradient"
 
 
+def _budget_raised(saved: dict[str, Any], tc: TrainConfig) -> bool:
+    """Whether a resumed run was given a larger step, time or epoch budget than it was started with
+    (0 meaning no limit)."""
+
+    def limit(value: float) -> float:
+        return value or float("inf")
+
+    budgets = ("max_steps", "time_budget_minutes", "max_epochs")
+    return any(limit(getattr(tc, key)) > limit(saved.get(key, getattr(tc, key))) for key in budgets)
+
+
 def train(
     tc: TrainConfig, model_overrides: dict[str, Any], run_dir: Path, *, resume: bool = False
 ) -> dict[str, Any]:
@@ -321,6 +332,13 @@ def train(
             distributed.seed_rank(tc.seed, state["step"])
         started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
         log.write(event="resume", step=state["step"], checkpoint=name)
+        if _budget_raised(saved_record["train"], tc) and scheduler.lr_lambdas[0].cooling:
+            # The run was given more steps or time than its cool-down was planned for: return to the
+            # paper's rate, and cool down anew over the last `cooldown` of the new budget.
+            scheduler.lr_lambdas[0].decay_start = scheduler.lr_lambdas[0].decay_end = None
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            log.write(event="cooldown_reset", step=state["step"])
         tqdm.write(f"resuming {run_dir} from {name} at step {state['step']} (epoch {state['epoch'] + 1})")
     tqdm.write(
         f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}; "
@@ -351,16 +369,18 @@ def train(
     schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
     pace = {"since": time.monotonic(), "step": state["step"]}  # this process's time per step, evals included
 
-    def maybe_begin_cooldown() -> None:
-        """Start the cool-down once the last `tc.cooldown` of the time or step budget is reached. Its last
-        step is the step budget, or as many steps as the time left holds at the pace so far (rank 0's
+    def maybe_begin_cooldown(steps_per_epoch: int) -> None:
+        """Start the cool-down once the last `tc.cooldown` of the run is reached: of its time budget, or of
+        its step budget (`max_steps`, or `max_epochs` of `steps_per_epoch`), whichever ends first. Its last
+        step is that step budget, or as many steps as the time left holds at the pace so far (rank 0's
         estimate): fixed once, and saved with the scheduler, so a resumed run decays as an unbroken one."""
         elapsed = time.monotonic() - started
+        step_budget = min(s for s in (tc.max_steps, tc.max_epochs * steps_per_epoch) if s)
         by_time = tc.time_budget_minutes and elapsed >= (1 - tc.cooldown) * tc.time_budget_minutes * 60
-        by_steps = tc.max_steps and state["step"] >= (1 - tc.cooldown) * tc.max_steps
+        by_steps = state["step"] >= (1 - tc.cooldown) * step_budget
         if not distributed.any_rank(bool(by_time or by_steps)):  # agreed, like the stop below
             return
-        ends = [tc.max_steps] if tc.max_steps else []
+        ends = [step_budget]
         if tc.time_budget_minutes:
             seconds_per_step = (time.monotonic() - pace["since"]) / max(state["step"] - pace["step"], 1)
             ends.append(state["step"] + int((tc.time_budget_minutes * 60 - elapsed) / seconds_per_step))
@@ -432,8 +452,10 @@ def train(
             )
             bars.callback(progress.close)
             # A step takes `accumulate` batches per process; `state["batch"]` counts batches of all processes.
+            per_step = tc.accumulate * distributed.world_size()
+            steps_per_epoch = math.ceil(distributed.usable(len(batches)) / per_step)
             while state["batch"] < distributed.usable(len(batches)):
-                step_end = state["batch"] + tc.accumulate * distributed.world_size()
+                step_end = state["batch"] + per_step
                 step_group = batches[state["batch"] : step_end]
                 group = distributed.shard(step_group)
                 optimizer.zero_grad(set_to_none=True)
@@ -475,7 +497,7 @@ def train(
                 mixed.step(optimizer, model, tc.clip_norm)
                 state["step"] += 1
                 if tc.cooldown and not schedule.cooling:
-                    maybe_begin_cooldown()
+                    maybe_begin_cooldown(steps_per_epoch)
                 scheduler.step()  # the rate of the next step
                 state["tokens_seen"] += step_tokens
                 window["loss"] += loss_sum
