@@ -45,12 +45,12 @@ def fused_attention(
     the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path.
 
     One exception to "the kernel in the autocast dtype": torch's CPU flash-attention *backward* in bf16 is
-    far slower than in fp32 at translation lengths (on a 2-core Sapphire Rapids, batch 156 × 4 heads × 18
-    positions, forward + backward: 33–47 ms in bf16 against 5–7 ms in fp32, which made a whole bf16 training
-    step slower than an fp32 one). So when gradients will flow on CPU through keys shorter than
-    `_BF16_CPU_BACKWARD_MAX_KEYS`, the kernel runs in fp32 and its output is cast back; past that length
-    bf16 wins (1 × 2048 positions: 48 ms against 65 ms). Inference keeps the low-precision kernel, which is
-    as fast as fp32's forward."""
+    far slower than in fp32 at translation lengths (2 cores of an AMX Xeon, Emerald Rapids; batch 156 ×
+    4 heads × 18 positions, forward + backward: 33–47 ms in bf16 against 5–7 ms in fp32, which made a
+    whole bf16 training step barely faster than an fp32 one). So when gradients will flow on CPU through
+    keys shorter than `_BF16_CPU_BACKWARD_MAX_KEYS`, the kernel runs in fp32 and its output is cast back;
+    past that length bf16 wins (1 × 2048 positions: 48 ms against 65 ms). Inference keeps the
+    low-precision kernel, which is as fast as fp32's forward."""
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
     if (
         low_precision
