@@ -33,6 +33,14 @@ def test_cooldown_falls_linearly_from_its_start_to_zero_at_its_end() -> None:
         schedule.begin_cooldown(start=5, end=5)
 
 
+def test_a_cancelled_cooldown_is_the_papers_schedule_again() -> None:
+    schedule = WarmupSchedule(d_model=64, warmup=10, factor=2.0)
+    schedule.begin_cooldown(start=20, end=24)
+    schedule.cancel_cooldown()
+    assert not schedule.cooling and not schedule.done(30)
+    assert [schedule(t) for t in (22, 30)] == [noam_lr(23, 64, 10, 2.0), noam_lr(31, 64, 10, 2.0)]
+
+
 def test_the_cooldown_is_saved_and_restored_with_the_scheduler() -> None:
     model = torch.nn.Linear(3, 3)
     _, scheduler = build_optimizer(model, d_model=64, warmup=5)

@@ -49,6 +49,10 @@ class WarmupSchedule:
             raise ValueError(f"cool-down must end after it starts, got {start} -> {end}")
         self.decay_start, self.decay_end = start, end
 
+    def cancel_cooldown(self) -> None:
+        """Back to the paper's rate (a resumed run given a larger budget cools down anew over it)."""
+        self.decay_start = self.decay_end = None
+
     @property
     def cooling(self) -> bool:
         return self.decay_start is not None

@@ -1,4 +1,5 @@
-"""Mixed precision and compilation for training (kept out of the model, which stays fp32 and eager).
+"""Mixed precision and compilation for training (kept out of the model, which stays fp32 and eager), and
+the weights' dtype for decoding.
 
 bf16 has fp32's exponent range, so autocast alone is enough; fp16 does not, and small gradients would
 underflow to zero, so its loss is scaled up before the backward pass and the gradients scaled back down
@@ -31,10 +32,23 @@ def has_native_bf16(device_type: str = "cpu") -> bool:
 
 
 def resolve_precision(precision: str, device_type: str = "cpu") -> str:
-    """The precision `auto` stands for on this device (bf16 where native, else fp32); others unchanged."""
+    """The precision `auto` stands for on this device (bf16 where native, else fp32); others unchanged,
+    except fp16 off CUDA, which is refused."""
+    if precision == "fp16" and device_type != "cuda":
+        raise TransformerError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
     if precision != "auto":
         return precision
     return "bf16" if has_native_bf16(device_type) else "fp32"
+
+
+def weight_dtype(precision: str, device_type: str = "cpu") -> torch.dtype:
+    """The dtype the weights are cast to for decoding under `precision` on this device. Unlike training,
+    decoding casts the weights themselves: it needs no fp32 master copy, and autocast would cast every
+    weight again at every decoding step."""
+    precision = resolve_precision(precision, device_type)
+    if precision not in ("fp32", *_DTYPES):
+        raise TransformerError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
+    return _DTYPES.get(precision, torch.float32)
 
 
 class MixedPrecision:
@@ -42,8 +56,6 @@ class MixedPrecision:
 
     def __init__(self, precision: str, device_type: str = "cpu") -> None:
         precision = resolve_precision(precision, device_type)
-        if precision == "fp16" and device_type != "cuda":
-            raise TransformerError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
         self.precision, self.device_type = precision, device_type
         self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
 

@@ -305,6 +305,7 @@ def train(
     optimizer, scheduler = build_optimizer(
         model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
     )
+    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
     state: dict[str, Any] = {
         "step": 0,
         "epoch": 0,
@@ -332,12 +333,12 @@ def train(
             distributed.seed_rank(tc.seed, state["step"])
         started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
         log.write(event="resume", step=state["step"], checkpoint=name)
-        if _budget_raised(saved_record["train"], tc) and scheduler.lr_lambdas[0].cooling:
+        if _budget_raised(saved_record["train"], tc) and schedule.cooling:
             # The run was given more steps or time than its cool-down was planned for: return to the
             # paper's rate, and cool down anew over the last `cooldown` of the new budget.
-            scheduler.lr_lambdas[0].decay_start = scheduler.lr_lambdas[0].decay_end = None
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+            schedule.cancel_cooldown()
+            for group in optimizer.param_groups:  # the next step's rate, as LambdaLR sets it
+                group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
             log.write(event="cooldown_reset", step=state["step"])
         tqdm.write(f"resuming {run_dir} from {name} at step {state['step']} (epoch {state['epoch'] + 1})")
     tqdm.write(
@@ -366,7 +367,6 @@ def train(
             },
         )
 
-    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
     pace = {"since": time.monotonic(), "step": state["step"]}  # this process's time per step, evals included
 
     def maybe_begin_cooldown(steps_per_epoch: int) -> None:

@@ -15,7 +15,7 @@ from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import build_model
-from transformer.precision import resolve_precision
+from transformer.precision import weight_dtype
 from transformer.rundir import read_run_record
 from transformer.search import SearchConfig, generate
 
@@ -85,7 +85,8 @@ class Translator:
             raise TransformerError(
                 f"{weights_file} does not fit the model in {run_dir / 'config.json'}: {first[-1].strip()}"
             ) from None
-        return cls(model.to(device=device, dtype=decoding_dtype(precision, device)), tokenizer, train_config)
+        dtype = weight_dtype(precision, torch.device(device).type)
+        return cls(model.to(device=device, dtype=dtype), tokenizer, train_config)
 
     def translate(
         self,
@@ -125,20 +126,6 @@ class Translator:
         device = next(self.model.parameters()).device
         outputs = translate_ids(self.model, sources, search, device=device)
         return self.tokenizer.decode_batch(outputs)
-
-
-def decoding_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """The weight dtype a `precision` setting decodes with on `device`. Unlike training, decoding casts
-    the weights themselves (no fp32 master copy is needed, and autocast would re-cast every weight at
-    every step)."""
-    device_type = torch.device(device).type
-    resolved = resolve_precision(precision, device_type)
-    if resolved == "fp16" and device_type != "cuda":
-        raise TransformerError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if resolved not in dtypes:
-        raise TransformerError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
-    return dtypes[resolved]
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
