@@ -140,14 +140,32 @@ def test_cache_appends_and_reorders() -> None:
     assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
 
 
-def test_reorder_within_sources_leaves_the_cross_attention_cache() -> None:
+def test_hypotheses_share_their_source_in_cross_attention() -> None:
+    """Rows 2s and 2s+1 of the queries attend to source s: the same result as repeating every memory row,
+    with the keys/values cached once per source and left alone by a beam reorder."""
+    torch.manual_seed(6)
+    mha = MultiHeadAttention(8, 2).eval()
+    randomise(mha)
+    memory = torch.randn(3, 5, 8)
+    mask = torch.ones(3, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    x = torch.randn(6, 4, 8)  # two hypotheses per source, four positions each
+    memory_rows, mask_rows = memory.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    repeated, w_repeated = mha(x, memory_rows, mask_rows, need_weights=True)  # the explicit path
+    shared, w_shared = mha(x, memory, mask, need_weights=True)
+    assert torch.allclose(shared, repeated, atol=1e-6)
+    assert torch.allclose(w_shared, w_repeated, atol=1e-6)  # (rows, heads, q_len, k_len) either way
+    assert torch.allclose(mha(x, memory, mask)[0], repeated, atol=1e-6)  # the fused kernel
+
     cache = KVCache(max_len=4)
-    cross = torch.randn(6, 2, 3, 4)
-    cache.cross_kv[0] = (cross, cross)
-    cache.reorder(torch.tensor([1, 1, 0, 5, 3, 3]), within_sources=True)
-    assert cache.cross_kv[0][0] is cross  # untouched: the caller promised rows of the same source
-    cache.reorder(torch.tensor([1, 1, 0, 5, 3, 3]))
-    assert torch.equal(cache.cross_kv[0][0], cross[[1, 1, 0, 5, 3, 3]])
+    out, _ = mha(x[:, :1], memory, mask, cache=cache, layer=0)
+    assert torch.allclose(out, repeated[:, :1], atol=1e-6)
+    cross = cache.cross_kv[0][0]
+    assert cross.size(0) == 3  # once per source
+    cache.reorder(torch.tensor([1, 1, 2, 2, 5, 4]))
+    assert cache.cross_kv[0][0] is cross
+    with pytest.raises(ValueError, match="cannot share"):
+        mha(torch.randn(4, 1, 8), memory, mask)
 
 
 def test_fused_qkv_projection_equals_separate_projections() -> None:

@@ -9,7 +9,15 @@ import torch
 from conftest import TINY
 
 from transformer import Transformer
-from transformer.search import SearchConfig, beam_search, beam_search_n_best, greedy_search
+from transformer.search import (
+    BLOCK,
+    SearchConfig,
+    argmax,
+    beam_search,
+    beam_search_n_best,
+    greedy_search,
+    topk,
+)
 
 PAD, BOS, EOS = 0, 2, 3
 IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
@@ -75,6 +83,9 @@ class ToyModel:
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(src.size(0), 1, 1), torch.ones(src.size(0), 1, 1, 1, dtype=torch.bool)
+
+    def beam_memory(self, memory, src_mask, k):
+        return memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)
 
     def decode(self, tgt, memory, src_mask, cache=None) -> torch.Tensor:
         return self.log_table[tgt[:, -1:]]  # (n, 1, vocab)
@@ -155,3 +166,34 @@ def test_bf16_weights_decode_like_fp32(model: Transformer) -> None:
             steps.append(low.decode(tgt[:, t : t + 1], memory, src_mask, cache).float().log_softmax(-1))
     assert memory.dtype == torch.bfloat16
     torch.testing.assert_close(torch.cat(steps, dim=1), exact, atol=0.1, rtol=0.0)
+
+
+@pytest.mark.parametrize("vocab", [BLOCK * 9, BLOCK * 9 + 17])
+def test_blockwise_argmax_is_torch_argmax(vocab: int) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(7, vocab, generator=g)
+    scores[0, 5] = scores[0, vocab - 3] = 50.0  # a tie across blocks: the first index wins
+    scores[1, BLOCK + 1] = scores[1, BLOCK + 2] = 50.0  # a tie within a block
+    scores[2] = float("-inf")
+    scores[2, vocab - 1] = 0.0  # the maximum in the padded last block
+    scores[3] = -1.0  # all equal
+    expected = scores.argmax(-1)
+    assert torch.equal(argmax(scores), expected)
+    assert expected[:4].tolist() == [5, BLOCK + 1, vocab - 1, 0]
+    short = torch.randn(3, 40, generator=g)  # a vocabulary smaller than one block
+    assert torch.equal(argmax(short), short.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [BLOCK * 9, BLOCK * 9 + 17])
+@pytest.mark.parametrize("k", [1, 4])
+def test_blockwise_topk_is_torch_topk(vocab: int, k: int) -> None:
+    g = torch.Generator().manual_seed(vocab + k)
+    scores = torch.randn(11, vocab, generator=g)
+    scores[0, :k] = 10.0 + torch.arange(k)  # the k best all in one block
+    scores[1, torch.arange(k) * BLOCK + 3] = 10.0 + torch.arange(k)  # one in each of k blocks
+    scores[2, vocab - 1] = 20.0  # in the padded last block
+    values, indices = topk(scores, k)
+    expected_values, expected_indices = scores.topk(k)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(indices, expected_indices)  # no ties among the random scores
+    assert torch.equal(scores.gather(1, indices), values)

@@ -34,9 +34,9 @@ class RNNState:
     length: int = 0
     hidden: Tensor | tuple[Tensor, Tensor] | None = None
 
-    def reorder(self, index: Tensor, *, within_sources: bool = False) -> None:
-        """Keep batch rows `index`. The encoder states live in the memory, not here: `within_sources` (see
-        `KVCache.reorder`) changes nothing."""
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (the encoder states live in the memory, repeated for every hypothesis by
+        `beam_memory`, not here)."""
         if isinstance(self.hidden, tuple):
             self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
         elif self.hidden is not None:
@@ -146,6 +146,15 @@ class RNNSeq2Seq(nn.Module):
         top = final_h.view(self.config.n_layers, directions, src.size(0), -1)[-1]  # (dirs, batch, hidden)
         summary = torch.cat(list(top), dim=-1)  # (batch, dirs·hidden): [forward ; backward]
         return (states, summary), mask
+
+    def beam_memory(
+        self, memory: tuple[Tensor, Tensor], src_mask: Tensor, k: int
+    ) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """The memory for beam search's k hypotheses per source, on consecutive rows: each row repeated k
+        times, since every hypothesis carries its own recurrent state and attends on its own."""
+        states, summary = memory
+        repeated = (states.repeat_interleave(k, 0), summary.repeat_interleave(k, 0))
+        return repeated, src_mask.repeat_interleave(k, 0)
 
     def _initial_state(self, summary: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         h0 = torch.tanh(self.bridge(summary)) if self.bridge is not None else summary  # (batch, hidden)

@@ -263,6 +263,12 @@ class Transformer(nn.Module):
         x = self.dropout(self.src_pos(self.src_embed(src)))
         return self.encoder(x, src_mask, record), src_mask
 
+    def beam_memory(self, memory: Tensor, src_mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The memory for beam search's k hypotheses per source, on consecutive rows: the memory as it is.
+        The encoder–decoder attention lets a source's hypotheses share its keys and values (see
+        `MultiHeadAttention.forward`), which then are projected, cached and read once instead of k times."""
+        return memory, src_mask
+
     def decode(
         self,
         tgt: Tensor,
@@ -274,6 +280,8 @@ class Transformer(nn.Module):
         project: bool = True,
     ) -> Tensor:
         """tgt (batch, tgt_len): the whole shifted target, or with a cache only the newest positions.
+        `memory` (sources, src_len, d_model) may hold fewer rows than `tgt`: batch // sources consecutive
+        rows of `tgt` then share one source (beam search's hypotheses).
 
         Target padding needs no mask: it sits at the end, where the causal mask already hides it from every
         real position, and the loss ignores the outputs at padded positions. With `project=False` the
