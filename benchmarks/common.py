@@ -24,10 +24,19 @@ from typing import Any
 
 import torch
 
-from transformer.runtime import cpu_flags, cpu_name
+from transformer.runtime import cpu_flags, cpu_name, reexec_with_allocator_tunables
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that decide matmul speed
+
+
+def run_as_the_cli_does() -> None:
+    """Re-run this benchmark script under the allocator setting the `transformer` command gives itself
+    (transformer/runtime.py), so that its figures are those of training and translating with the tool:
+    without it every variant page-faults its large activations in again at every step, which slowed
+    Marian's beam search more than ours and our fp32 training step more than our bf16 one.
+    TRANSFORMER_KEEP_ALLOCATOR=1 keeps the allocator as it is (as `train_step.py --allocator` does)."""
+    reexec_with_allocator_tunables([sys.argv[0], *sys.argv[1:]])
 
 
 def machine_info() -> dict[str, Any]:

@@ -94,6 +94,7 @@ def searches(
 
 
 def main() -> None:
+    common.run_as_the_cli_does()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small", "base"], choices=["small", "base"])
     parser.add_argument("--batch", type=int, default=64)

@@ -41,6 +41,7 @@ def point(kind: str, length: int, batch: int, new_tokens: int, repeats: int) -> 
 
 
 def main() -> None:
+    common.run_as_the_cli_does()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
     parser.add_argument("--batch", type=int, default=2)

@@ -128,6 +128,7 @@ def allocator_comparison(args: argparse.Namespace) -> None:
     runs = {}
     for label, tunables in (("default allocator", None), ("GLIBC_TUNABLES", ALLOCATOR_TUNABLES)):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env["TRANSFORMER_KEEP_ALLOCATOR"] = "1"  # the child must not set it for itself
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
         argv = [sys.executable, __file__, "--configs", "small", "--variants", "ours", "--no-memory", "--json"]
@@ -139,6 +140,7 @@ def allocator_comparison(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    common.run_as_the_cli_does()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small", "base"], choices=["small", "base"])
     parser.add_argument("--variants", nargs="+", help="default: all that apply")

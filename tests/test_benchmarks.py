@@ -116,3 +116,26 @@ def test_corpus_batches_are_the_trainers_padded_multi30k_batches() -> None:
         assert (tgt[torch.arange(tgt.size(0)), lengths - 1] == EOS_ID).all()
     assert any((src == PAD_ID).any() for src, _ in batches)  # real lengths differ within a batch
     assert train_step.target_tokens(batches) == sum(int((t != PAD_ID).sum()) - t.size(0) for _, t in batches)
+
+
+def test_benchmarks_rerun_themselves_under_the_clis_allocator_setting(monkeypatch) -> None:
+    """A script re-executes itself (its own path and arguments) with GLIBC_TUNABLES, as `transformer`
+    does, unless the setting is already there or opted out."""
+    import sys
+
+    from transformer import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.39"))
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/decode.py", "--configs", "small"])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("TRANSFORMER_KEEP_ALLOCATOR", raising=False)
+    common.run_as_the_cli_does()
+    ((argv, env),) = calls
+    assert argv[1:] == ["benchmarks/decode.py", "--configs", "small"]
+    assert env["GLIBC_TUNABLES"] == runtime.ALLOCATOR_TUNABLES and env["TRANSFORMER_KEEP_ALLOCATOR"] == "1"
+    monkeypatch.setenv("TRANSFORMER_KEEP_ALLOCATOR", "1")
+    common.run_as_the_cli_does()
+    assert len(calls) == 1

@@ -50,8 +50,9 @@ def configure_torch(threads: int = 0) -> None:
     torch.set_flush_denormal(True)
 
 
-def reexec_with_allocator_tunables() -> None:
-    """Re-run this command with GLIBC_TUNABLES set, unless it is already set, opted out, or not glibc."""
+def reexec_with_allocator_tunables(argv: list[str] | None = None) -> None:
+    """Re-run this command with GLIBC_TUNABLES set, unless it is already set, opted out, or not glibc.
+    `argv`: the interpreter's arguments for the re-run, by default the `transformer` command's."""
     if os.environ.get("GLIBC_TUNABLES") or os.environ.get(_OPT_OUT) or not sys.platform.startswith("linux"):
         return
     if platform.libc_ver()[0] != "glibc":
@@ -59,4 +60,6 @@ def reexec_with_allocator_tunables() -> None:
     env = {**os.environ, "GLIBC_TUNABLES": ALLOCATOR_TUNABLES, _OPT_OUT: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "transformer.cli", *sys.argv[1:]], env)
+    if argv is None:
+        argv = ["-m", "transformer.cli", *sys.argv[1:]]
+    os.execve(sys.executable, [sys.executable, *argv], env)
