@@ -75,11 +75,15 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeat
 def time_interleaved(
     variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, from `repeats` rounds in which every variant runs once in turn.
-    The first `warmup` rounds (allocation, kernel selection, caches) are run but not recorded."""
+    """Seconds per call of each variant, from `repeats` rounds in which every variant runs once in turn,
+    in the given order in even rounds and in reverse in odd ones, so that no variant always runs first
+    (two identical training steps timed in a fixed order came out 0.617 s first and 0.561 s second,
+    medians of 16 rounds, in one run; equal in another). The first `warmup` rounds (allocation, kernel
+    selection, caches) are run but not recorded."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
-        for name, fn in variants.items():
+        order = list(variants.items())
+        for name, fn in order if round_ % 2 == 0 else reversed(order):
             start = time.perf_counter()
             fn()
             if round_ >= warmup:

@@ -16,7 +16,7 @@ from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 def test_time_interleaved_runs_variants_in_turn() -> None:
     calls: list[str] = []
     times = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 1)
-    assert calls == ["a", "b"] * 3
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # the order alternates round by round
     assert [len(t) for t in times.values()] == [2, 2] and all(t >= 0 for t in times["a"])
 
 
