@@ -201,7 +201,10 @@ def main() -> None:
             "bf16 autocast not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), "
             "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
         )
-    header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s."
+    header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s"
+    if bf16:
+        header += f"; bf16: {result['bf16_matmul_peak_gflops']:.1f} GFLOP/s"
+    header += "."
     where = " on Multi30k batches" if corpus else ""
     common.report(
         f"Training step{where}: {', '.join(args.configs)}", result, header + "\n\n" + "\n\n".join(body)
@@ -235,6 +238,7 @@ def _markdown(name: str, described: str, rows: dict, compile_s: float | None) ->
             "of fp32 peak": row["fraction_of_fp32_peak"],
             "× nn.Transformer": row.get("vs_nn.Transformer", "–"),
             "× Marian": row.get("vs_MarianMTModel", "–"),
+            "× ours": row.get("vs_ours", "–"),
         }
         if "memory" in row:
             entry["memory growth, 2 steps (MB)"] = row["memory"]["growth_mb"]

@@ -11,7 +11,7 @@ from conftest import TINY
 
 from transformer import Transformer
 from transformer.data.tokenizer import PAD_ID
-from transformer.loss import label_smoothed_loss, projected_loss
+from transformer.loss import ROWS_MULTIPLE, label_smoothed_loss, projected_loss
 
 
 def test_label_smoothing_by_hand() -> None:
@@ -39,6 +39,20 @@ def test_projecting_only_predicted_positions_changes_nothing() -> None:
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert not grads[0][2, 2:].any() and not grads[0][0, 5:].any()  # padded positions get no gradient
+
+
+def test_projected_rows_come_in_multiples_that_recur() -> None:
+    """12 real target tokens are projected as ROWS_MULTIPLE rows, the extra ones ignored by the loss."""
+    shapes = []
+    projection = torch.nn.Linear(16, 50)
+    projection.register_forward_hook(lambda _module, args, _out: shapes.append(tuple(args[0].shape)))
+    target = torch.randint(4, 50, (3, 7))
+    target[:, 4:] = PAD_ID
+    hidden = torch.randn(3, 7, 16)
+    loss = projected_loss(hidden, projection, target, 0.1)
+    assert shapes == [(ROWS_MULTIPLE, 16)]
+    plain = label_smoothed_loss(projection(hidden[:, :4]), target[:, :4], 0.1)
+    torch.testing.assert_close(loss, plain)
 
 
 def test_unprojected_forward_is_what_the_output_layer_projects() -> None:
