@@ -36,9 +36,10 @@ def projected_loss(hidden: Tensor, projection: nn.Module, target: Tensor, smooth
     `ROWS_MULTIPLE`. Unpadded, the product's shape was new at nearly every step (the count of real target
     tokens: 150 distinct values in the 201 batches of a Multi30k epoch, 76 more in the next), and oneDNN
     builds, JIT-compiles and caches a kernel for every new shape of a bf16 matmul; padded, a handful of
-    shapes recur. One pass over 60 Multi30k batches (small model, 2-core AMX Xeon, two runs each):
-    0.65 and 0.64 s per bf16 step unpadded, 0.56 and 0.51 padded; fp32 steps 0.91 and 0.90 against 0.83
-    and 0.76 (fewer ragged edges for the fp32 GEMM too) — for ≤ 63 extra rows out of ~2,300.
+    shapes recur. One pass over 60 Multi30k batches (small model, 2-core AMX Xeon, runs alternating):
+    0.65 and 0.64 s per bf16 step unpadded, 0.56 and 0.51 padded; an hour later, the machine faster,
+    0.54 and 0.49 against 0.52 and 0.47 (the whole previous commit against this one); fp32 steps 0.91
+    and 0.90 against 0.83 and 0.76 — for ≤ 63 extra rows out of ~2,300.
     """
     keep = target != PAD_ID
     rows, labels = hidden[keep], target[keep]  # (n, d_model), (n,)
