@@ -136,6 +136,13 @@ def test_cache_appends_and_reorders() -> None:
     cache.reorder(torch.tensor([2, 2, 0]))
     k, _ = cache.self_kv[0]
     assert torch.equal(k[:, :, :5], before[[2, 2, 0]])
+    cache.reorder(torch.tensor([2, 0, 1]))  # back into the first buffers, which the first reorder freed
+    assert torch.equal(cache.self_kv[0][0][:, :, :5], before[[0, 2, 2]])
+    new_x = torch.randn(3, 1, 8)  # a step after reordering appends to the reordered prefix
+    out, _ = mha(new_x, cache=cache, layer=0)
+    expected, _ = mha(torch.cat([x[[0, 2, 2]], new_x], 1), mask=torch.ones(6, 6, dtype=torch.bool).tril())
+    assert torch.allclose(out, expected[:, -1:], atol=1e-6)
+    cache.advance()
     cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
     assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
 
