@@ -15,6 +15,7 @@ from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import build_model
+from transformer.packing import pack_linears
 from transformer.precision import weight_dtype
 from transformer.rundir import read_run_record
 from transformer.search import SearchConfig, generate
@@ -86,7 +87,9 @@ class Translator:
                 f"{weights_file} does not fit the model in {run_dir / 'config.json'}: {first[-1].strip()}"
             ) from None
         dtype = weight_dtype(precision, torch.device(device).type)
-        return cls(model.to(device=device, dtype=dtype), tokenizer, train_config)
+        model = model.to(device=device, dtype=dtype)
+        pack_linears(model)  # fp32 CPU decoding reads MKL-packed weights; elsewhere a no-op
+        return cls(model, tokenizer, train_config)
 
     def translate(
         self,

@@ -1,0 +1,127 @@
+"""Linear layers with MKL-packed weights: the same outputs as nn.Linear, packed only where it pays, never
+stale, and never on a path that needs gradients."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from torch import nn
+
+from transformer import Transformer, packing
+from transformer.packing import PackedLinear, pack_linears
+from transformer.search import SearchConfig, beam_search, greedy_search
+
+needs_mkl = pytest.mark.skipif(not packing.mkl_packing_available(), reason="this torch build has no MKL")
+IDS = {"bos_id": 2, "eos_id": 3, "pad_id": 0}
+
+
+def packed_pair(bias: bool = True) -> tuple[nn.Linear, PackedLinear]:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    return linear, PackedLinear(linear)
+
+
+@needs_mkl
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(12, 96), (6, 1, 96), (3, 5, 96)])
+def test_packed_linear_computes_what_linear_does(bias: bool, shape: tuple[int, ...]) -> None:
+    linear, packed = packed_pair(bias)
+    x = torch.randn(shape)
+    expected = F.linear(x, linear.weight, linear.bias)
+    with torch.no_grad():
+        for _ in range(3):  # the first call packs nothing, the second packs, the third reuses the pack
+            torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5)
+    assert packed._packed is not None and packed._packed[0] == x.numel() // 96
+
+
+@needs_mkl
+def test_packs_only_a_row_count_met_twice_in_a_row() -> None:
+    _, packed = packed_pair()
+    with torch.no_grad():
+        packed(torch.randn(7, 96))  # an encoder-like single call: not worth a pack
+        assert packed._packed is None
+        packed(torch.randn(8, 96))
+        assert packed._packed is None
+        packed(torch.randn(8, 96))  # a decoding step's repeat
+        first = packed._packed
+        assert first is not None and first[0] == 8
+        packed(torch.randn(3, 96))  # another count once: served unpacked, the pack kept
+        packed(torch.randn(8, 96))
+        assert packed._packed is first
+
+
+@needs_mkl
+def test_a_changed_weight_is_packed_again() -> None:
+    linear, packed = packed_pair()
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        packed(x), packed(x)
+        before = packed(x)
+        linear.weight.mul_(2.0)  # an in-place write, as an optimiser step or load_state_dict makes
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, packed(x))
+
+
+@needs_mkl
+def test_gradients_autocast_and_other_devices_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    linear, packed = packed_pair()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a packed kernel was called")
+
+    monkeypatch.setattr(packing, "_mkl_linear", refuse)
+    monkeypatch.setattr(packing, "_onednn_linear", refuse)
+    x = torch.randn(4, 96, requires_grad=True)
+    for _ in range(2):
+        packed(x).sum().backward()  # gradients on: autograd needs F.linear
+    assert linear.weight.grad is not None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert packed(x).dtype == torch.bfloat16  # autocast's choice is kept
+    double = copy.deepcopy(packed).double()  # a dtype neither library packs
+    with torch.no_grad():
+        for _ in range(2):
+            assert double(x.detach().double()).dtype == torch.float64
+    assert packed._packed is None and double._packed is None
+
+
+@pytest.mark.skipif(not packing.onednn_packing_available(), reason="no oneDNN bf16 on this CPU")
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_weights_are_packed_for_onednn_at_once(bias: bool) -> None:
+    linear, packed = packed_pair(bias)
+    linear.bfloat16()
+    x = torch.randn(2, 7, 96).bfloat16()
+    with torch.no_grad():
+        expected = F.linear(x, linear.weight, linear.bias)
+        torch.testing.assert_close(packed(x), expected, rtol=1e-2, atol=1e-2)
+        assert packed._packed is not None and packed._packed[0] is None  # any row count, from the first call
+        torch.testing.assert_close(packed(x[:1, :3]), expected[:1, :3], rtol=1e-2, atol=1e-2)
+
+
+@needs_mkl
+def test_pack_linears_keeps_state_dict_ties_and_decoding() -> None:
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, src_vocab_size=40, tgt_vocab_size=40, max_len=64, tie_output=True)
+    model = Transformer(config).eval()
+    packed = copy.deepcopy(model)
+    count = pack_linears(packed)
+    assert count == sum(type(m) is nn.Linear for m in model.modules()) > 0
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    assert packed.state_dict().keys() == model.state_dict().keys()
+    assert packed.out_proj.weight is packed.tgt_embed.weight  # the tie survives
+    src = torch.randint(4, 40, (5, 7))
+    config = SearchConfig(beam=3, extra_len=6)
+    for search in (greedy_search, beam_search):
+        expected = search(model, src, config=config, max_len=64, **IDS)
+        assert search(packed, src, config=config, max_len=64, **IDS) == expected
+
+
+def test_pack_linears_is_a_no_op_without_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packing, "mkl_packing_available", lambda: False)
+    monkeypatch.setattr(packing, "onednn_packing_available", lambda: False)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert pack_linears(model) == 0
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
