@@ -5,8 +5,10 @@
 
 Every search produces exactly `--new-tokens` tokens per sentence (random weights would otherwise stop at
 random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy and beam 4
-(length penalty 0.6 for both). Where the CPU multiplies bf16 natively (or with --bf16), also both with
-their weights cast to bf16. Prints JSON (sentences/s, tokens/s, ratios) and updates benchmarks/RESULTS.md.
+(length penalty 0.6 for both). Ours runs with packed linear weights as `transformer translate` loads a
+model (transformer/packing.py), and once more without them (`unpacked`). Where the CPU multiplies bf16
+natively (or with --bf16), also both with their weights cast to bf16. Prints JSON (sentences/s, tokens/s,
+ratios) and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.packing import pack_linears
 from transformer.precision import has_native_bf16
 from transformer.search import SearchConfig, generate
 
@@ -69,28 +72,39 @@ def searches(
 ) -> dict[str, Callable]:
     c = peers.config_for(config_name)
     src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
-    ours = peers.ours(c).eval()
-    fused = peers.ours(c, fuse_qkv=True).eval()
-    fused.load_state_dict(ours.state_dict())
+    unpacked = peers.ours(c).eval()
     marian = peers.marian(c)
     # bf16 as `transformer translate --precision bf16` decodes: the weights cast, not autocast; Marian the
     # same way (model.to(torch.bfloat16)), as its users would
-    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16) if bf16 else None
+    unpacked_bf16 = copy.deepcopy(unpacked).to(torch.bfloat16) if bf16 else None
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
+    ours, ours_bf16 = (_packed(m) for m in (unpacked, unpacked_bf16))
     runs = {}
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
         runs[f"ours {kind}, cached"] = our_search(ours, src, beam, new_tokens, cached=True)
         if beam == 1 or uncached_beam:
             runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
-        runs[f"ours {kind}, cached, fused QKV"] = our_search(fused, src, beam, new_tokens, cached=True)
+        runs[f"ours {kind}, cached, unpacked"] = our_search(unpacked, src, beam, new_tokens, cached=True)
         if marian is not None:
             runs[f"Marian {kind}"] = marian_search(marian.eval(), src, beam, new_tokens)
         if ours_bf16 is not None:
             runs[f"ours {kind}, cached, bf16"] = our_search(ours_bf16, src, beam, new_tokens, cached=True)
+            runs[f"ours {kind}, cached, bf16, unpacked"] = our_search(
+                unpacked_bf16, src, beam, new_tokens, cached=True
+            )
         if marian_bf16 is not None:
             runs[f"Marian {kind}, bf16"] = marian_search(marian_bf16.eval(), src, beam, new_tokens)
     return runs
+
+
+def _packed(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """A copy of `model` with packed linear weights, as `Translator.from_checkpoint` loads one."""
+    if model is None:
+        return None
+    model = copy.deepcopy(model)
+    pack_linears(model)
+    return model
 
 
 def main() -> None:
@@ -143,13 +157,16 @@ def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
         ours = times[f"ours {kind}, cached"]
-        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, fused QKV"):
+        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, unpacked"):
             if other in times:
                 label = f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"
                 out[label] = common.paired_speedup(ours, times[other])
         ours_bf16 = times.get(f"ours {kind}, cached, bf16")
         if ours_bf16 is not None:
             out[f"ours {kind} cached bf16 vs fp32"] = common.paired_speedup(ours_bf16, ours)
+            out[f"ours {kind} cached bf16 vs bf16, unpacked"] = common.paired_speedup(
+                ours_bf16, times[f"ours {kind}, cached, bf16, unpacked"]
+            )
             for other in (f"Marian {kind}, bf16", f"Marian {kind}"):
                 if other in times:
                     speedup = common.paired_speedup(ours_bf16, times[other])
