@@ -15,7 +15,7 @@ once; torch exposes it through the operators inductor uses for frozen CPU graphs
   which serves any row count: packed on the first call.
 
 Measured alone on 2 cores of an AMX Xeon at 64 rows, the small and base models' linear layers ran
-1.0-1.3× (fp32) and 1.2-1.7× (bf16) as fast, with the same results up to the order of float rounding;
+1.0-1.4× (fp32) and 1.4-2.3× (bf16) as fast, with the same results up to the order of float rounding;
 benchmarks/decode.py measures whole searches with and without (the `unpacked` rows).
 
 The packed copy is rebuilt when the weight changes: torch bumps a tensor's version on every in-place write
@@ -82,7 +82,7 @@ class PackedLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _kind(self, x: Tensor) -> str | None:
-        """ "mkl" (fp32), "onednn" (bf16) or None: the plain path."""
+        """Which packed kernel serves `x`: "mkl" (fp32), "onednn" (bf16) or None (the plain path)."""
         if (
             x.device.type != "cpu"
             or x.dtype != self.weight.dtype

@@ -138,7 +138,8 @@ class MultiHeadAttention(nn.Module):
     at call time and projects x once (one larger matmul, one read of x); the parameters stay the paper's
     three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off:
     paired per round on a 2-core CPU, whole training steps ran 0.96-1.03× as fast fused (small and base,
-    random and real batches, four runs) and cached decoding 0.95-0.99× (benchmarks/RESULTS.md): no gain.
+    random and real batches, four runs; benchmarks/train_step.py) and cached decoding 0.94-1.05× (decode.py
+    runs of 2026-12-01 and -02, in RESULTS.md's history at commit 22c2dc9): no gain.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:
