@@ -67,48 +67,29 @@ class PackedLinear(nn.Linear):
         self._packed: tuple[int | None, int, Tensor] | None = None  # (rows or None, weight version, weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        kind = self._kind(x)
-        if kind is None:
-            return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
+        # ~25 calls per decoding step: cheapest checks first; both kernels take x (…, in) as it is
+        weight = self.weight
+        kind = _kind(x, weight)
         if kind == "mkl":
-            packed = self._packed_for(rows)
-            if packed is None:
-                return F.linear(x, self.weight, self.bias)
-            out = _mkl_linear(flat, packed, self.weight, self.bias, rows)
-        else:
-            out = _onednn_linear(flat, self._packed_for(None), self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
+            rows = x.numel() // self.in_features
+            packed = self._packed_for(weight, rows)
+            if packed is not None:
+                return _mkl_linear(x, packed, weight, self.bias, rows)
+        elif kind == "onednn":
+            return _onednn_linear(x, self._packed_for(weight, None), self.bias)
+        return F.linear(x, weight, self.bias)
 
-    def _kind(self, x: Tensor) -> str | None:
-        """Which packed kernel serves `x`: "mkl" (fp32), "onednn" (bf16) or None (the plain path)."""
-        if (
-            x.device.type != "cpu"
-            or x.dtype != self.weight.dtype
-            or torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu")
-            or x.numel() == 0
-        ):
-            return None
-        if x.dtype == torch.float32 and mkl_packing_available():
-            return "mkl"
-        if x.dtype == torch.bfloat16 and onednn_packing_available():
-            return "onednn"
-        return None
-
-    def _packed_for(self, rows: int | None) -> Tensor | None:
+    def _packed_for(self, weight: Tensor, rows: int | None) -> Tensor | None:
         """The weight packed for `rows` rows (None: any count), kept while the weight is unchanged. A count
         is packed for when it comes twice in a row; None is packed for at once."""
-        version = self.weight._version
-        if self._packed is not None and self._packed[:2] == (rows, version):
-            return self._packed[2]
+        version, cached = weight._version, self._packed
+        if cached is not None and cached[0] == rows and cached[1] == version:
+            return cached[2]
         if rows is not None:
             repeated, self._last_rows = rows == self._last_rows, rows
             if not repeated:
                 return None
-        weight = self.weight.detach()
-        packed = _mkl_pack(weight, rows) if rows is not None else _onednn_pack(weight)
+        packed = _mkl_pack(weight.detach(), rows) if rows is not None else _onednn_pack(weight.detach())
         self._packed = (rows, version, packed)
         return packed
 
@@ -116,12 +97,27 @@ class PackedLinear(nn.Linear):
         return super().extra_repr() + ", packed"
 
 
+def _kind(x: Tensor, weight: Tensor) -> str | None:
+    """Which packed kernel serves `x`: "mkl" (fp32), "onednn" (bf16) or None (the plain path)."""
+    if torch.is_grad_enabled() or x.dtype != weight.dtype or not x.is_cpu:
+        return None
+    if torch.is_autocast_enabled("cpu") or x.numel() == 0:
+        return None
+    return _kinds().get(x.dtype)
+
+
+@cache
+def _kinds() -> dict[torch.dtype, str]:
+    kinds = {torch.float32: "mkl"} if mkl_packing_available() else {}
+    return kinds | ({torch.bfloat16: "onednn"} if onednn_packing_available() else {})
+
+
 def _mkl_pack(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
 
 
 def _mkl_linear(x: Tensor, packed: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> Tensor:
-    """x (rows, in) · weightᵀ + bias, reading `packed`; MKL uses `weight` for another row count."""
+    """x (…, in) · weightᵀ + bias, reading `packed`; MKL uses `weight` for another count of rows."""
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
@@ -130,7 +126,7 @@ def _onednn_pack(weight: Tensor) -> Tensor:
 
 
 def _onednn_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """x (rows, in) · weightᵀ + bias, `packed` being the weight in oneDNN's layout."""
+    """x (…, in) · weightᵀ + bias, `packed` being the weight in oneDNN's layout."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
