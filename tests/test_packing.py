@@ -1,5 +1,5 @@
-"""Linear layers with MKL-packed weights: the same outputs as nn.Linear, packed only where it pays, never
-stale, and never on a path that needs gradients."""
+"""Linear layers with packed weights: nn.Linear's outputs, the same bits for the same input whatever came
+before, never a stale pack, and never on a path that needs gradients."""
 
 import copy
 import dataclasses

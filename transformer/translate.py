@@ -88,7 +88,7 @@ class Translator:
             ) from None
         dtype = weight_dtype(precision, torch.device(device).type)
         model = model.to(device=device, dtype=dtype)
-        pack_linears(model)  # fp32 CPU decoding reads MKL-packed weights; elsewhere a no-op
+        pack_linears(model)  # CPU decoding in fp32 or bf16 reads packed weights; elsewhere nn.Linear as is
         return cls(model, tokenizer, train_config)
 
     def translate(
