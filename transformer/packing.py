@@ -30,6 +30,7 @@ model's own code like the other kernel choices.
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 
 import torch
@@ -47,7 +48,10 @@ def mkl_packing_available() -> bool:
 
 @cache
 def onednn_packing_available() -> bool:
-    """Whether this torch build can pack bf16 weights for oneDNN on this CPU."""
+    """Whether this torch build can pack bf16 weights for oneDNN on this CPU. x86 only: these are the
+    operators inductor uses there; on ARM builds oneDNN runs through other libraries, untested here."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
