@@ -131,7 +131,8 @@ def training_step(
     def step() -> None:
         src, tgt_in, tgt_out, n_tokens = next(turns)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the loss too, as in the trainer
+        # the loss too under autocast, as in the trainer; on the device the batch is on
+        with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=bf16):
             if projected:  # as transformer.train.batch_loss
                 loss = projected_loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
             else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import common, decode, peers, scaling, train_step
+from benchmarks import common, decode, gpu, peers, scaling, train_step
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -103,6 +103,33 @@ def test_our_search_generates_the_requested_steps() -> None:
 def test_scaling_point_reports_time_and_memory() -> None:
     measured = scaling.point("decode", 8, batch=1, new_tokens=2, repeats=1)
     assert measured["seconds"] > 0 and measured["growth_mb"] >= 0
+
+
+def test_wmt14_extrapolation_gives_the_papers_hours_at_its_rate() -> None:
+    # the paper: 100k steps of ~25k target tokens in 12 hours on 8 P100s, 0.4 s a step: 62,500 tokens/s
+    assert gpu.extrapolate(25_000 / 0.4) == {"one_gpu_hours": 11.1, "eight_gpus_hours_perfect_scaling": 1.39}
+
+
+def test_gpu_benchmark_runs_dry_on_the_cpu() -> None:
+    """The GPU script's whole path except the CUDA calls: a tiny bf16 step on the CPU."""
+    measured = gpu.measure("small", torch.device("cpu"), (4, 5, 6), repeats=1, peak_n=64)
+    row = measured["variants"]["ours"]
+    assert measured["batch"] == {"sentences": 4, "source_tokens": 6, "target_tokens": 6}
+    tokens_per_s = 4 * 6 / row["s_per_step"]  # the row's figures are rounded: compared to 1 %
+    assert row["tgt_tokens_per_s"] == pytest.approx(tokens_per_s, rel=0.01)
+    peak = measured["bf16_matmul_peak_gflops"]
+    assert row["fraction_of_bf16_peak"] == pytest.approx(row["gflops"] / peak, rel=0.01)
+    hours = gpu.extrapolate(tokens_per_s)["one_gpu_hours"]
+    assert row["wmt14_base"]["one_gpu_hours"] == pytest.approx(hours, rel=0.01)
+    assert row["peak_memory_mb"] is None  # measured on CUDA only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_benchmark_says_in_one_line_that_there_is_no_gpu(monkeypatch) -> None:
+    monkeypatch.setattr("sys.argv", ["benchmarks/gpu.py"])
+    with pytest.raises(SystemExit) as exited:
+        gpu.main()
+    assert "no CUDA device" in str(exited.value)
 
 
 def test_corpus_batches_are_the_trainers_padded_multi30k_batches() -> None:
