@@ -10,10 +10,11 @@ once; torch exposes it through the operators inductor uses for frozen CPU graphs
   `?gemm_pack` takes the product's m, n and k, and torch's operator reads the packed weight only for the
   row count (m) it was packed for, falling back to the plain GEMM otherwise. So a layer packs again when the
   number of rows changes: once per batch for the encoder's layers, once per search for the decoder's. That
-  costs little (20-60 µs for a 256 × 256 weight, 0.5-0.7 ms for the 8k × 256 output projection, against
-  1.1 ms for one 20-row product with it), and every call reads a packed weight. Packing only for counts
-  that repeat would serve a count's first call unpacked: the same input would then give results that differ
-  in the last bits with the layer's history (`transformer doctor` caught that as non-determinism).
+  costs little (~20 µs for a 256 × 256 weight, 40-220 µs for 256 × 1024, 0.5-0.7 ms for the 8k × 256
+  output projection, against 1.1 ms for one 20-row product with it), and every call reads a packed weight.
+  Packing only for counts that repeat would serve a count's first call unpacked: the same input would then
+  give results that differ in the last bits with the layer's history (`transformer doctor` caught that as
+  non-determinism).
 - bf16: oneDNN's blocked weight layout (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`),
   which serves any row count: packed on the first call.
 
