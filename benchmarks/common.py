@@ -60,16 +60,33 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA kernels run asynchronously to the Python that starts them,
+    so a call timed on a GPU ends with this (on the CPU it is nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronised(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`fn`, returning once the device has finished the work it queued: what a timed call must be on a GPU."""
+
+    def call() -> None:
+        fn()
+        synchronize(device)
+
+    return call
+
+
+def matmul_peak_gflops(
+    dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7, device: torch.device | None = None
+) -> float:
     """The machine's measured matmul rate: the fastest of `repeats` square n×n products. The fastest,
     not the median, because other load can only slow a product down: a median taken while the machine
     was busy once came out below what the model's own products reached in the same run."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: the first call picks kernels and faults the output in
-
-    def one() -> None:
-        a @ b
-
+    device = device or torch.device("cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    one = synchronised(lambda: a @ b, device)
+    one()  # warm-up: the first call picks kernels and faults the output in
     return 2 * n**3 / min(time_interleaved({"mm": one}, repeats, warmup=0)["mm"]) / 1e9
 
 

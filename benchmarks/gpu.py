@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,34 +30,6 @@ from benchmarks import common, peers
 PAPER_STEPS = 100_000
 PAPER_TARGET_TOKENS_PER_STEP = 25_000
 PAPER_VOCAB = 37_000
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work: CUDA kernels run asynchronously to the Python that starts them."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds_per_call(
-    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int
-) -> list[float]:
-    """Wall seconds of each of `repeats` calls after `warmup` untimed ones, the device's queue drained."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """The fastest of `repeats` n × n products (the fastest: other load can only slow a product down)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / min(seconds_per_call(lambda: a @ b, device, repeats, warmup=3)) / 1e9
 
 
 def extrapolate(tokens_per_s: float) -> dict[str, float]:
@@ -86,7 +55,7 @@ def measure(
     src, tgt = (t.to(device) for t in peers.random_batch(batch, src_len, tgt_len))
     tokens = batch * tgt_len  # no padding: every target position is predicted
     flops = peers.step_flops(config, batch, src_len + 1, tgt_len)  # the source ends with EOS
-    peak = matmul_peak_gflops(device, torch.bfloat16, peak_n)
+    peak = common.matmul_peak_gflops(torch.bfloat16, peak_n, repeats=10, device=device)
     rows = {}
     variants = ["ours", *(["ours, torch.compile"] if compile_model else [])]
     for variant in variants:
@@ -97,8 +66,9 @@ def measure(
         step = peers.training_step(model, [(src, tgt)], bf16=True, fused_adam=True, projected=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = seconds_per_call(step, device, repeats, warmup=3)
-        seconds = statistics.median(times)
+        timed = common.synchronised(step, device)
+        times = common.time_interleaved({variant: timed}, repeats, warmup=3)[variant]
+        seconds = common.median(times)
         gflops = flops / seconds / 1e9
         rows[variant] = {
             "s_per_step": round(seconds, 4),
@@ -111,7 +81,7 @@ def measure(
             ),
             "wmt14_base": extrapolate(tokens / seconds),
         }
-        del model, step
+        del model, step, timed  # free the device memory before the next variant
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else common.machine_info()["cpu"]
     return {
         "device": name,
