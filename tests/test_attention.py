@@ -174,6 +174,13 @@ def test_hypotheses_share_their_source_in_cross_attention() -> None:
     with pytest.raises(ValueError, match="cannot share"):
         mha(torch.randn(4, 1, 8), memory, mask)
 
+    # the search drops source 1 and goes on with the rows of sources 0 and 2
+    cache.advance()
+    cache.reorder(torch.tensor([0, 1, 4, 5]), sources=torch.tensor([0, 2]))
+    assert torch.equal(cache.cross_kv[0][0], cross[[0, 2]])
+    out, _ = mha(x[[0, 1, 4, 5], 1:2], memory[[0, 2]], mask[[0, 2]], cache=cache, layer=0)
+    assert torch.allclose(out, repeated[[0, 1, 4, 5], 1:2], atol=1e-6)
+
 
 def test_fused_qkv_projection_equals_separate_projections() -> None:
     """One matmul with W_Q, W_K, W_V stacked gives the three projections' outputs and their gradients."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,22 @@ def test_beam_one_is_greedy_and_cache_changes_nothing(kind: str, cell: str) -> N
     )
     beam = beam_search(model, src, config=SearchConfig(beam=3), max_len=64, **IDS)
     assert beam == beam_search(model, src, config=SearchConfig(beam=3, use_cache=False), max_len=64, **IDS)
+
+
+@pytest.mark.parametrize(("kind", "cell"), KINDS)
+def test_dropping_finished_sentences_changes_nothing(kind: str, cell: str) -> None:
+    """The recurrent models' memory is repeated for every hypothesis (`beam_memory`), the Transformer's is
+    not: a search that drops finished sentences has to select either right. Length limits of 4 to 9
+    steps make the sentences finish at different steps."""
+    model = make(kind, cell)
+    src, _ = batch()
+    for beam in (1, 3):
+        config = SearchConfig(beam=beam, extra_len=2)
+        search = beam_search if beam > 1 else greedy_search
+        dropping = search(model, src, config=config, max_len=64, **IDS)
+        keeping = search(model, src, config=replace(config, drop_finished=False), max_len=64, **IDS)
+        assert dropping == keeping
+        assert len({len(h) for h in dropping}) > 1
 
 
 def test_rnn_attention_trains_and_translates_through_the_pipeline(data_dir: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 from conftest import TINY
 
 from transformer import Transformer
+from transformer import search as search_module
 from transformer.search import (
     BLOCK,
     SearchConfig,
@@ -55,6 +56,46 @@ def test_cached_equals_uncached(model: Transformer, beam: int) -> None:
     cached = search(model, sources(), config=SearchConfig(beam=beam), max_len=128, **IDS)
     uncached = search(model, sources(), config=SearchConfig(beam=beam, use_cache=False), max_len=128, **IDS)
     assert cached == uncached
+
+
+def dropped_sentences(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records, for every time a search drops finished sentences, how many it goes on with."""
+    kept: list[int] = []
+    keep = search_module._Stepper.keep
+
+    def spy(self, rows, sources, memory, src_mask):
+        kept.append(sources.numel())
+        keep(self, rows, sources, memory, src_mask)
+
+    monkeypatch.setattr(search_module._Stepper, "keep", spy)
+    return kept
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("beam", [1, 4])
+def test_dropping_finished_sentences_changes_nothing(
+    model: Transformer, beam: int, use_cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search goes on without the sentences that have finished (all their hypotheses ended): every
+    sentence's hypotheses, log-probabilities and scores come out as when all run to the end."""
+    kept = dropped_sentences(monkeypatch)
+    src = sources()
+    config = SearchConfig(beam=beam, use_cache=use_cache, extra_len=12)
+    dropping = beam_search_n_best(model, src, config=config, max_len=128, **IDS)
+    assert kept and kept[-1] < src.size(0), "the test needs a search that drops sentences"
+    keeping = beam_search_n_best(
+        model, src, config=dataclasses.replace(config, drop_finished=False), max_len=128, **IDS
+    )
+    assert len(kept) == 1 or kept == sorted(kept, reverse=True)
+    for a, b in zip(dropping, keeping, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-5)
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+    if beam == 1:
+        kept.clear()
+        greedy = greedy_search(model, src, config=config, max_len=128, **IDS)
+        assert kept, "greedy search should have dropped sentences too"
+        assert greedy == [hyps[0].tokens for hyps in keeping]
 
 
 def test_length_limit_is_source_plus_extra(model: Transformer) -> None:

@@ -77,7 +77,7 @@ class KVCache:
     Self-attention keys/values grow by one position per step and are written into buffers preallocated
     for `max_len` positions, so a step costs no copy of the prefix. Cross-attention keys/values depend only
     on the source and are computed once, for each source (not for each of its beam's hypotheses).
-    `reorder` follows the surviving hypotheses of a beam.
+    `reorder` follows the surviving hypotheses of a beam, and drops the sentences a search has finished.
     """
 
     max_len: int
@@ -108,10 +108,11 @@ class KVCache:
         self.length += n
 
     @torch.no_grad()  # decoding state, not part of any graph
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, sources: Tensor | None = None) -> None:
         """Keep batch rows `index` (beam search: the parents of the surviving hypotheses), each taken from
         a row of the same source: the cross-attention keys/values, cached once per source, stay as
-        they are.
+        they are, unless `sources` names the sources that remain (the search dropped finished sentences,
+        and `index` then holds the rows of those sources only).
 
         Only the filled prefix of the self-attention buffers is copied, into a second set of buffers that
         then takes the first one's place: a gather straight into the spare buffer took a third of the
@@ -127,6 +128,9 @@ class KVCache:
             else:  # a different number of rows: new buffers
                 self.self_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
                 self._spare.pop(layer, None)
+        if sources is not None:
+            for layer, (k, v) in self.cross_kv.items():
+                self.cross_kv[layer] = (k.index_select(0, sources), v.index_select(0, sources))
 
 
 class MultiHeadAttention(nn.Module):

@@ -34,9 +34,9 @@ class RNNState:
     length: int = 0
     hidden: Tensor | tuple[Tensor, Tensor] | None = None
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (the encoder states live in the memory, repeated for every hypothesis by
-        `beam_memory`, not here)."""
+    def reorder(self, index: Tensor, sources: Tensor | None = None) -> None:
+        """Keep batch rows `index`. Nothing here is kept per source (the encoder states live in the memory,
+        repeated for every hypothesis by `beam_memory`), so `sources` changes nothing."""
         if isinstance(self.hidden, tuple):
             self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
         elif self.hidden is not None:
