@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import common, decode, gpu, peers, scaling, train_step
+from benchmarks import common, decode, gpu, peers, scaling, train_step, translation
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.search import SearchConfig
+from transformer.translate import Translator
 
 
 def test_time_interleaved_runs_variants_in_turn() -> None:
@@ -98,6 +100,33 @@ def test_our_search_generates_the_requested_steps() -> None:
     cached = decode.our_search(model, src, beam=1, new_tokens=4, cached=True)()
     assert cached == decode.our_search(model, src, beam=1, new_tokens=4, cached=False)()
     assert all(len(ids) <= 3 for ids in cached)  # 4 steps, the last one a forced EOS
+
+
+def test_translation_benchmark_translates_a_split_three_ways(run_dir, monkeypatch) -> None:
+    """Real sentences through a trained (tiny) run: our search dropping and keeping finished sentences, and
+    MarianMTModel running the same weights."""
+    monkeypatch.chdir(run_dir.parent)  # the run's data_dir is absolute; nothing relative may matter
+    measured = translation.measure(str(run_dir), None, "fp32", [1, 2], repeats=1, limit=12)
+    assert measured["split"] == "test2016" and measured["sentences"] == 12
+    ways = ("dropping finished", "keeping finished", "MarianMTModel")
+    assert set(measured["rows"]) == {f"{kind}, {way}" for kind in ("greedy", "beam 2") for way in ways}
+    assert measured["ratios"]["greedy: translations equal, keeping finished"] == "12 of 12"
+    assert measured["ratios"]["beam 2: translations equal, keeping finished"] == "12 of 12"
+    assert all(row["sentences_per_s"] > 0 for row in measured["rows"].values())
+
+
+def test_the_marian_twin_decodes_greedily_as_we_do(run_dir) -> None:
+    """Same weights, same greedy choices. This barely trained model runs into the length limits, which are
+    per sentence in ours and per batch in generate: compared up to ours' length (EOS included)."""
+    translator = Translator.from_checkpoint(run_dir)
+    sentences = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Kinder am Strand."]
+    sources = [translator.tokenizer.encode(s) for s in sentences]
+    runs = translation.searches(translator, sources, [1], translation.marian_twin(translator.model))
+    ours, theirs = runs["greedy, dropping finished"](), runs["greedy, MarianMTModel"]()
+    limits = [len(ids) + 1 + SearchConfig().extra_len for ids in sources]  # EOS counts in a source
+    for mine, other, limit in zip(ours, theirs, limits, strict=True):
+        assert other[: len(mine)] == mine
+        assert len(mine) == len(other) or len(mine) == limit - 1  # ours stopped at its own limit
 
 
 def test_scaling_point_reports_time_and_memory() -> None:

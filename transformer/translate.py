@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -31,13 +31,8 @@ def translate_ids(
 ) -> list[list[int]]:
     """Translate token-id sequences (without EOS), batched by length to waste little on padding; the
     results come back in input order. Empty sources give empty translations without running the model."""
-    present = [i for i in range(len(sources)) if sources[i]]
     results: list[list[int]] = [[] for _ in sources]
-    # Beam search turns each sentence into `beam` rows: the token budget counts rows.
-    budget = max(max_tokens // max(search.beam, 1), 1)
-    for batch in token_batches([len(sources[i]) for i in present], [0] * len(present), budget, shuffle=False):
-        chunk = [present[j] for j in batch]
-        src = collate([(sources[i], []) for i in chunk]).src  # tokens + EOS, right-padded
+    for chunk, src in source_batches(sources, search.beam, max_tokens):
         outputs = generate(
             model,
             src.to(device),
@@ -50,6 +45,18 @@ def translate_ids(
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
     return results
+
+
+def source_batches(
+    sources: Sequence[list[int]], beam: int, max_tokens: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The non-empty sources in batches of similar length: (their indices, ids + EOS right-padded).
+    Beam search turns each sentence into `beam` rows: the token budget counts rows."""
+    present = [i for i in range(len(sources)) if sources[i]]
+    budget = max(max_tokens // max(beam, 1), 1)
+    for batch in token_batches([len(sources[i]) for i in present], [0] * len(present), budget, shuffle=False):
+        chunk = [present[j] for j in batch]
+        yield chunk, collate([(sources[i], []) for i in chunk]).src
 
 
 class Translator:
