@@ -109,6 +109,22 @@ def test_dropping_finished_sentences_changes_nothing(kind: str, cell: str) -> No
         assert len({len(h) for h in dropping}) > 1
 
 
+def test_attention_keys_are_projected_once_per_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W·h_j depends on the source only: the cache keeps it from the first step on, through the beam's
+    reorderings and the dropping of finished sentences (which these length limits cause)."""
+    model = make("rnn-attention")
+    projected = []
+    project = model.attention.project_keys
+    monkeypatch.setattr(
+        model.attention, "project_keys", lambda keys: projected.append(len(keys)) or project(keys)
+    )
+    src, _ = batch()
+    for beam, search in ((1, greedy_search), (3, beam_search)):
+        projected.clear()
+        search(model, src, config=SearchConfig(beam=beam, extra_len=2), max_len=64, **IDS)
+        assert projected == [src.size(0) * beam]  # one projection, of every hypothesis' memory row
+
+
 def test_rnn_attention_trains_and_translates_through_the_pipeline(data_dir: Path, tmp_path: Path) -> None:
     recipe = TrainConfig(
         model="rnn-attention",

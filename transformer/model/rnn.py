@@ -28,19 +28,24 @@ AttentionRecord = list[dict[str, Tensor]]
 @dataclass
 class RNNState:
     """The decoder's recurrent state between decoding steps: (layers, batch, hidden), plus the cell state
-    for an LSTM."""
+    for an LSTM; and the attention's projected keys, which depend on the source only."""
 
     max_len: int
     length: int = 0
     hidden: Tensor | tuple[Tensor, Tensor] | None = None
+    keys: Tensor | None = None  # (batch, src_len, hidden): the scores' W·h_j, projected at the first step
 
     def reorder(self, index: Tensor, sources: Tensor | None = None) -> None:
-        """Keep batch rows `index`. Nothing here is kept per source (the encoder states live in the memory,
-        repeated for every hypothesis by `beam_memory`), so `sources` changes nothing."""
+        """Keep batch rows `index`. The keys are laid out like the memory they are projected from (by
+        `beam_memory`: each source's states repeated for its hypotheses), which a beam's reordering leaves
+        alone, since it only moves hypotheses within their source; when the search drops finished
+        sentences (`sources` given), `index` holds the rows of those that remain, keys included."""
         if isinstance(self.hidden, tuple):
             self.hidden = tuple(h.index_select(1, index) for h in self.hidden)
         elif self.hidden is not None:
             self.hidden = self.hidden.index_select(1, index)
+        if sources is not None and self.keys is not None:
+            self.keys = self.keys.index_select(0, index)
 
 
 class AdditiveAttention(nn.Module):
@@ -180,7 +185,11 @@ class RNNSeq2Seq(nn.Module):
             context = summary[:, None, :].expand(-1, tgt.size(1), -1)
             outputs, hidden = self.decoder(torch.cat([embedded, context], -1), hidden)
         else:
-            keys = self.attention.project_keys(states)
+            keys = cache.keys if cache is not None else None
+            if keys is None:  # the first step, or no cache
+                keys = self.attention.project_keys(states)
+                if cache is not None:
+                    cache.keys = keys
             outputs_list, contexts, weights_list = [], [], []
             for t in range(tgt.size(1)):
                 query = (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]  # top layer, previous step
