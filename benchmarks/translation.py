@@ -158,7 +158,15 @@ def measure(
                 ratios[f"{kind}: translations equal, {other.removeprefix(kind + ', ')}"] = (
                     f"{same} of {len(sources)}"
                 )
-    return {"split": split, "sentences": len(sources), "precision": precision, "rows": rows, "ratios": ratios}
+    direction = f"{tc.src_lang}→{tc.tgt_lang}"
+    return {
+        "direction": direction,
+        "split": split,
+        "sentences": len(sources),
+        "precision": precision,
+        "rows": rows,
+        "ratios": ratios,
+    }
 
 
 def main() -> None:
@@ -183,7 +191,7 @@ def main() -> None:
         f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}` "
         f"({measured['precision']}):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
     )
-    common.report(f"Translation of real text, {measured['precision']}", result, body)
+    common.report(f"Translation of real text, {measured['direction']}, {measured['precision']}", result, body)
 
 
 if __name__ == "__main__":
