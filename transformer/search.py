@@ -157,8 +157,8 @@ def greedy_search(
             if done == finished.numel():
                 break
             if config.drop_finished and done >= DROP_FINISHED * finished.numel():
-                output[sentence[finished], : t + 1] = stepper.prefix[finished, 1:]
-                keep = (~finished).nonzero()[:, 0]
+                output[sentence[finished], : t + 1] = stepper.prefix[finished, 1:]  # final: set aside
+                keep = (~finished).nonzero()[:, 0]  # the rows (= sources) that go on
                 sentence, limits, finished = sentence[keep], limits[keep], finished[keep]
                 memory, src_mask = _select(memory, keep), src_mask.index_select(0, keep)
                 stepper.keep(keep, keep, memory, src_mask)
@@ -299,10 +299,10 @@ def _beam(
             if done == ended.numel():
                 break
             if config.drop_finished and done >= DROP_FINISHED * ended.numel():
-                gone = sentence[ended]
+                gone = sentence[ended]  # their beams are final: set them aside
                 out_tokens[gone, :, : t + 1] = stepper.prefix.view(-1, k, t + 2)[ended, :, 1:]
                 out_scores[gone], out_lengths[gone] = scores[ended], lengths[ended]
-                keep = (~ended).nonzero()[:, 0]
+                keep = (~ended).nonzero()[:, 0]  # the sentences that go on, and their k rows each
                 sentence, limits, scores = sentence[keep], limits[keep], scores[keep]
                 lengths, finished = lengths[keep], finished[keep]
                 row_offset = (torch.arange(keep.numel(), device=device) * k)[:, None]
