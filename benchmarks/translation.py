@@ -149,18 +149,14 @@ def measure(
     for beam in beams:
         kind = _kind(beam)
         ours = f"{kind}, dropping finished"
-        for other in (f"{kind}, keeping finished", f"{kind}, MarianMTModel"):
+        for way in ("keeping finished", "MarianMTModel"):
+            other = f"{kind}, {way}"
             if other in times:
-                ratios[f"{ours} vs {other.removeprefix(kind + ', ')}"] = common.paired_speedup(
-                    times[ours], times[other]
-                )
+                ratios[f"{ours} vs {way}"] = common.paired_speedup(times[ours], times[other])
                 same = sum(a == b for a, b in zip(outputs[ours], outputs[other], strict=True))
-                ratios[f"{kind}: translations equal, {other.removeprefix(kind + ', ')}"] = (
-                    f"{same} of {len(sources)}"
-                )
-    direction = f"{tc.src_lang}→{tc.tgt_lang}"
+                ratios[f"{kind}: translations equal, {way}"] = f"{same} of {len(sources)}"
     return {
-        "direction": direction,
+        "direction": f"{tc.src_lang}→{tc.tgt_lang}",
         "split": split,
         "sentences": len(sources),
         "precision": precision,
