@@ -113,6 +113,18 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def decoding_row(times: Sequence[float], sentences: int, tokens: int) -> dict[str, Any]:
+    """One search's row: its median seconds per call, every call's, and sentences/s and generated tokens/s
+    at the median."""
+    seconds = median(times)
+    return {
+        "seconds": round(seconds, 3),
+        "all_s": [round(t, 3) for t in times],
+        "sentences_per_s": round(sentences / seconds, 1),
+        "tokens_per_s": round(tokens / seconds),
+    }
+
+
 def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
     """How many times faster `fast` ran than `slow`: the median over rounds of slow_i / fast_i.
 

@@ -126,15 +126,8 @@ def main() -> None:
     for name in args.configs:
         runs = searches(name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam, bf16)
         times = common.time_interleaved(runs, args.repeats)
-        rows = {}
-        for label, ts in times.items():
-            s = common.median(ts)
-            rows[label] = {
-                "seconds": round(s, 3),
-                "all_s": [round(t, 3) for t in ts],
-                "sentences_per_s": round(args.batch / s, 1),
-                "tokens_per_s": round(args.batch * args.new_tokens / s),
-            }
+        tokens = args.batch * args.new_tokens
+        rows = {label: common.decoding_row(ts, args.batch, tokens) for label, ts in times.items()}
         ratios = _ratios(times, args.beams)
         result[name] = {"rows": rows, "ratios": ratios}
         table = [{"search": label, **row} for label, row in rows.items()]

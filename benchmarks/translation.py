@@ -136,15 +136,10 @@ def measure(
     runs = searches(translator, sources, beams, marian)
     outputs = {label: run() for label, run in runs.items()}  # also the warm-up
     times = common.time_interleaved(runs, repeats, warmup=0)
-    rows = {}
-    for label, ts in times.items():
-        seconds = common.median(ts)
-        rows[label] = {
-            "seconds": round(seconds, 3),
-            "all_s": [round(t, 3) for t in ts],
-            "sentences_per_s": round(len(sources) / seconds, 1),
-            "tokens_per_s": round(sum(len(ids) + 1 for ids in outputs[label]) / seconds),  # EOS counted
-        }
+    rows = {
+        label: common.decoding_row(ts, len(sources), sum(len(ids) + 1 for ids in outputs[label]))  # with EOS
+        for label, ts in times.items()
+    }
     ratios: dict[str, Any] = {}
     for beam in beams:
         kind = _kind(beam)

@@ -71,7 +71,7 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._packed: tuple[int | None, int, Tensor] | None = None  # (rows or None, weight version, weight)
+        self._packed: tuple[int | None, int, Tensor] | None = None  # (rows or None, weight version, pack)
 
     def forward(self, x: Tensor) -> Tensor:
         # ~25 calls per decoding step: cheapest checks first; both kernels take x (…, in) as it is
