@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from transformer.runtime import cpu_flags, cpu_name, reexec_with_allocator_tunables
+from transformer.runtime import cpu_flags, cpu_name, quiet_stderr, reexec_with_allocator_tunables
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that decide matmul speed
@@ -132,6 +132,48 @@ def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
     load the machine had then; on a busy machine this is steadier than a ratio of the two medians.
     """
     return round(statistics.median(s / f for f, s in zip(fast, slow, strict=True)), 3)
+
+
+# The operators that multiply matrices (linear layers: torch's own, MKL's and oneDNN's packed kernels;
+# batched products of explicit attention) and those that run attention as one fused kernel.
+PRODUCT_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise"}
+)
+ATTENTION_OPS = frozenset(
+    {
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+    }
+)
+
+
+def time_by_kind(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """Where a call of `fn` spends its time, in seconds, from torch's profiler (CPU): in matrix products,
+    in fused attention kernels, in every other operator, and outside operators altogether (Python,
+    module calls, the dispatcher: the call's time less its operators' own times). Each of `calls` calls
+    is profiled alone; the one of median length is reported, whole, so that its parts add up.
+
+    The profiler adds a few microseconds to every operator, so the small ones and the call as a whole
+    come out slower than unprofiled; a product of a few hundred microseconds hardly changes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    measured = []
+    for _ in range(calls):
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start
+        spent = {"products": 0.0, "attention": 0.0, "other": 0.0}
+        for op in prof.key_averages():
+            is_attention = op.key in ATTENTION_OPS
+            kind = "products" if op.key in PRODUCT_OPS else "attention" if is_attention else "other"
+            spent[kind] += op.self_cpu_time_total / 1e6
+        outside = max(seconds - sum(spent.values()), 0.0)
+        measured.append({"seconds": seconds, **spent, "outside ops": outside})
+    return sorted(measured, key=lambda m: m["seconds"])[len(measured) // 2]
 
 
 def _proc_status_mb(field: str) -> float | None:

@@ -9,6 +9,12 @@ random places): ours by a length limit of that many steps, Marian by min/max_new
 model (transformer/packing.py), and once more without them (`unpacked`). Where the CPU multiplies bf16
 natively (or with --bf16), also both with their weights cast to bf16. Prints JSON (sentences/s, tokens/s,
 ratios) and updates benchmarks/RESULTS.md.
+
+`--profile` then runs our cached search and Marian's under torch's profiler and splits their time into
+matrix products, attention kernels, other operators and what runs outside operators (Python, module
+calls). Both run the same products and the same attention kernel, so Marian's median time over the time
+of our products and attention is the most our search could gain on it by trimming everything else
+(`bound`).
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("--uncached-beam", action="store_true", help="also time beam search without cache")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="measure bf16 decoding even without bf16 CPU")
+    parser.add_argument("--profile", action="store_true", help="also split each search's time by operator")
     args = parser.parse_args()
     bf16 = args.bf16 or has_native_bf16()
 
@@ -136,12 +143,49 @@ def main() -> None:
             f"**{name}** (batch {args.batch} × {args.src_len}-token sources, {args.new_tokens} tokens "
             f"generated):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
         )
+        if args.profile:
+            result[name]["profile"] = profile = _profile(runs, times, args.beams)
+            body.append(_profile_markdown(name, profile))
     if not bf16:
         body.append(
             "bf16 decoding not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), "
             "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
         )
     common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
+
+
+def _profile(
+    runs: dict[str, Callable], times: dict[str, list[float]], beams: list[int]
+) -> dict[str, dict[str, float]]:
+    """Seconds by kind of work in a profiled call of our cached search and of Marian's, fp32 and bf16,
+    and for ours the `bound`: the peer's median time over the time of our products and attention."""
+    out = {}
+    for beam in beams:
+        kind = "greedy" if beam == 1 else f"beam {beam}"
+        for suffix in ("", ", bf16"):
+            ours, marian = f"ours {kind}, cached{suffix}", f"Marian {kind}{suffix}"
+            if ours not in runs or marian not in runs:
+                continue
+            for label in (ours, marian):
+                out[label] = {k: round(v, 4) for k, v in common.time_by_kind(runs[label]).items()}
+            kernels = out[ours]["products"] + out[ours]["attention"]
+            out[ours]["bound"] = round(common.median(times[marian]) / kernels, 2)
+    return out
+
+
+def _profile_markdown(name: str, profile: dict[str, dict[str, float]]) -> str:
+    rows = [
+        {"search": label, **{k: (f"{v}×" if k == "bound" else f"{v * 1e3:.0f} ms") for k, v in row.items()}}
+        for label, row in profile.items()
+    ]
+    for row in rows:
+        row.setdefault("bound", "")
+    return (
+        f"**{name}**, where the time goes (the median of three profiled calls each; `bound`: Marian's "
+        f"median time above over the time of our products and attention, the ratio ours would reach if "
+        f"everything else took no time):\n\n"
+        f"{common.markdown_table(rows)}"
+    )
 
 
 def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]:

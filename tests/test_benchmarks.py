@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -31,6 +32,39 @@ def test_paired_speedup_takes_the_median_of_per_round_ratios() -> None:
 def test_peak_rss_growth_sees_a_large_allocation() -> None:
     grown = common.peak_rss_growth_mb(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB, touched
     assert grown["growth_mb"] > 40
+
+
+def test_time_by_kind_tells_products_from_everything_else() -> None:
+    a = torch.randn(512, 512)
+    products = common.time_by_kind(lambda: [a @ a for _ in range(20)])
+    assert products["products"] > 0.5 * products["seconds"]  # 20 products of 0.27 GFLOP: nearly all of it
+    assert products["attention"] == 0.0
+    parts = products["products"] + products["attention"] + products["other"] + products["outside ops"]
+    assert parts == pytest.approx(products["seconds"], rel=0.05)
+    python = common.time_by_kind(lambda: time.sleep(0.05), calls=1)  # no operator at all
+    assert python["outside ops"] >= 0.045 and python["products"] == python["other"] == 0.0
+    q = torch.randn(1, 2, 8, 4)
+    attention = common.time_by_kind(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert attention["attention"] > 0 and attention["products"] == 0.0
+
+
+def test_decode_profile_bounds_ours_by_our_products() -> None:
+    """`--profile`: profiled calls of ours and of the peer; the bound is the peer's median over the time of
+    our products and attention (stand-ins here: a product and an attention for ours, a sleep for the peer)."""
+    a, q = torch.randn(256, 256), torch.randn(4, 4, 64, 64)
+    runs = {
+        "ours greedy, cached": lambda: (a @ a, torch.nn.functional.scaled_dot_product_attention(q, q, q)),
+        "Marian greedy": lambda: time.sleep(0.01),
+    }
+    times = {"ours greedy, cached": [0.001], "Marian greedy": [0.5, 0.6, 1.0]}  # median 0.6
+    profile = decode._profile(runs, times, beams=[1, 4])  # no beam-4 searches: skipped
+    assert set(profile) == {"ours greedy, cached", "Marian greedy"}
+    ours = profile["ours greedy, cached"]
+    assert ours["products"] > 0 and ours["attention"] > 0
+    assert ours["bound"] == pytest.approx(0.6 / (ours["products"] + ours["attention"]), rel=0.02)
+    assert "bound" not in profile["Marian greedy"]
+    table = decode._profile_markdown("small", profile)
+    assert "| search | seconds | products | attention | other | outside ops | bound |" in table
 
 
 def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None:

@@ -8,10 +8,12 @@ only at start-up, so the `transformer` command re-executes itself once with it s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import sys
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -63,3 +65,16 @@ def reexec_with_allocator_tunables(argv: list[str] | None = None) -> None:
     if argv is None:
         argv = ["-m", "transformer.cli", *sys.argv[1:]]
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """The profiler's C++ side prints a line on every start and stop; keep them out of the report's log."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -8,14 +8,12 @@ models trained on it, so that one baseline serves the positional, multi-head, ma
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from transformer.data.corpus import read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.loss import label_smoothed_loss
 from transformer.optim import build_optimizer
+from transformer.runtime import quiet_stderr
 from transformer.train import Corpus, encode_corpus, translate_and_score
 
 PRESETS = ("tiny", "report")
@@ -134,25 +133,12 @@ def time_call(fn: Callable[[], Any], min_seconds: float = 0.05, max_repeats: int
     return sorted(times)[len(times) // 2]
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """The profiler's C++ side prints a line on every start and stop; keep them out of the report's log."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def peak_memory(fn: Callable[[], Any]) -> int:
     """Peak bytes held by tensors allocated while `fn` runs (CPU), from the profiler's allocation events:
     the running sum of allocations minus frees, at its highest."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
