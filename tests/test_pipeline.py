@@ -52,6 +52,32 @@ def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Pa
     assert lines[0] and lines[3]
 
 
+def test_translate_cli_prints_n_best_lists(run_dir: Path, tmp_path: Path, capsys) -> None:
+    source = tmp_path / "in.de"
+    source.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen im Schnee.\n")
+    command = ["translate", "--checkpoint", str(run_dir), "--input", str(source), "--nbest", "3"]
+    assert main(command) == 0
+    by_line: dict[int, list[tuple[float, str]]] = {}
+    for row in capsys.readouterr().out.splitlines():
+        line, score, text = row.split("\t")
+        by_line.setdefault(int(line), []).append((float(score), text))
+    assert sorted(by_line) == [0, 1, 2] and by_line[1] == [(0.0, "")]  # the blank line keeps its place
+    for line in (0, 2):
+        scores = [score for score, _ in by_line[line]]
+        assert 2 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+    # Each list starts with what a beam of 3 (the least that holds 3) translates the line to.
+    best = Translator.from_checkpoint(run_dir).translate(source.read_text().splitlines(), beam=3)
+    assert [by_line[line][0][1] for line in (0, 1, 2)] == best
+
+    # The length penalty reaches the scores: with α = 0 a score is the log-probability itself.
+    assert main([*command, "--length-penalty", "0"]) == 0
+    unpenalised = [float(row.split("\t")[1]) for row in capsys.readouterr().out.splitlines()]
+    assert unpenalised[0] < by_line[0][0][0]  # log p / ((5 + |Y|) / 6)^0.6 is nearer 0 than log p
+
+    assert main([*command, "--beam", "2"]) == 2
+    assert "beam of at least 3" in one_error_line(capsys)
+
+
 def test_translator_api(run_dir: Path) -> None:
     translator = Translator.from_checkpoint(run_dir)
     out = translator.translate(["Ein Mann.", "", "Eine Frau."], beam=2)
@@ -59,7 +85,7 @@ def test_translator_api(run_dir: Path) -> None:
     assert translator.translate(["Ein Mann."], beam=1) == translator.translate(["Ein Mann."], beam=1)
 
 
-def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys) -> None:
+def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys, monkeypatch) -> None:
     assert main(["evaluate", "--checkpoint", str(run_dir), "--beam", "1", "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["n_sentences"] == 20
@@ -68,6 +94,20 @@ def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys) -> None:
     sources, references = read_lines(data_dir / "test2016.de"), read_lines(data_dir / "test2016.en")
     expected = score(Translator.from_checkpoint(run_dir).translate(sources, beam=1), references)
     assert scores == expected.to_dict()
+    # --beam and --length-penalty reach the search
+    searched = []
+    real_translate = Translator.translate
+
+    def spy(self, sentences, beam=None, length_penalty=None, **kwargs):
+        searched.append((beam, length_penalty))
+        return real_translate(self, sentences, beam, length_penalty, **kwargs)
+
+    monkeypatch.setattr(Translator, "translate", spy)
+    assert (
+        main(["evaluate", "--checkpoint", str(run_dir), "--beam", "2", "--length-penalty", "2", "--json"])
+        == 0
+    )
+    assert searched == [(2, 2.0)]
 
 
 def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -94,8 +94,17 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
     lines = _read_input(args.input, args.strict)
-    translations = translator.translate(lines, beam=args.beam, strict=args.strict)
-    sys.stdout.write("".join(single_line(line) + "\n" for line in translations))  # all or nothing
+    if args.nbest == 1:
+        translations = translator.translate(lines, args.beam, args.length_penalty, strict=args.strict)
+        out = [single_line(line) for line in translations]
+    else:
+        n_best = translator.translate_n_best(
+            lines, args.nbest, args.beam, args.length_penalty, strict=args.strict
+        )
+        out = [
+            f"{i}\t{score:.4f}\t{single_line(text)}" for i, best in enumerate(n_best) for text, score in best
+        ]
+    sys.stdout.write("".join(line + "\n" for line in out))  # all or nothing
     return 0
 
 
@@ -113,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         pairs = read_split(tc.data_dir, args.split or tc.test_split, tc.src_lang, tc.tgt_lang)
     sources, references = [s for s, _ in pairs], [r for _, r in pairs]
-    hypotheses = translator.translate(sources, beam=args.beam)
+    hypotheses = translator.translate(sources, args.beam, args.length_penalty)
     scores = score(hypotheses, references)
     print(json.dumps(scores.to_dict(), indent=2) if args.json else str(scores))
     return 0
@@ -236,10 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--beam", type=int, default=None, help="beam size (default: the run's, 4); 1 is greedy"
         )
+        p.add_argument(
+            "--length-penalty",
+            type=float,
+            default=None,
+            metavar="ALPHA",
+            help="α of beam search's length penalty ((5 + length) / 6)^α (default: the run's, 0.6)",
+        )
         add_precision_argument(p)
         p.set_defaults(func=func)
         if name == "translate":
             p.add_argument("--input", help="a text file (default: stdin)")
+            p.add_argument(
+                "--nbest",
+                type=int,
+                default=1,
+                metavar="N",
+                help="print the N best translations of each line, one per output line as "
+                "'LINE<TAB>SCORE<TAB>TRANSLATION' (LINE counted from 0, as in fairseq's and Moses' n-best "
+                "lists; SCORE the log-probability over the length penalty); the beam is at least N",
+            )
             p.add_argument(
                 "--strict",
                 action="store_true",

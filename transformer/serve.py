@@ -31,10 +31,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from transformer.data.batching import collate
-from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.model import Transformer
-from transformer.search import SearchConfig, beam_search_n_best
-from transformer.translate import Translator
+from transformer.search import SearchConfig
+from transformer.translate import Translator, n_best
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -106,16 +105,7 @@ class Engine:
             return results
         device = next(self.model.parameters()).device
         src = collate([(sources[i], []) for i in present]).src.to(device)
-        n_best = beam_search_n_best(
-            self.model,
-            src,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            config=search,
-            max_len=self.model.config.max_len,
-        )
-        for i, hypotheses in zip(present, n_best, strict=True):
+        for i, hypotheses in zip(present, n_best(self.model, src, search), strict=True):
             texts = self.tokenizer.decode_batch([h.tokens for h in hypotheses])
             alternatives = [
                 {"translation": text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}

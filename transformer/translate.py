@@ -18,7 +18,9 @@ from transformer.model import build_model
 from transformer.packing import pack_linears
 from transformer.precision import weight_dtype
 from transformer.rundir import read_run_record
-from transformer.search import SearchConfig, generate
+from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, generate
+
+MAX_TOKENS = 6000  # source rows × beam per batch: what a batch of translations may hold
 
 
 def translate_ids(
@@ -26,7 +28,7 @@ def translate_ids(
     sources: Sequence[list[int]],
     search: SearchConfig,
     *,
-    max_tokens: int = 6000,
+    max_tokens: int = MAX_TOKENS,
     device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """Translate token-id sequences (without EOS), batched by length to waste little on padding; the
@@ -45,6 +47,14 @@ def translate_ids(
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
     return results
+
+
+def n_best(model: nn.Module, src: torch.Tensor, search: SearchConfig) -> list[list[Hypothesis]]:
+    """Every hypothesis of each source's beam, best first (`beam_search_n_best` with the project's special
+    tokens and the model's length limit)."""
+    return beam_search_n_best(
+        model, src, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, config=search, max_len=model.config.max_len
+    )
 
 
 def source_batches(
@@ -111,13 +121,52 @@ class Translator:
         A sentence longer than the model's maximum is truncated with a warning on stderr, or refused
         with `strict`.
         """
+        search = self._search(beam, length_penalty)
+        outputs = translate_ids(self.model, self._encode(sentences, strict), search, device=self._device())
+        return self.tokenizer.decode_batch(outputs)
+
+    def translate_n_best(
+        self,
+        sentences: Sequence[str],
+        n: int,
+        beam: int | None = None,
+        length_penalty: float | None = None,
+        *,
+        strict: bool = False,
+    ) -> list[list[tuple[str, float]]]:
+        """The `n` best translations of each sentence, best first, with the score beam search ranks them
+        by (log-probability / lp(length)). A beam holds `beam` hypotheses, so it must be at least `n`
+        (default: the larger of the run's beam and `n`); fewer than `n` come back where the beam could not
+        be filled. An empty or blank sentence gives [("", 0.0)]."""
+        if n < 1:
+            raise TransformerError(f"the number of translations per sentence must be at least 1, got {n}")
+        search = self._search(max(self.train_config.beam, n) if beam is None else beam, length_penalty)
+        if search.beam < n:
+            raise TransformerError(
+                f"the {n} best translations need a beam of at least {n}, not {search.beam}"
+            )
+        sources = self._encode(sentences, strict)
+        results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in sources]
+        for chunk, src in source_batches(sources, search.beam, MAX_TOKENS):
+            for i, hypotheses in zip(chunk, n_best(self.model, src.to(self._device()), search), strict=True):
+                best = hypotheses[:n]
+                texts = self.tokenizer.decode_batch([h.tokens for h in best])
+                results[i] = [(text, h.score) for text, h in zip(texts, best, strict=True)]
+        return results
+
+    def _search(self, beam: int | None, length_penalty: float | None) -> SearchConfig:
+        """The search asked for, the run's beam size and length penalty where not given."""
         tc = self.train_config
         beam = tc.beam if beam is None else beam
         if beam < 1:
             raise TransformerError(f"beam size must be at least 1, got {beam}")
-        search = SearchConfig(
+        return SearchConfig(
             beam=beam, length_penalty=tc.length_penalty if length_penalty is None else length_penalty
         )
+
+    def _encode(self, sentences: Sequence[str], strict: bool) -> list[list[int]]:
+        """Token ids per sentence ([] for a blank one), cut to the model's maximum with a warning on
+        stderr, or refused with `strict`."""
         limit = self.model.config.max_len - 1  # room for EOS
         sources = []
         for n, sentence in enumerate(sentences):
@@ -133,9 +182,10 @@ class Translator:
                 )
                 ids = ids[:limit]
             sources.append(ids)
-        device = next(self.model.parameters()).device
-        outputs = translate_ids(self.model, sources, search, device=device)
-        return self.tokenizer.decode_batch(outputs)
+        return sources
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
