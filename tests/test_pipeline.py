@@ -20,7 +20,7 @@ from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
 from transformer.evaluate import score
-from transformer.train import train
+from transformer.train import Progress, Window, train
 from transformer.translate import Translator
 
 
@@ -132,6 +132,32 @@ def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp
     assert next(r["lr"] for r in records(run, "train") if r["step"] == 35) > 0
     elapsed = [r["elapsed"] for r in records(run, "train")]
     assert elapsed[6] > elapsed[5], "the run's clock (and its time budget) continues across a resume"
+
+
+def test_a_step_budget_that_ends_with_an_epoch_counts_the_epoch_and_validates_once(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    once = {"eval_every": 0, "test_split": "", "average_last": 0}  # validate once per epoch
+    train(tiny_recipe(data_dir, max_steps=0, max_epochs=1, **once), TINY_MODEL, tmp_path / "epoch")
+    steps = load_state(tmp_path / "epoch" / "last.state.pt")["progress"]["step"]
+    # The same steps, now ended by max_steps at the epoch's last batch rather than by max_epochs.
+    run = tmp_path / "budget"
+    train(tiny_recipe(data_dir, max_steps=steps, max_epochs=5, **once), TINY_MODEL, run)
+    progress = load_state(run / "last.state.pt")["progress"]
+    assert (progress["step"], progress["epoch"], progress["batch"]) == (steps, 1, 0)
+    assert [r["step"] for r in records(run, "valid")] == [steps]
+    # Given more steps, the run goes on with the second epoch, without validating the saved step again.
+    train(tiny_recipe(data_dir, max_steps=steps + 2, max_epochs=5, **once), TINY_MODEL, run, resume=True)
+    assert [(r["step"], r["epoch"]) for r in records(run, "valid")] == [(steps, 1), (steps + 2, 1)]
+
+
+def test_progress_reads_what_older_runs_saved() -> None:
+    progress = Progress(step=7, epoch=2, batch=3, best_bleu=4.5, window=Window(loss=1.5, tokens=9))
+    assert Progress.from_dict(progress.to_dict()) == progress
+    assert progress.to_dict()["window"] == {"loss": 1.5, "tokens": 9, "pad": 0.0, "batches": 0}
+    # A run saved before some fields existed resumes with their defaults; a field it no longer has is ignored.
+    old = Progress.from_dict({"step": 7, "epoch": 2, "batch": 3, "retired_field": 1})
+    assert old == Progress(step=7, epoch=2, batch=3) and old.validated_step == -1
 
 
 def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """Training on parallel text: data -> tokenizer -> batches -> Adam with warm-up -> validated checkpoints.
 
+`train` sets a run up (data, tokenizer, model, optimizer; restored from a checkpoint on `--resume`),
+`TrainingLoop` runs its epochs, and `finish` averages the last checkpoints and scores the test split.
+
 The run directory is the whole state of a run: config.json, tokenizer.model, metrics.jsonl, the
 `last`, `best` and `step-N` checkpoints and, at the end, results.json. `--resume` continues from `last`
 (or from the newest complete checkpoint when a kill tore `last`; see `transformer.rundir`).
@@ -58,6 +61,11 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.src)
+
+    def batches(self, max_tokens: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+        """Pair indices in token-budget batches (transformer.data.batching.token_batches)."""
+        src_lens, tgt_lens = [len(s) for s in self.src], [len(t) for t in self.tgt]
+        return token_batches(src_lens, tgt_lens, max_tokens, shuffle=shuffle, seed=seed, epoch=epoch)
 
 
 class MetricsLog:
@@ -135,10 +143,7 @@ def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int) -> fl
     Under torchrun each process scores its share of the batches and the sums are pooled."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    batches = token_batches(
-        [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], max_tokens, shuffle=False
-    )
-    for batch_ids in distributed.shard(batches):
+    for batch_ids in distributed.shard(corpus.batches(max_tokens, shuffle=False)):
         batch = collate([(corpus.src[i], corpus.tgt[i]) for i in batch_ids]).to(device)
         logits = model(batch.src, batch.tgt_in)
         total += float(label_smoothed_loss(logits, batch.tgt_out, 0.0))
@@ -236,6 +241,43 @@ def _budget_raised(saved: dict[str, Any], tc: TrainConfig) -> bool:
     return any(limit(getattr(tc, key)) > limit(saved.get(key, getattr(tc, key))) for key in budgets)
 
 
+@dataclasses.dataclass
+class Window:
+    """The sums behind the next `train` log record: saved, so a resumed run logs what an unbroken one does."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    pad: float = 0.0
+    batches: int = 0
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands. Every checkpoint saves it (as the plain dict `progress`), so that a resumed run
+    takes the same batches, the same schedule and the same budget as an unbroken one."""
+
+    step: int = 0  # optimizer updates
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch done, by all processes together
+    best_bleu: float = -1.0
+    stale_evals: int = 0  # validations since the best one, for early stopping
+    bad_steps: int = 0  # non-finite losses in a row
+    skipped_steps: int = 0  # non-finite losses in all
+    tokens_seen: int = 0  # target tokens trained on (the comparison card's FLOP count uses it)
+    seconds: float = 0.0  # wall time of the run so far, across resumptions: the time budget counts this
+    validated_step: int = -1  # the last step validated and saved
+    window: Window = dataclasses.field(default_factory=Window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Progress:
+        """Read a checkpoint's `progress`; a key an older run did not save takes its default."""
+        known = {field.name for field in dataclasses.fields(cls)} - {"window"}
+        return cls(**{k: v for k, v in saved.items() if k in known}, window=Window(**saved.get("window", {})))
+
+
 def train(
     tc: TrainConfig, model_overrides: dict[str, Any], run_dir: Path, *, resume: bool = False
 ) -> dict[str, Any]:
@@ -245,15 +287,7 @@ def train(
     device = distributed.init()  # joins the process group under torchrun; see transformer/distributed.py
     mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
     # Read the data first: a bad corpus stops the run before anything is written.
-    train_pairs, valid_pairs = (
-        read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
-        read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang),
-    )
-    for split, pairs in ((tc.train_split, train_pairs), (tc.valid_split, valid_pairs)):
-        if not any(src and tgt for src, tgt in pairs):
-            raise TransformerError(
-                f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
-            )
+    train_pairs, valid_pairs = _read_splits(tc)
     if resume:
         if not checkpoint.list_checkpoints(run_dir):
             raise TransformerError(f"cannot resume: {run_dir} holds no checkpoint")
@@ -305,254 +339,326 @@ def train(
     optimizer, scheduler = build_optimizer(
         model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
     )
-    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best_bleu": -1.0,
-        "stale_evals": 0,
-        "bad_steps": 0,  # non-finite losses in a row
-        "skipped_steps": 0,  # non-finite losses in all
-        "tokens_seen": 0,  # target tokens trained on (the comparison card's FLOP count uses it)
-        "seconds": 0.0,  # wall time of the run so far, across resumptions: the time budget counts this
-        # The sums behind the next `train` log record, saved so a resumed run logs what an unbroken one does.
-        "window": {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0},
-    }
+    progress = Progress()
     if resume:
-        name, weights, saved, notes = resume_from
-        for note in notes:
-            tqdm.write(f"warning: skipped checkpoint {note}")
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {**state, **saved["progress"]}
-        own_rng = distributed.own_state(saved.get("rng_per_rank", [saved["rng"]]))
-        _set_rng_state(own_rng or saved["rng"])
-        if own_rng is None:  # resumed on a different number of processes: derive the streams anew
-            distributed.seed_rank(tc.seed, state["step"])
-        started -= state.get("seconds", 0.0)  # the clock continues where the saved run stopped
-        log.write(event="resume", step=state["step"], checkpoint=name)
-        if _budget_raised(saved_record["train"], tc) and schedule.cooling:
-            # The run was given more steps or time than its cool-down was planned for: return to the
-            # paper's rate, and cool down anew over the last `cooldown` of the new budget.
-            schedule.cancel_cooldown()
-            for group in optimizer.param_groups:  # the next step's rate, as LambdaLR sets it
-                group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
-            log.write(event="cooldown_reset", step=state["step"])
-        tqdm.write(f"resuming {run_dir} from {name} at step {state['step']} (epoch {state['epoch'] + 1})")
+        progress = _restore(resume_from, model, optimizer, scheduler, tc, saved_record["train"], log)
+        started -= progress.seconds  # the clock continues where the saved run stopped
+        where = f"{resume_from[0]} at step {progress.step} (epoch {progress.epoch + 1})"
+        tqdm.write(f"resuming {run_dir} from {where}")
     tqdm.write(
         f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}; "
         f"writing to {run_dir}"
     )
-    train_model = distributed.wrap(model)  # DDP under torchrun: forward and backward go through this
-    if distributed.world_size() > 1:
-        log.write(event="distributed", world_size=distributed.world_size(), backend=distributed.backend())
+    loop = TrainingLoop(
+        tc,
+        run_dir,
+        model,
+        optimizer,
+        scheduler,
+        mixed,
+        log,
+        progress,
+        started,
+        lambda: validate(model, tokenizer, valid_data, tc, tc.valid_beam),
+    )
+    loop.run(train_data)
+    return finish(model, tokenizer, tc, run_dir, valid_data, log, started, progress.best_bleu)
 
-    def save(name: str) -> None:
-        state["seconds"] = time.monotonic() - started
-        rng_per_rank = distributed.all_gather(_rng_state())  # every process's, to resume each exactly
-        if not distributed.is_main():
-            return
-        checkpoint.save_checkpoint(
-            run_dir,
-            name,
-            model,
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_per_rank[0],
-                "rng_per_rank": rng_per_rank,
-                "progress": dict(state),
-            },
+
+def _read_splits(tc: TrainConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The training and validation pairs; an empty split is one clear error."""
+    train_pairs, valid_pairs = (
+        read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
+        read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang),
+    )
+    for split, pairs in ((tc.train_split, train_pairs), (tc.valid_split, valid_pairs)):
+        if not any(src and tgt for src, tgt in pairs):
+            raise TransformerError(
+                f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
+            )
+    return train_pairs, valid_pairs
+
+
+def _restore(
+    resume_from: tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    tc: TrainConfig,
+    saved_train_config: dict[str, Any],
+    log: MetricsLog,
+) -> Progress:
+    """Load a checkpoint into the new model, optimizer and schedule, restore this process's random streams,
+    and return the saved progress."""
+    name, weights, saved, notes = resume_from
+    for note in notes:
+        tqdm.write(f"warning: skipped checkpoint {note}")
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    progress = Progress.from_dict(saved["progress"])
+    own_rng = distributed.own_state(saved.get("rng_per_rank", [saved["rng"]]))
+    _set_rng_state(own_rng or saved["rng"])
+    if own_rng is None:  # resumed on a different number of processes: derive the streams anew
+        distributed.seed_rank(tc.seed, progress.step)
+    log.write(event="resume", step=progress.step, checkpoint=name)
+    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule
+    if _budget_raised(saved_train_config, tc) and schedule.cooling:
+        # The run was given more steps or time than its cool-down was planned for: return to the
+        # paper's rate, and cool down anew over the last `cooldown` of the new budget.
+        schedule.cancel_cooldown()
+        for group in optimizer.param_groups:  # the next step's rate, as LambdaLR sets it
+            group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
+        log.write(event="cooldown_reset", step=progress.step)
+    return progress
+
+
+class TrainingLoop:
+    """The epochs of one run: steps, logs, validations, checkpoints and the stops (budget, early stopping,
+    signals, divergence). It updates `progress`, which every checkpoint saves.
+
+    Under torchrun every process runs this loop on its shard of each step's batches; every decision to stop
+    is agreed (`distributed.any_rank`), so that the processes take the same number of steps."""
+
+    def __init__(
+        self,
+        tc: TrainConfig,
+        run_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        mixed: MixedPrecision,
+        log: MetricsLog,
+        progress: Progress,
+        started: float,
+        validate: Callable[[], tuple[float, Scores]],
+    ) -> None:
+        self.tc, self.run_dir, self.log, self.progress, self.started = tc, run_dir, log, progress, started
+        self.validate = validate  # validation loss and scores of the model as it is
+        self.model, self.optimizer, self.scheduler, self.mixed = model, optimizer, scheduler, mixed
+        self.schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule; the cool-down is set on it while training
+        self.device = next(model.parameters()).device
+        self.train_model = distributed.wrap(model)  # DDP under torchrun: forward and backward go through this
+        if distributed.world_size() > 1:
+            log.write(event="distributed", world_size=distributed.world_size(), backend=distributed.backend())
+        self.pace = (time.monotonic(), progress.step)  # this process's time per step, evals included
+        self.window_started = time.monotonic()  # of the tokens/s in the next `train` record
+        # Shares the model's parameters; `model` is what is saved.
+        self.forward = maybe_compile(self.train_model, tc.compile)
+
+    def run(self, train_data: Corpus) -> None:
+        """Train until a budget, early stopping or the epochs end; the final weights are always validated."""
+        # Ctrl-C or SIGTERM: save `last` after this step, then exit. `bars` clears the progress bar whatever
+        # ends the loop, so that an error is printed on a line of its own.
+        with _stop_on_signals() as stop_signal, ExitStack() as bars:
+            self.model.train()
+            stop = self.out_of_time()  # a resumed run may have used its budget already
+            while not stop and self.progress.epoch < self.tc.max_epochs:
+                stop = self.epoch(train_data, stop_signal, bars)
+                if self.out_of_time():
+                    stop = True
+        if self.progress.validated_step != self.progress.step:
+            self.evaluate_and_save()
+
+    def epoch(self, train_data: Corpus, stop_signal: list[str], bars: ExitStack) -> bool:
+        """Go on with the current epoch (a resumed run may start mid-epoch); True when training must stop."""
+        p, tc = self.progress, self.tc
+        batches = train_data.batches(tc.max_tokens, shuffle=True, seed=tc.seed, epoch=p.epoch)
+        bar = tqdm(
+            total=len(batches),
+            initial=p.batch,
+            desc=f"epoch {p.epoch + 1}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not distributed.is_main(),
         )
+        bars.callback(bar.close)
+        # A step takes `accumulate` batches per process; `p.batch` counts the batches of all processes.
+        per_step = tc.accumulate * distributed.world_size()
+        usable = distributed.usable(len(batches))
+        steps_per_epoch = math.ceil(usable / per_step)
+        stop = False
+        while p.batch < usable:
+            step_batches = batches[p.batch : p.batch + per_step]
+            updated = self.step(train_data, step_batches)
+            bar.update(len(step_batches))
+            if not updated:
+                continue
+            if tc.cooldown and not self.schedule.cooling:
+                self.maybe_begin_cooldown(steps_per_epoch)
+            self.scheduler.step()  # the rate of the next step
+            if p.step % tc.log_every == 0:
+                self.log_window(bar)
+            if tc.eval_every and p.step % tc.eval_every == 0:
+                paused = time.monotonic()
+                stop = self.evaluate_and_save()
+                self.window_started += time.monotonic() - paused  # tokens/s counts training time only
+                if stop:
+                    break
+            if distributed.any_rank(bool(stop_signal)):
+                self.save("last")
+                why = stop_signal[0] if stop_signal else "a signal to another process"
+                raise TrainingInterrupted(
+                    f"stopped by {why} at step {p.step}; saved {self.run_dir}/last: "
+                    f"continue with `transformer train --out {self.run_dir} --resume`"
+                )
+            if self.out_of_time():
+                stop = True
+                break
+        bar.close()
+        if p.batch >= usable:  # the epoch is done (a stop may come at its last step)
+            p.epoch, p.batch = p.epoch + 1, 0
+            if not tc.eval_every and self.evaluate_and_save():
+                stop = True
+        return stop
 
-    pace = {"since": time.monotonic(), "step": state["step"]}  # this process's time per step, evals included
+    def step(self, train_data: Corpus, step_batches: list[list[int]]) -> bool:
+        """One update from the batches of all processes (this process takes its shard); False when a
+        non-finite loss or gradient made it skip the update."""
+        p, window = self.progress, self.progress.window
+        self.optimizer.zero_grad(set_to_none=True)
+        collated = [
+            collate([(train_data.src[i], train_data.tgt[i]) for i in ids]).to(self.device)
+            for ids in distributed.shard(step_batches)
+        ]
+        # The mean over the target tokens of the whole step, EOS included as in `collate`; DDP's average
+        # over the processes cancels the factor world_size.
+        tokens = sum(len(train_data.tgt[i]) + 1 for ids in step_batches for i in ids)
+        loss_sum = 0.0
+        for k, batch in enumerate(collated):
+            with distributed.gradient_sync(self.train_model, k == len(collated) - 1):
+                with self.mixed.autocast():
+                    loss = batch_loss(self.forward, self.model, batch, self.tc.label_smoothing)
+                self.mixed.backward(loss / tokens * distributed.world_size())
+            loss_sum += float(loss.detach())
+            window.pad += batch.padding_fraction
+            window.batches += 1
+        loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
+        p.batch += len(step_batches)
+        problem = _non_finite(loss_sum, self.model, self.mixed)
+        if problem:
+            # Skipped: no update, so weights and Adam's moments stay as the last good step left them.
+            p.bad_steps += 1
+            p.skipped_steps += 1
+            self.log.write(
+                event="skipped_step",
+                step=p.step,
+                reason=problem,
+                in_a_row=p.bad_steps,
+                total=p.skipped_steps,
+            )
+            if p.bad_steps >= MAX_BAD_STEPS:
+                raise TransformerError(_diverged_message(self.run_dir, p.step))
+            return False
+        p.bad_steps = 0
+        self.mixed.step(self.optimizer, self.model, self.tc.clip_norm)
+        p.step += 1
+        p.tokens_seen += tokens
+        window.loss += loss_sum
+        window.tokens += tokens
+        return True
 
-    def maybe_begin_cooldown(steps_per_epoch: int) -> None:
+    def log_window(self, bar: tqdm) -> None:
+        """Write the `train` record of the steps since the last one, and show it on the progress bar."""
+        p, window, now = self.progress, self.progress.window, time.monotonic()
+        record = {
+            "event": "train",
+            "step": p.step,
+            "epoch": p.epoch,
+            "loss": window.loss / max(window.tokens, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": window.tokens / max(now - self.window_started, 1e-9),
+            "padding": window.pad / max(window.batches, 1),
+            "tokens_seen": p.tokens_seen,
+            "elapsed": now - self.started,
+        }
+        self.log.write(**record)
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+        )
+        p.window, self.window_started = Window(), now
+
+    def maybe_begin_cooldown(self, steps_per_epoch: int) -> None:
         """Start the cool-down once the last `tc.cooldown` of the run is reached: of its time budget, or of
         its step budget (`max_steps`, or `max_epochs` of `steps_per_epoch`), whichever ends first. Its last
         step is that step budget, or as many steps as the time left holds at the pace so far (rank 0's
         estimate): fixed once, and saved with the scheduler, so a resumed run decays as an unbroken one."""
-        elapsed = time.monotonic() - started
+        tc, step = self.tc, self.progress.step
+        elapsed = time.monotonic() - self.started
         step_budget = min(s for s in (tc.max_steps, tc.max_epochs * steps_per_epoch) if s)
         by_time = tc.time_budget_minutes and elapsed >= (1 - tc.cooldown) * tc.time_budget_minutes * 60
-        by_steps = state["step"] >= (1 - tc.cooldown) * step_budget
-        if not distributed.any_rank(bool(by_time or by_steps)):  # agreed, like the stop below
+        by_steps = step >= (1 - tc.cooldown) * step_budget
+        if not distributed.any_rank(bool(by_time or by_steps)):  # agreed, like the stops
             return
         ends = [step_budget]
         if tc.time_budget_minutes:
-            seconds_per_step = (time.monotonic() - pace["since"]) / max(state["step"] - pace["step"], 1)
-            ends.append(state["step"] + int((tc.time_budget_minutes * 60 - elapsed) / seconds_per_step))
-        end = distributed.from_main(max(min(ends), state["step"] + 1))
-        schedule.begin_cooldown(state["step"], end)
-        log.write(event="cooldown", step=state["step"], until=end)
+            since, first_step = self.pace
+            seconds_per_step = (time.monotonic() - since) / max(step - first_step, 1)
+            ends.append(step + int((tc.time_budget_minutes * 60 - elapsed) / seconds_per_step))
+        end = distributed.from_main(max(min(ends), step + 1))
+        self.schedule.begin_cooldown(step, end)
+        self.log.write(event="cooldown", step=step, until=end)
 
-    def out_of_time() -> bool:
-        over_budget = tc.time_budget_minutes and time.monotonic() - started > tc.time_budget_minutes * 60
-        over_steps = tc.max_steps and state["step"] >= tc.max_steps
+    def out_of_time(self) -> bool:
+        """Whether a time or step budget is spent, or the cool-down has ended."""
+        tc, step = self.tc, self.progress.step
+        over_budget = tc.time_budget_minutes and time.monotonic() - self.started > tc.time_budget_minutes * 60
+        over_steps = tc.max_steps and step >= tc.max_steps
         # Agreed: one process's clock running out stops them all at the same step.
-        return distributed.any_rank(bool(over_budget or over_steps or schedule.done(state["step"])))
+        return distributed.any_rank(bool(over_budget or over_steps or self.schedule.done(step)))
 
-    def evaluate_and_save() -> bool:
+    def evaluate_and_save(self) -> bool:
         """Validate, checkpoint; return True when early stopping says to stop."""
-        valid_loss, valid_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
-        state["validated_step"] = state["step"]
-        improved = valid_scores.bleu > state["best_bleu"]
+        p = self.progress
+        valid_loss, valid_scores = self.validate()
+        p.validated_step = p.step
+        improved = valid_scores.bleu > p.best_bleu
         if improved:
-            state["best_bleu"], state["stale_evals"] = valid_scores.bleu, 0
+            p.best_bleu, p.stale_evals = valid_scores.bleu, 0
         else:
-            state["stale_evals"] += 1
-        log.write(
+            p.stale_evals += 1
+        ppl = math.exp(min(valid_loss, 50))
+        self.log.write(
             event="valid",
-            step=state["step"],
-            epoch=state["epoch"],
+            step=p.step,
+            epoch=p.epoch,
             loss=valid_loss,
-            ppl=math.exp(min(valid_loss, 50)),
+            ppl=ppl,
             bleu=valid_scores.bleu,
             chrf=valid_scores.chrf,
-            elapsed=time.monotonic() - started,
+            elapsed=time.monotonic() - self.started,
         )
         tqdm.write(
-            f"step {state['step']}: valid loss {valid_loss:.3f} ppl {math.exp(min(valid_loss, 50)):.2f} "
+            f"step {p.step}: valid loss {valid_loss:.3f} ppl {ppl:.2f} "
             f"BLEU {valid_scores.bleu:.2f}{' (best)' if improved else ''}"
         )
-        save(f"step-{state['step']:07d}")
+        self.save(f"step-{p.step:07d}")
         if distributed.is_main():
-            checkpoint.prune_checkpoints(run_dir, keep=max(tc.average_last, 1))
+            checkpoint.prune_checkpoints(self.run_dir, keep=max(self.tc.average_last, 1))
         if improved:
-            save("best")
-        save("last")
-        return bool(tc.patience and state["stale_evals"] >= tc.patience)
+            self.save("best")
+        self.save("last")
+        return bool(self.tc.patience and p.stale_evals >= self.tc.patience)
 
-    forward = maybe_compile(train_model, tc.compile)  # shares model's parameters; `model` is what is saved
-    # Ctrl-C or SIGTERM: save `last` after this step, then exit. `bars` clears the progress bar whatever
-    # ends the loop, so that an error is printed on a line of its own.
-    with _stop_on_signals() as stop_signal, ExitStack() as bars:
-        model.train()
-        stop = out_of_time()  # a resumed run may have used its budget already
-        window = state["window"]
-        window_started = time.monotonic()
-        while not stop and state["epoch"] < tc.max_epochs:
-            batches = token_batches(
-                [len(s) for s in train_data.src],
-                [len(t) for t in train_data.tgt],
-                tc.max_tokens,
-                shuffle=True,
-                seed=tc.seed,
-                epoch=state["epoch"],
-            )
-            progress = tqdm(
-                total=len(batches),
-                initial=state["batch"],
-                desc=f"epoch {state['epoch'] + 1}",
-                leave=False,
-                dynamic_ncols=True,
-                disable=not distributed.is_main(),
-            )
-            bars.callback(progress.close)
-            # A step takes `accumulate` batches per process; `state["batch"]` counts batches of all processes.
-            per_step = tc.accumulate * distributed.world_size()
-            steps_per_epoch = math.ceil(distributed.usable(len(batches)) / per_step)
-            while state["batch"] < distributed.usable(len(batches)):
-                step_end = state["batch"] + per_step
-                step_group = batches[state["batch"] : step_end]
-                group = distributed.shard(step_group)
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                collated = [
-                    collate([(train_data.src[i], train_data.tgt[i]) for i in ids]).to(device) for ids in group
-                ]
-                # The mean over the target tokens of the whole step, EOS included as in `collate`; DDP's
-                # average over the processes cancels the factor world_size.
-                step_tokens = sum(len(train_data.tgt[i]) + 1 for ids in step_group for i in ids)
-                for k, batch in enumerate(collated):
-                    with distributed.gradient_sync(train_model, k == len(collated) - 1):
-                        with mixed.autocast():
-                            loss = batch_loss(forward, model, batch, tc.label_smoothing)
-                        mixed.backward(loss / step_tokens * distributed.world_size())
-                    loss_sum += float(loss.detach())
-                    window["pad"] += batch.padding_fraction
-                    window["batches"] += 1
-                loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
-                state["batch"] += len(step_group)
-                progress.update(len(step_group))
-                problem = _non_finite(loss_sum, model, mixed)
-                if problem:
-                    # Skipped: no update, so weights and Adam's moments stay as the last good step left them.
-                    state["bad_steps"] += 1
-                    state["skipped_steps"] += 1
-                    log.write(
-                        event="skipped_step",
-                        step=state["step"],
-                        reason=problem,
-                        in_a_row=state["bad_steps"],
-                        total=state["skipped_steps"],
-                    )
-                    if state["bad_steps"] >= MAX_BAD_STEPS:
-                        progress.close()
-                        raise TransformerError(_diverged_message(run_dir, state["step"]))
-                    continue
-                state["bad_steps"] = 0
-                mixed.step(optimizer, model, tc.clip_norm)
-                state["step"] += 1
-                if tc.cooldown and not schedule.cooling:
-                    maybe_begin_cooldown(steps_per_epoch)
-                scheduler.step()  # the rate of the next step
-                state["tokens_seen"] += step_tokens
-                window["loss"] += loss_sum
-                window["tokens"] += step_tokens
-
-                if state["step"] % tc.log_every == 0:
-                    now = time.monotonic()
-                    record = {
-                        "event": "train",
-                        "step": state["step"],
-                        "epoch": state["epoch"],
-                        "loss": window["loss"] / max(window["tokens"], 1),
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window["tokens"] / max(now - window_started, 1e-9),
-                        "padding": window["pad"] / max(window["batches"], 1),
-                        "tokens_seen": state["tokens_seen"],
-                        "elapsed": now - started,
-                    }
-                    log.write(**record)
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_s']:.0f}",
-                    )
-                    window = state["window"] = {"loss": 0.0, "tokens": 0, "pad": 0.0, "batches": 0}
-                    window_started = now
-
-                if tc.eval_every and state["step"] % tc.eval_every == 0:
-                    paused = time.monotonic()
-                    stop = evaluate_and_save()
-                    window_started += time.monotonic() - paused  # tokens/s counts training time only
-                    if stop:
-                        break
-                if distributed.any_rank(bool(stop_signal)):
-                    save("last")
-                    progress.close()
-                    why = stop_signal[0] if stop_signal else "a signal to another process"
-                    raise TrainingInterrupted(
-                        f"stopped by {why} at step {state['step']}; saved {run_dir}/last: "
-                        f"continue with `transformer train --out {run_dir} --resume`"
-                    )
-                if out_of_time():
-                    stop = True
-                    break
-            progress.close()
-            if state["batch"] >= distributed.usable(len(batches)):
-                state["epoch"] += 1
-                state["batch"] = 0
-                if not tc.eval_every and evaluate_and_save():
-                    stop = True
-            if out_of_time():
-                stop = True
-    if state.get("validated_step") != state["step"]:
-        evaluate_and_save()  # the final weights are always validated and saved
-    return finish(model, tokenizer, tc, run_dir, valid_data, log, started, state["best_bleu"])
+    def save(self, name: str) -> None:
+        """Checkpoint the weights with all a resumed run needs: optimizer, schedule, progress, and every
+        process's random streams."""
+        self.progress.seconds = time.monotonic() - self.started
+        rng_per_rank = distributed.all_gather(_rng_state())  # every process's, to resume each exactly
+        if not distributed.is_main():
+            return
+        checkpoint.save_checkpoint(
+            self.run_dir,
+            name,
+            self.model,
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_per_rank[0],
+                "rng_per_rank": rng_per_rank,
+                "progress": self.progress.to_dict(),
+            },
+        )
 
 
 def finish(

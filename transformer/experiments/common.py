@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from transformer.config import TransformerConfig
-from transformer.data.batching import collate, token_batches
+from transformer.data.batching import collate
 from transformer.data.corpus import read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.loss import label_smoothed_loss
@@ -230,14 +230,7 @@ def train_model(
     step, epoch, diverged = 0, 0, False
     started = time.perf_counter()
     while step < recipe.steps and not diverged:
-        batches = token_batches(
-            [len(s) for s in corpus.src],
-            [len(t) for t in corpus.tgt],
-            recipe.max_tokens,
-            shuffle=True,
-            seed=recipe.seed,
-            epoch=epoch,
-        )
+        batches = corpus.batches(recipe.max_tokens, shuffle=True, seed=recipe.seed, epoch=epoch)
         for ids in batches:
             batch = collate([(corpus.src[i], corpus.tgt[i]) for i in ids])
             loss = (
@@ -268,9 +261,7 @@ def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int = 4000
     """Per-token cross-entropy on a corpus, with the reference prefix fed to the decoder."""
     model.eval()
     total, tokens = 0.0, 0
-    for ids in token_batches(
-        [len(s) for s in corpus.src], [len(t) for t in corpus.tgt], max_tokens, shuffle=False
-    ):
+    for ids in corpus.batches(max_tokens, shuffle=False):
         batch = collate([(corpus.src[i], corpus.tgt[i]) for i in ids])
         total += float(label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0))
         tokens += batch.n_tgt_tokens
