@@ -15,7 +15,21 @@ from transformer.packing import PackedLinear, pack_linears
 from transformer.search import SearchConfig, beam_search, greedy_search
 
 needs_mkl = pytest.mark.skipif(not packing.mkl_packing_available(), reason="this torch build has no MKL")
+needs_packing = pytest.mark.skipif(packing.fp32_kernel() is None, reason="this torch build packs no fp32")
 IDS = {"bos_id": 2, "eos_id": 3, "pad_id": 0}
+FP32_KERNELS = [
+    pytest.param("mkl", marks=needs_mkl),
+    pytest.param(
+        "onednn", marks=pytest.mark.skipif(not packing.onednn_available(), reason="no oneDNN in this build")
+    ),
+]
+
+
+@pytest.fixture(params=FP32_KERNELS)
+def fp32_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each library that packs fp32 weights, whichever this machine would choose."""
+    monkeypatch.setattr(packing, "_kinds", lambda: {torch.float32: request.param})
+    return request.param
 
 
 def packed_pair(bias: bool = True) -> tuple[nn.Linear, PackedLinear]:
@@ -24,21 +38,32 @@ def packed_pair(bias: bool = True) -> tuple[nn.Linear, PackedLinear]:
     return linear, PackedLinear(linear)
 
 
-@needs_mkl
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(12, 96), (6, 1, 96), (3, 5, 96)])
-def test_packed_linear_computes_what_linear_does(bias: bool, shape: tuple[int, ...]) -> None:
+def test_packed_linear_computes_what_linear_does(fp32_kernel: str, bias: bool, shape: tuple[int, ...]):
     linear, packed = packed_pair(bias)
     x = torch.randn(shape)
     expected = F.linear(x, linear.weight, linear.bias)
     with torch.no_grad():
         for _ in range(2):  # the first call packs, the second reuses the pack
             torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5)
-    assert packed._packed is not None and packed._packed[0] == x.numel() // 96
+    rows = x.numel() // 96 if fp32_kernel == "mkl" else None  # MKL packs for a row count, oneDNN for any
+    assert packed._packed is not None and packed._packed[0] == rows
 
 
-@needs_mkl
-def test_the_same_input_gives_the_same_bits_whatever_came_before() -> None:
+def test_packed_fp32_is_fp32_not_a_lower_precision(fp32_kernel: str) -> None:
+    """oneDNN may run fp32 products in bf16 or tf32 when torch allows it: a 1,024-term sum must keep
+    fp32's ~1e-6 relative error, far below bf16's ~1e-2."""
+    torch.manual_seed(0)
+    linear = nn.Linear(1024, 256)
+    x = torch.randn(64, 1024)
+    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    with torch.no_grad():
+        error = (PackedLinear(linear)(x).double() - exact).abs().max() / exact.abs().max()
+    assert error < 1e-5
+
+
+def test_the_same_input_gives_the_same_bits_whatever_came_before(fp32_kernel: str) -> None:
     """MKL's packed GEMM rounds differently from the plain one at 1,024 inputs (on the AMX Xeon), so a layer
     that served some calls unpacked (a row count's first call, as an earlier version did) answered the same
     input in two ways: `transformer doctor` found eval mode non-deterministic."""
@@ -48,15 +73,32 @@ def test_the_same_input_gives_the_same_bits_whatever_came_before() -> None:
     x, other = torch.randn(8, 1024), torch.randn(3, 1024)
     with torch.no_grad():
         first = packed(x)
-        assert packed._packed is not None and packed._packed[0] == 8  # packed at the first call
-        packed(other)  # another row count: packed again, for 3 rows
-        assert packed._packed[0] == 3
+        assert packed._packed is not None  # packed at the first call
+        packed(other)  # another row count: MKL packs again, for 3 rows
+        assert packed._packed[0] == (3 if fp32_kernel == "mkl" else None)
         assert torch.equal(packed(x), first)
         assert torch.equal(packed(x), first)
 
 
-@needs_mkl
-def test_a_changed_weight_is_packed_again() -> None:
+def test_fp32_goes_to_onednn_on_amd_cpus_with_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL runs AVX2 code on AMD processors: half a Zen 5 core's fp32 rate (see transformer/packing.py)."""
+    monkeypatch.setattr(packing, "onednn_available", lambda: True)
+    monkeypatch.setattr(packing, "mkl_packing_available", lambda: True)
+    choose = packing.fp32_kernel.__wrapped__  # uncached
+    for vendor, flags, kernel in [
+        ("AuthenticAMD", {"avx2", "avx512f"}, "onednn"),
+        ("AuthenticAMD", {"avx2"}, "mkl"),
+        ("GenuineIntel", {"avx2", "avx512f"}, "mkl"),
+        ("", set(), "mkl"),
+    ]:
+        monkeypatch.setattr(packing, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(packing, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert choose() == kernel
+    monkeypatch.setattr(packing, "mkl_packing_available", lambda: False)
+    assert choose() is None  # Intel without MKL: the plain path
+
+
+def test_a_changed_weight_is_packed_again(fp32_kernel: str) -> None:
     linear, packed = packed_pair()
     x = torch.randn(4, 96)
     with torch.no_grad():
@@ -67,7 +109,7 @@ def test_a_changed_weight_is_packed_again() -> None:
     assert not torch.allclose(before, packed(x))
 
 
-@needs_mkl
+@needs_packing
 def test_gradients_autocast_and_other_devices_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
     linear, packed = packed_pair()
 
@@ -103,8 +145,7 @@ def test_bf16_weights_are_packed_for_onednn_at_once(bias: bool) -> None:
         torch.testing.assert_close(packed(x[:1, :3]), expected[:1, :3], rtol=1e-2, atol=1e-2)
 
 
-@needs_mkl
-def test_pack_linears_keeps_state_dict_ties_and_decoding() -> None:
+def test_pack_linears_keeps_state_dict_ties_and_decoding(fp32_kernel: str) -> None:
     torch.manual_seed(0)
     config = dataclasses.replace(TINY, src_vocab_size=40, tgt_vocab_size=40, max_len=64, tie_output=True)
     model = Transformer(config).eval()
@@ -122,7 +163,7 @@ def test_pack_linears_keeps_state_dict_ties_and_decoding() -> None:
 
 
 def test_pack_linears_is_a_no_op_without_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packing, "mkl_packing_available", lambda: False)
+    monkeypatch.setattr(packing, "fp32_kernel", lambda: None)
     monkeypatch.setattr(packing, "onednn_packing_available", lambda: False)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert pack_linears(model) == 0
