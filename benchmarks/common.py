@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from transformer.onednn import onednn_linear
+from transformer.packing import onednn_available
 from transformer.runtime import cpu_flags, cpu_name, quiet_stderr, reexec_with_allocator_tunables
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -82,12 +84,19 @@ def matmul_peak_gflops(
 ) -> float:
     """The machine's measured matmul rate: the fastest of `repeats` square n×n products. The fastest,
     not the median, because other load can only slow a product down: a median taken while the machine
-    was busy once came out below what the model's own products reached in the same run."""
+    was busy once came out below what the model's own products reached in the same run. On the CPU the
+    products run in MKL (torch's `mm`) and in oneDNN, whichever is faster: on AMD CPUs MKL runs AVX2
+    code, at half a Zen 5 core's fp32 rate (transformer/onednn.py)."""
     device = device or torch.device("cpu")
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    one = synchronised(lambda: a @ b, device)
-    one()  # warm-up: the first call picks kernels and faults the output in
-    return 2 * n**3 / min(time_interleaved({"mm": one}, repeats, warmup=0)["mm"]) / 1e9
+    kernels = {"mm": synchronised(lambda: a @ b, device)}
+    if device.type == "cpu" and onednn_available():
+        kernels["oneDNN"] = lambda: onednn_linear(a, b)  # a · bᵀ: the same product
+    with torch.no_grad():
+        for one in kernels.values():
+            one()  # warm-up: the first call picks kernels and faults the output in
+        times = time_interleaved(kernels, repeats, warmup=0)
+    return 2 * n**3 / min(min(ts) for ts in times.values()) / 1e9
 
 
 def time_interleaved(

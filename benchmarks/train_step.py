@@ -8,9 +8,11 @@ Every model gets the same embeddings (×√d_model, sinusoidal positions), tied 
 label-smoothed loss and Adam (benchmarks/peers.py); ours gets the fused Adam our trainer uses, the peers
 torch.optim.Adam's default. Variants of ours measure our speed choices: the self-attention projections
 fused into one matmul, nn.Dropout instead of our cheaper mask, the for-loop Adam the peers get, bf16
-autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). The
-variants take a step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant
-in a fresh child process. Prints JSON and updates benchmarks/RESULTS.md.
+autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). Ours
+multiplies fp32 in oneDNN where `transformer train` does (AMD CPUs, transformer/onednn.py); there the
+variant `ours, MKL linear layers` is ours with torch's nn.Linear, as the peers run. The variants take a
+step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant in a fresh
+child process. Prints JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import PAD_ID
+from transformer.onednn import use_onednn_linears
+from transformer.packing import fp32_kernel
 from transformer.precision import has_native_bf16
 from transformer.runtime import ALLOCATOR_TUNABLES
 
@@ -48,15 +52,13 @@ def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool, bool] 
     if variant == "MarianMTModel":
         model = peers.marian(c)
         return (peers.MarianLogits(model), False, False) if model is not None else None
-    if variant == "ours, fused QKV":
-        return peers.ours(c, fuse_qkv=True), False, True
-    if variant == "ours, nn.Dropout":
-        return peers.ours(c, torch_dropout=True), False, True
     if variant == "ours, torch.compile":
         return torch.compile(peers.ours(c)), False, True
-    if variant == "ours, for-loop Adam":
-        return peers.ours(c), False, False
-    return peers.ours(c), variant == "ours, bf16 autocast", True
+    if variant == "ours, MKL linear layers":
+        return peers.ours(c), False, True
+    model = peers.ours(c, fuse_qkv=variant == "ours, fused QKV", torch_dropout=variant == "ours, nn.Dropout")
+    use_onednn_linears(model)  # the kernels `transformer train` chooses
+    return model, variant == "ours, bf16 autocast", variant != "ours, for-loop Adam"
 
 
 def steps_for(
@@ -186,6 +188,7 @@ def main() -> None:
             "MarianMTModel",
             "ours, fused QKV",
             *(["ours, nn.Dropout", "ours, for-loop Adam"] if name == "small" else []),
+            *(["ours, MKL linear layers"] if fp32_kernel() == "onednn" else []),
             *(["ours, bf16 autocast"] if bf16 else []),
             *(["ours, torch.compile"] if args.compile else []),
         ]

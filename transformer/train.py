@@ -42,6 +42,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.loss import label_smoothed_loss, projected_loss
 from transformer.model import Transformer, build_model
+from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, maybe_compile
 from transformer.runtime import configure_torch
@@ -335,6 +336,8 @@ def train(
     )
 
     model = build_model(model_config).to(device)
+    # Where MKL is slow (AMD CPUs: transformer/onednn.py) fp32 products go to oneDNN; compile picks its own.
+    onednn = device.type == "cpu" and not tc.compile and use_onednn_linears(model) > 0
     distributed.seed_rank(tc.seed)  # the processes' dropout masks differ (a resumed run restores its own)
     optimizer, scheduler = build_optimizer(
         model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
@@ -345,9 +348,10 @@ def train(
         started -= progress.seconds  # the clock continues where the saved run stopped
         where = f"{resume_from[0]} at step {progress.step} (epoch {progress.epoch + 1})"
         tqdm.write(f"resuming {run_dir} from {where}")
+    kernels = " (fp32 products in oneDNN)" if onednn else ""
     tqdm.write(
-        f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}; "
-        f"writing to {run_dir}"
+        f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}"
+        f"{kernels}; writing to {run_dir}"
     )
     loop = TrainingLoop(
         tc,

@@ -1,0 +1,110 @@
+"""fp32 linear layers through oneDNN: F.linear's outputs and gradients (against float64), the plain path
+wherever oneDNN should not run, and a model that trains as it does with nn.Linear."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, TINY_MODEL, tiny_recipe
+from torch import nn
+
+from transformer import Transformer, onednn
+from transformer.onednn import OneDNNLinear, onednn_linear, use_onednn_linears
+from transformer.packing import onednn_available
+from transformer.train import train
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(12, 96), (3, 5, 96), (1, 96)])
+def test_forward_and_gradients_are_linears(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(40, 96, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    grad = torch.randn(*shape[:-1], 40)
+    onednn_linear(x, weight, b).backward(grad)
+    inputs = [t.detach().double().requires_grad_() for t in (x, weight, *([b] if bias else []))]
+    exact = F.linear(*inputs) if bias else F.linear(*inputs, None)
+    exact.backward(grad.double())
+    with torch.no_grad():
+        torch.testing.assert_close(onednn_linear(x, weight, b).double(), exact, rtol=1e-5, atol=1e-5)
+    for ours, reference in zip([x, weight, *([b] if bias else [])], inputs, strict=True):
+        torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
+        assert ours.grad.is_contiguous()
+
+
+def test_strided_inputs_and_frozen_weights() -> None:
+    """Attention hands the output projection a transposed view; a frozen weight needs no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 32).transpose(0, 1).requires_grad_()  # (4, 6, 32), not contiguous
+    weight = torch.randn(16, 32)
+    y = onednn_linear(x, weight)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 6, 16) @ weight, rtol=1e-5, atol=1e-5)
+    assert weight.grad is None
+
+
+def test_other_dtypes_autocast_and_empty_inputs_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("oneDNN was called")
+
+    monkeypatch.setattr(onednn, "_product", refuse)
+    weight = torch.randn(8, 4)
+    assert onednn_linear(torch.randn(3, 4).double(), weight.double()).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert onednn_linear(torch.randn(3, 4), weight).dtype == torch.bfloat16  # autocast's choice is kept
+    assert onednn_linear(torch.randn(0, 4), weight).shape == (0, 8)
+
+
+def test_use_onednn_linears_only_where_onednn_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "mkl")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert use_onednn_linears(model) == 0 and type(model[0]) is nn.Linear
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "onednn")
+    assert use_onednn_linears(model) == 2 and all(type(m) is OneDNNLinear for m in (model[0], model[2]))
+
+
+def test_a_swapped_model_keeps_its_state_dict_ties_and_training_step() -> None:
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, src_vocab_size=40, tgt_vocab_size=40, tie_output=True)
+    model = Transformer(config)
+    swapped = copy.deepcopy(model)
+    count = use_onednn_linears(swapped, force=True)
+    assert count == sum(type(m) is nn.Linear for m in model.modules()) > 0
+    assert swapped.state_dict().keys() == model.state_dict().keys()
+    assert swapped.out_proj.weight is swapped.tgt_embed.weight  # the tie survives
+    src, tgt = torch.randint(4, 40, (3, 7)), torch.randint(4, 40, (3, 6))
+    for m in (model, swapped):
+        F.cross_entropy(m(src, tgt).flatten(0, 1), tgt.flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), swapped.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_with_onednn_linears_follows_the_plain_run(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """What `transformer train` does on an AMD CPU, wherever the tests run."""
+    once = {"eval_every": 0, "test_split": "", "average_last": 0}
+    recipe = tiny_recipe(data_dir, precision="fp32", max_steps=10, **once)
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "mkl")  # as on an Intel CPU
+    train(recipe, TINY_MODEL, tmp_path / "plain")
+    assert "oneDNN" not in capsys.readouterr().out
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "onednn")
+    train(recipe, TINY_MODEL, tmp_path / "onednn")
+    assert "fp32 products in oneDNN" in capsys.readouterr().out
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["event"] == "train"]
+
+    assert len(losses("plain")) == 2
+    assert losses("onednn") == pytest.approx(losses("plain"), rel=1e-4)
