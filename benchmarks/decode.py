@@ -6,7 +6,8 @@
 Every search produces exactly `--new-tokens` tokens per sentence (random weights would otherwise stop at
 random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy and beam 4
 (length penalty 0.6 for both). Ours runs with packed linear weights as `transformer translate` loads a
-model (transformer/packing.py), and once more without them (`unpacked`). Where the CPU multiplies bf16
+model (transformer/packing.py: MKL's layout in fp32, oneDNN's in bf16 and, on AMD CPUs, in fp32), and once
+more without them (`unpacked`: torch's nn.Linear, the kernels Marian runs). Where the CPU multiplies bf16
 natively (or with --bf16), also both with their weights cast to bf16. Prints JSON (sentences/s, tokens/s,
 ratios) and updates benchmarks/RESULTS.md.
 
