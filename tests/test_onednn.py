@@ -23,13 +23,15 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(12, 96), (3, 5, 96), (1, 96)])
-def test_forward_and_gradients_are_linears(bias: bool, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("rows", [(12,), (3, 5), (1,)])
+@pytest.mark.parametrize("features", [(96, 40), (40, 96), (64, 64)])  # (in, out): both forms of dW
+def test_forward_and_gradients_are_linears(bias: bool, rows: tuple[int, ...], features: tuple[int, int]):
     torch.manual_seed(0)
+    (d_in, d_out), shape = features, (*rows, features[0])
     x = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(40, 96, requires_grad=True)
-    b = torch.randn(40, requires_grad=True) if bias else None
-    grad = torch.randn(*shape[:-1], 40)
+    weight = torch.randn(d_out, d_in, requires_grad=True)
+    b = torch.randn(d_out, requires_grad=True) if bias else None
+    grad = torch.randn(*rows, d_out)
     onednn_linear(x, weight, b).backward(grad)
     inputs = [t.detach().double().requires_grad_() for t in (x, weight, *([b] if bias else []))]
     exact = F.linear(*inputs) if bias else F.linear(*inputs, None)
