@@ -26,6 +26,7 @@ from transformer.data.batching import collate
 from transformer.data.corpus import read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.loss import label_smoothed_loss
+from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
 from transformer.runtime import quiet_stderr
 from transformer.train import Corpus, encode_corpus, translate_and_score
@@ -221,6 +222,7 @@ def train_model(
     with its training-loss curve. `lr_schedule(step)` replaces the warm-up schedule when given. A run whose
     loss becomes non-finite stops there and is marked diverged."""
     seeded(recipe.seed)
+    use_onednn_linears(model)  # fp32 products in oneDNN where `transformer train` puts them (AMD CPUs)
     optimizer, scheduler = build_optimizer(model, d_model, recipe.warmup, recipe.lr_factor)
     if lr_schedule is not None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda taken: lr_schedule(taken + 1))
