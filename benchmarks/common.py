@@ -90,7 +90,7 @@ def matmul_peak_gflops(
     device = device or torch.device("cpu")
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     kernels = {"mm": synchronised(lambda: a @ b, device)}
-    if device.type == "cpu" and onednn_available():
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():  # bf16 `mm` is oneDNN's
         kernels["oneDNN"] = lambda: onednn_linear(a, b)  # a · bᵀ: the same product
     with torch.no_grad():
         for one in kernels.values():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.packing import fp32_kernel, onednn_available, replace_linears
+from transformer.packing import SharedLinear, fp32_kernel, onednn_available, replace_linears
 
 __all__ = ["OneDNNLinear", "onednn_linear", "use_onednn_linears"]
 
@@ -63,22 +63,14 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear` through oneDNN for fp32 tensors on the CPU outside autocast; `F.linear` otherwise."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
+    fp32_cpu = x.dtype == weight.dtype == torch.float32 and x.is_cpu and x.numel() > 0
+    if not fp32_cpu or torch.is_autocast_enabled("cpu"):  # under autocast, autocast chooses dtype and kernel
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled("cpu"):
-        return F.linear(x, weight, bias)  # autocast chooses the dtype, and its kernel
     return _OneDNNLinearFunction.apply(x, weight, bias)
 
 
-class OneDNNLinear(nn.Linear):
-    """`nn.Linear` whose fp32 CPU products, forward and backward, run in oneDNN. It shares the Parameters
-    of the layer it replaces, so ties and the state dict's keys stay."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+class OneDNNLinear(SharedLinear):
+    """`nn.Linear` whose fp32 CPU products, forward and backward, run in oneDNN."""
 
     def forward(self, x: Tensor) -> Tensor:
         return onednn_linear(x, self.weight, self.bias)

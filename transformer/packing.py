@@ -47,6 +47,7 @@ from transformer.runtime import cpu_flags, cpu_vendor
 
 __all__ = [
     "PackedLinear",
+    "SharedLinear",
     "fp32_kernel",
     "mkl_packing_available",
     "onednn_available",
@@ -86,19 +87,26 @@ def fp32_kernel() -> str | None:
     return "mkl" if mkl_packing_available() else None
 
 
-class PackedLinear(nn.Linear):
-    """`nn.Linear` whose CPU inference in fp32 or bf16 reads a packed copy of its weight.
-
-    It shares the Parameters of the layer it replaces (tied weights stay tied, the state dict keeps its
-    keys); the packed copy is a plain attribute, never saved. A write through `weight.data` does not bump
-    the version it checks (autograd does not see it either): code that edits weights that way should edit
-    an unpacked model."""
+class SharedLinear(nn.Linear):
+    """An `nn.Linear` made on the Parameters of another, which it replaces: tied weights stay tied and the
+    state dict keeps its keys. The base of the layers that change only how the product is computed."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+
+
+class PackedLinear(SharedLinear):
+    """`nn.Linear` whose CPU inference in fp32 or bf16 reads a packed copy of its weight.
+
+    The packed copy is a plain attribute, never saved. A write through `weight.data` does not bump the
+    version it checks (autograd does not see it either): code that edits weights that way should edit an
+    unpacked model."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
         self._packed: tuple[int | None, int, Tensor] | None = None  # (rows or None, weight version, pack)
 
     def forward(self, x: Tensor) -> Tensor:
