@@ -229,3 +229,23 @@ def test_benchmarks_rerun_themselves_under_the_clis_allocator_setting(monkeypatc
     monkeypatch.setenv("TRANSFORMER_KEEP_ALLOCATOR", "1")
     common.run_as_the_cli_does()
     assert len(calls) == 1
+
+
+def test_the_fp32_peak_is_the_faster_of_mkl_and_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AMD CPUs MKL runs AVX2 code at half oneDNN's fp32 rate: a peak from `mm` alone would put our
+    oneDNN products above 1.0 of it. oneDNN is timed for fp32 only (bf16's `mm` is oneDNN already)."""
+    calls: list[torch.dtype] = []
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(a.dtype)
+        return a @ b.T
+
+    monkeypatch.setattr(common, "onednn_available", lambda: True)
+    monkeypatch.setattr(common, "onednn_linear", product)
+    peak = common.matmul_peak_gflops(torch.float32, n=64, repeats=3)
+    assert peak > 0 and calls == [torch.float32] * 4  # warm-up and three rounds
+    calls.clear()
+    assert common.matmul_peak_gflops(torch.bfloat16, n=64, repeats=3) > 0 and calls == []
+    # The faster kernel sets the peak: one that sleeps 50 ms a call cannot.
+    monkeypatch.setattr(common, "onednn_linear", lambda a, b: time.sleep(0.05) or a @ b.T)
+    assert common.matmul_peak_gflops(torch.float32, n=64, repeats=3) > 2 * 64**3 / 0.05 / 1e9
