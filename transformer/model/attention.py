@@ -44,30 +44,32 @@ def fused_attention(
     """The same function through torch's fused kernel (flash / memory-efficient), which never materialises
     the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path.
 
-    One exception to "the kernel in the autocast dtype": torch's CPU flash-attention *backward* in bf16 is
-    far slower than in fp32 at translation lengths (2 cores of an AMX Xeon, Emerald Rapids; batch 156 ×
-    4 heads × 18 positions, forward + backward: 33–47 ms in bf16 against 5–7 ms in fp32, which made a
-    whole bf16 training step barely faster than an fp32 one). So when gradients will flow on CPU through
-    keys shorter than `_BF16_CPU_BACKWARD_MAX_KEYS`, the kernel runs in fp32 and its output is cast back;
-    past that length bf16 wins (1 × 2048 positions: 48 ms against 65 ms). Inference keeps the
-    low-precision kernel, which is as fast as fp32's forward."""
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    One exception: bf16 training on CPU at translation lengths runs the explicit path, in bf16. torch's CPU
+    flash-attention *backward* is slow in bf16 (an AMX Xeon, batch 156 × 4 heads × 18 positions: 33–47 ms
+    forward + backward against 5–7 ms in fp32), and at these lengths the weights are small enough that
+    writing them out costs less than either kernel. Forward + backward with a padding and causal mask and
+    dropout, ~2,560 positions per call, 4 heads of 64 (2 cores of a Zen 5 EPYC, interleaved; ms):
+
+        keys                          12    48    192   768   1024
+        bf16, explicit                4.5   6.9   20.6  68    94
+        bf16 in the fp32 kernel       5.8   8.9   29.1  85    111
+        fp32 kernel (fp32 training)   4.8   7.8   24.9  84    117
+
+    which made whole bf16 training steps on Multi30k batches 1.11× as fast as with the fp32 kernel.
+    Past `_BF16_CPU_BACKWARD_MAX_KEYS` keys the bf16 kernel runs, so that memory does not grow with the
+    square of the length. Inference keeps the kernel in the inputs' dtype, as fast as fp32's forward."""
     if (
-        low_precision
+        q.dtype in (torch.bfloat16, torch.float16)
         and q.device.type == "cpu"
         and torch.is_grad_enabled()
         and q.requires_grad
         and k.size(-2) <= _BF16_CPU_BACKWARD_MAX_KEYS
     ):
-        with torch.autocast("cpu", enabled=False):  # else autocast casts the fp32 inputs straight back
-            out = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p
-            )
-        return out.to(q.dtype)
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # measured crossover: fp32 faster at 512 keys, bf16 faster at 2048
+_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # beyond, the weights of a batch's heads take too much memory
 
 
 @dataclass
