@@ -37,7 +37,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         rows = (1 - smoothing) * nll + (smoothing / log_probs.size(-1)) * uniform
         ctx.save_for_backward(log_probs, label, keep)
         ctx.smoothing, ctx.logits_dtype = smoothing, logits.dtype
-        return (rows * keep).sum()
+        return (rows * keep).sum()  # a NaN anywhere, padding included, shows (the trainer skips the step)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
