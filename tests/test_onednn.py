@@ -15,6 +15,7 @@ from conftest import TINY, TINY_MODEL, tiny_recipe
 from torch import nn
 
 from transformer import Transformer, onednn
+from transformer.experiments.training import remove_scaling
 from transformer.onednn import OneDNNLinear, onednn_linear, use_onednn_linears
 from transformer.packing import onednn_available
 from transformer.train import train
@@ -89,6 +90,29 @@ def test_a_swapped_model_keeps_its_state_dict_ties_and_training_step() -> None:
         F.cross_entropy(m(src, tgt).flatten(0, 1), tgt.flatten()).backward()
     for (name, p), q in zip(model.named_parameters(), swapped.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_swap_keeps_the_layers_hooks() -> None:
+    """The report's unscaled-attention variant is a forward hook on W_Q, registered before training swaps
+    the layers; the swap once dropped it, and "unscaled" trained exactly as "scaled"."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(TINY, src_vocab_size=40, tgt_vocab_size=40)).eval()
+    src, tgt = torch.randint(4, 40, (3, 7)), torch.randint(4, 40, (3, 6))
+    plain = model(src, tgt)
+    unscaled = remove_scaling(model)(src, tgt)
+    assert not torch.allclose(unscaled, plain, atol=1e-3)
+    use_onednn_linears(model, force=True)
+    assert type(model.encoder.layers[0].self_attn.w_q) is OneDNNLinear
+    torch.testing.assert_close(model(src, tgt), unscaled, rtol=1e-4, atol=1e-5)
+
+    calls = []
+    holder = nn.Sequential(nn.Linear(4, 3))
+    handle = holder[0].register_forward_pre_hook(lambda _module, _args: calls.append(1))
+    use_onednn_linears(holder, force=True)
+    holder(torch.randn(2, 4))
+    handle.remove()  # the handle of a hook registered on the replaced layer still removes it
+    holder(torch.randn(2, 4))
+    assert type(holder[0]) is OneDNNLinear and calls == [1]
 
 
 def test_training_with_onednn_linears_follows_the_plain_run(

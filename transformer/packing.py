@@ -89,13 +89,20 @@ def fp32_kernel() -> str | None:
 
 class SharedLinear(nn.Linear):
     """An `nn.Linear` made on the Parameters of another, which it replaces: tied weights stay tied and the
-    state dict keeps its keys. The base of the layers that change only how the product is computed."""
+    state dict keeps its keys. The base of the layers that change only how the product is computed.
+
+    It takes over the replaced layer's hooks too (the same dicts, so their handles still remove them): the
+    report's unscaled-attention variant scales W_Q's output with a forward hook, and when the trainer's swap
+    to `OneDNNLinear` dropped it, "unscaled" trained exactly as "scaled" (reports of 2026-12-02)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        for name, value in vars(linear).items():
+            if "hook" in name:  # _forward_hooks, _forward_pre_hooks, _backward_hooks, _state_dict_hooks, …
+                setattr(self, name, value)
 
 
 class PackedLinear(SharedLinear):
