@@ -19,20 +19,24 @@ def scaled_dot_product_attention(
 ) -> tuple[Tensor, Tensor]:
     """softmax(QKᵀ/√d_k)·V, written out; returns (output, weights).
 
-    This is the readable reference and the path that can return the weights. Masked positions are set to
-    -inf before the softmax, so they receive exactly zero weight (exp(-inf) = 0), not a small number as
-    with a -1e9 fill. A query whose every key is masked would give 0/0 = NaN; such rows are given zero
-    weight everywhere instead, so they produce a zero output and no NaN reaches the gradients.
+    This is the readable reference, the path that can return the weights, and bf16 training's path on
+    the CPU (`fused_attention`). Masked positions are set to -inf before the softmax, so they receive
+    exactly zero weight (exp(-inf) = 0), not a small number as with a -1e9 fill. A query whose every key
+    is masked would give 0/0 = NaN; such a row instead attends to every key and is then multiplied by
+    zero, so it gets zero weights and a zero output, and no NaN reaches the gradients. That fix is worked
+    out on the boolean mask, smaller than the scores by the heads (or the batch): done instead as two
+    more `masked_fill`s of scores and weights, it cost this function 1.1-1.35x in forward + backward
+    (the shapes of `benchmarks/attention.py`, 24 to 1,024 keys, bf16 and fp32) and a bf16 training step
+    on 8 sentences of 256 tokens 1.09x (Zen 5, interleaved; no change on Multi30k's short sentences).
     """
     d_k = q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (batch, heads, q_len, k_len)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
         has_any_key = mask.any(dim=-1, keepdim=True)  # (batch, heads|1, q_len|1, 1)
-        scores = scores.masked_fill(~has_any_key, 0.0)  # softmax of a fully masked row is then finite...
+        scores = scores.masked_fill(~(mask | ~has_any_key), float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if mask is not None:
-        weights = weights.masked_fill(~mask, 0.0)  # ...and zeroed here, with the masked entries of every row
+        weights = weights * has_any_key  # the rows with no key to attend to become zeros
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v, weights  # (batch, heads, q_len, d_k), (batch, heads, q_len, k_len)
@@ -42,25 +46,30 @@ def fused_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
 ) -> Tensor:
     """The same function through torch's fused kernel (flash / memory-efficient), which never materialises
-    the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path.
+    the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path. With
+    dropout on the weights (`attention_dropout` > 0) torch's CPU kernel gives way to its own written-out
+    math, as the explicit path does.
 
-    One exception: bf16 training on CPU at translation lengths runs the explicit path, in bf16. torch's CPU
-    flash-attention *backward* is slow in bf16 (an AMX Xeon, batch 156 × 4 heads × 18 positions: 33–47 ms
-    forward + backward against 5–7 ms in fp32), and at these lengths the weights are small enough that
-    writing them out costs less than either kernel. Forward + backward with a padding and causal mask and
-    dropout, ~2,560 positions per call, 4 heads of 64 (2 cores of a Zen 5 EPYC, interleaved; ms):
+    One exception: bf16 training on the CPU runs the explicit path, in bf16, up to
+    `_BF16_CPU_BACKWARD_MAX_KEYS` keys. torch's CPU flash-attention *backward* is slow in bf16 at
+    translation lengths, and there writing the weights out costs less than any kernel. Forward + backward
+    of one self-attention call with padding and causal masks, ~2,560 query positions in rows of `keys`,
+    4 heads of 64 (`python benchmarks/attention.py --repeats 20`, 2 cores of a Zen 5 EPYC; median ms):
 
-        keys                          12    48    192   768   1024
-        bf16, explicit                4.5   6.9   20.6  68    94
-        bf16 in the fp32 kernel       5.8   8.9   29.1  85    111
-        fp32 kernel (fp32 training)   4.8   7.8   24.9  84    117
+        keys                          12    48    192   768   1024  2048
+        bf16, explicit                3.8   3.9   7.5   25    26    53
+        bf16 kernel                   27    17    16    34    39    73
+        bf16 cast to the fp32 kernel  6.6   7.2   14    44    52    97
+        fp32 kernel (fp32 training)   5.9   6.2   14    43    54    96
 
-    which made whole bf16 training steps on Multi30k batches 1.11× as fast as with the fp32 kernel. The
-    price is that scores and weights are rounded to bf16 (the softmax itself computes in fp32): a trained
-    small model's gradients on four validation batches came 5.3 % off float64's in norm, against 4.7 %
-    with the fp32 kernel (most of either from the bf16 linear layers).
-    Past `_BF16_CPU_BACKWARD_MAX_KEYS` keys the bf16 kernel runs, so that memory does not grow with the
-    square of the length. Inference keeps the kernel in the inputs' dtype, as fast as fp32's forward."""
+    Against the cast to fp32 (which this path replaced) whole bf16 training steps on Multi30k batches
+    ran 1.11× as fast. The price is that scores and weights are rounded to bf16 (the softmax itself
+    computes in fp32): a trained small model's gradients on four validation batches came 5.3 % off
+    float64's in norm, against 4.7 % with the fp32 kernel (most of either from the bf16 linear layers).
+    Past 1,024 keys the bf16 kernel runs although the explicit path is still faster there: the weights
+    grow with the square of the length and every attention call keeps them for the backward pass (that
+    one call's peak memory grew by 172 MB at 2,048 keys, the kernel's by 51 MB). Inference keeps the
+    kernel in the inputs' dtype, as fast as fp32's forward."""
     if (
         q.dtype in (torch.bfloat16, torch.float16)
         and q.device.type == "cpu"
@@ -72,7 +81,7 @@ def fused_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # beyond, the weights of a batch's heads take too much memory
+_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # beyond, the weights every call keeps for backward take too much memory
 
 
 @dataclass
