@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import common, decode, gpu, peers, scaling, train_step, translation
+from benchmarks import attention, common, decode, gpu, peers, scaling, train_step, translation
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.search import SearchConfig
@@ -166,6 +166,18 @@ def test_the_marian_twin_decodes_greedily_as_we_do(run_dir) -> None:
 def test_scaling_point_reports_time_and_memory() -> None:
     measured = scaling.point("decode", 8, batch=1, new_tokens=2, repeats=1)
     assert measured["seconds"] > 0 and measured["growth_mb"] >= 0
+
+
+@pytest.mark.parametrize("keys", [7, 40])
+def test_attention_benchmark_variants_compute_the_same_attention(keys: int) -> None:
+    outputs = {
+        name: attention.attention_call(name, keys, 80, 2, 16, 0.0)().float() for name in attention.VARIANTS
+    }
+    reference = outputs.pop("fp32 explicit")
+    assert reference.shape == (80 // keys, 2, keys, 16)
+    for name, out in outputs.items():
+        tolerance = 1e-5 if name.startswith("fp32") else 3e-2  # bf16 inputs and outputs
+        torch.testing.assert_close(out, reference, atol=tolerance, rtol=tolerance, msg=name)
 
 
 def test_wmt14_extrapolation_gives_the_papers_hours_at_its_rate() -> None:
