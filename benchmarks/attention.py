@@ -1,23 +1,26 @@
-"""Attention alone, forward + backward: the explicit path against torch's fused kernel, in fp32 and bf16.
+"""Attention alone: the explicit path against torch's fused kernel, in fp32 and bf16, training and inference.
 
-    python benchmarks/attention.py                          # keys 12 … 2048, ~2,560 positions per call
-    python benchmarks/attention.py --keys 12 48 192 --repeats 20
+    python benchmarks/attention.py                 # forward + backward, keys 12 … 2048, ~2,560 positions
+    python benchmarks/attention.py --inference     # forward only, the same self-attention shapes
+    python benchmarks/attention.py --inference --queries 1 --positions 256 --keys 20 60 200 1024
+                                                   # a decoding step: 64 sentences × beam 4, one query each
 
-What `transformer.model.attention.fused_attention` chooses between in training: a decoder-style
-self-attention call (the padding mask of each row's length and the causal mask) on
-`--positions` query positions split into rows of `keys` positions, 4 heads of 64 (the small config), timed
-forward + backward with the variants interleaved; then each variant's peak-memory growth in a fresh
-process. No dropout on the weights by default, as in the model (`attention_dropout=0`): with
-`--dropout` above 0, torch's CPU kernel falls back to its own written-out math path, so "kernel" then
-means that. The rows are
+What `transformer.model.attention.fused_attention` chooses between. By default a decoder-style
+self-attention call (the padding mask of each row's length and the causal mask) on `--positions` query
+positions split into rows of `keys` positions, 4 heads of 64 (the small config), timed forward + backward
+with the variants interleaved; then each variant's peak-memory growth in a fresh process. `--inference`
+times the forward pass alone, under `torch.inference_mode`; `--queries` sets the queries per row apart
+from the keys, with the padding mask alone, as in cross-attention or a cached decoding step. No dropout
+on the weights by default, as in the model (`attention_dropout=0`): with `--dropout` above 0, torch's
+CPU kernel falls back to its own written-out math path, so "kernel" then means that. The rows are
 
-- `fp32 kernel`: torch's fused kernel on fp32 inputs, what fp32 training runs;
-- `bf16 kernel`: the same kernel on bf16 inputs, what bf16 autocast would run without our choice;
+- `fp32 kernel`: torch's fused kernel on fp32 inputs, what fp32 training and decoding run;
+- `bf16 kernel`: the same kernel on bf16 inputs, what bf16 would run without our choice;
 - `bf16 in the fp32 kernel`: bf16 inputs cast to fp32 for the kernel, the output cast back;
 - `bf16 explicit`: `scaled_dot_product_attention` written out, in bf16;
 - `fp32 explicit`: the same in fp32, the readable reference;
 - `ours, bf16`: `fused_attention` on bf16 inputs, i.e. whichever of the two bf16 paths it picks at that
-  length (explicit up to `_BF16_CPU_BACKWARD_MAX_KEYS` keys on the CPU, the kernel past it).
+  length (explicit up to `_BF16_CPU_EXPLICIT_MAX_KEYS` keys on the CPU, the kernel past it).
 
 Prints JSON and updates benchmarks/RESULTS.md.
 """
@@ -28,6 +31,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
 from transformer.model.attention import (
-    _BF16_CPU_BACKWARD_MAX_KEYS,
+    _BF16_CPU_EXPLICIT_MAX_KEYS,
     fused_attention,
     scaled_dot_product_attention,
 )
@@ -67,83 +71,112 @@ VARIANTS: dict[str, tuple[torch.dtype, Callable[..., Tensor]]] = {
 }
 
 
-def attention_call(
-    variant: str, keys: int, positions: int, heads: int, d_k: int, dropout: float
-) -> Callable[[], Tensor]:
-    """One forward + backward of `variant` on a fixed random batch of `positions // keys` rows; returns
-    the output (so that a test can see every variant compute the same function)."""
+@dataclass(frozen=True)
+class Shape:
+    """One attention call: `rows` rows of `queries` queries over `keys` keys, `heads` heads of `d_k`."""
+
+    keys: int
+    queries: int
+    rows: int
+    heads: int = 4
+    d_k: int = 64
+    dropout: float = 0.0
+    inference: bool = False
+
+    @classmethod
+    def of(cls, keys: int, args: argparse.Namespace) -> Shape:
+        queries = args.queries or keys
+        rows = max(1, args.positions // queries)
+        return cls(keys, queries, rows, args.heads, args.d_k, args.dropout, args.inference)
+
+
+def attention_call(variant: str, shape: Shape) -> Callable[[], Tensor]:
+    """One call of `variant` (forward + backward, or forward alone in inference) on fixed random inputs;
+    returns the output, so that a test can see every variant compute the same function."""
     dtype, attend = VARIANTS[variant]
     generator = torch.Generator().manual_seed(0)
-    rows = max(1, positions // keys)
     q, k, v, grad = (
-        torch.randn(rows, heads, keys, d_k, generator=generator).to(dtype).requires_grad_(i < 3)
-        for i in range(4)
-    )  # (rows, heads, keys, d_k)
-    lengths = torch.randint(max(1, keys * 4 // 5), keys + 1, (rows,), generator=generator)
-    padding = torch.arange(keys) < lengths[:, None]  # (rows, keys): a batch padded to its longest row
-    causal = torch.ones(keys, keys, dtype=torch.bool).tril()  # (q_len, k_len)
-    mask = padding[:, None, None, :] & causal  # (rows, 1, q_len, k_len), as the decoder builds it
+        torch.randn(shape.rows, shape.heads, n, shape.d_k, generator=generator).to(dtype)
+        for n in (shape.queries, shape.keys, shape.keys, shape.queries)
+    )  # (rows, heads, queries | keys, d_k)
+    lengths = torch.randint(max(1, shape.keys * 4 // 5), shape.keys + 1, (shape.rows,), generator=generator)
+    padding = torch.arange(shape.keys) < lengths[:, None]  # (rows, keys): a batch padded to its longest row
+    mask = padding[:, None, None, :]  # (rows, 1, 1, k_len), as cross-attention's
+    if shape.queries == shape.keys:  # self-attention: (rows, 1, q_len, k_len), as the decoder builds it
+        mask = mask & torch.ones(shape.keys, shape.keys, dtype=torch.bool).tril()
 
-    def call() -> Tensor:
-        out = attend(q, k, v, mask, dropout)
+    if shape.inference:
+
+        @torch.inference_mode()
+        def forward() -> Tensor:
+            return attend(q, k, v, mask, 0.0)
+
+        return forward
+
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def forward_backward() -> Tensor:
+        out = attend(q, k, v, mask, shape.dropout)
         out.backward(grad)
         q.grad = k.grad = v.grad = None
         return out.detach()
 
-    return call
-
-
-def memory_point(variant: str, keys: int, args: argparse.Namespace) -> dict[str, float]:
-    """Child-process mode: the peak-memory growth of one variant's forward + backward at one length."""
-    call = attention_call(variant, keys, args.positions, args.heads, args.d_k, args.dropout)
-    return common.peak_rss_growth_mb(call)
+    return forward_backward
 
 
 def main() -> None:
     common.run_as_the_cli_does()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[12, 48, 192, 768, 1024, 2048])
+    parser.add_argument("--queries", type=int, help="queries per row (default: as many as keys)")
     parser.add_argument("--positions", type=int, default=2560, help="query positions per call (all rows)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--d-k", type=int, default=64)
-    parser.add_argument("--dropout", type=float, default=0.0, help="on the attention weights")
+    parser.add_argument("--dropout", type=float, default=0.0, help="on the attention weights, in training")
+    parser.add_argument("--inference", action="store_true", help="the forward pass alone, no gradients")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--point", nargs=2, metavar=("VARIANT", "KEYS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.point:
-        print(json.dumps(memory_point(args.point[0], int(args.point[1]), args)))
+    if args.point:  # child-process mode: the peak-memory growth of one variant's call at one length
+        call = attention_call(args.point[0], Shape.of(int(args.point[1]), args))
+        print(json.dumps(common.peak_rss_growth_mb(call)))
         return
 
-    shape = ["--positions", str(args.positions), "--heads", str(args.heads), "--d-k", str(args.d_k)]
-    shape += ["--dropout", str(args.dropout)]
-    result: dict = {"machine": common.machine_info(), "threshold_keys": _BF16_CPU_BACKWARD_MAX_KEYS}
+    same_shape = [a for a in sys.argv[1:] if a not in ("--no-memory",)]
+    result: dict = {"machine": common.machine_info(), "threshold_keys": _BF16_CPU_EXPLICIT_MAX_KEYS}
     result["rows"] = []
     for keys in args.keys:
-        calls = {
-            name: attention_call(name, keys, args.positions, args.heads, args.d_k, args.dropout)
-            for name in VARIANTS
-        }
+        shape = Shape.of(keys, args)
+        calls = {name: attention_call(name, shape) for name in VARIANTS}
         times = common.time_interleaved(calls, args.repeats, warmup=2)
-        row: dict = {"keys": keys, "rows × keys": f"{max(1, args.positions // keys)} × {keys}"}
-        row |= {f"{name} ms": round(1000 * common.median(times[name]), 1) for name in VARIANTS}
+        row: dict = {"keys": keys, "rows × queries": f"{shape.rows} × {shape.queries}"}
+        row |= {f"{name} ms": round(1000 * common.median(times[name]), 2) for name in VARIANTS}
         row["ours vs bf16 kernel"] = common.paired_speedup(times["ours, bf16"], times["bf16 kernel"])
         row["ours vs fp32 kernel"] = common.paired_speedup(times["ours, bf16"], times["fp32 kernel"])
         if not args.no_memory:
             for name in ("fp32 kernel", "bf16 kernel", "bf16 explicit"):
-                measured = common.memory_in_child(__file__, ["--point", name, str(keys), *shape])
+                measured = common.memory_in_child(__file__, [*same_shape, "--point", name, str(keys)])
                 row[f"{name} MB"] = measured["growth_mb"]
         result["rows"].append(row)
         print(json.dumps(row), file=sys.stderr)
+    what = "The forward pass (inference mode)" if args.inference else "Forward + backward"
+    masks = "padding + causal mask" if args.queries is None else "padding mask"
+    per_row = "one query" if args.queries == 1 else f"{args.queries or '`keys`'} queries"
     body = (
-        f"Forward + backward of one self-attention call: {args.heads} heads of {args.d_k}, ~{args.positions} "
-        f"query positions per call in rows of `keys` positions, padding + causal mask, dropout "
-        f"{args.dropout}; median ms of {args.repeats} interleaved rounds. `ours, bf16` is `fused_attention`, "
-        f"which runs the explicit path up to {_BF16_CPU_BACKWARD_MAX_KEYS} keys on the CPU and the kernel "
-        f'past it; "ours vs …" are medians of per-round ratios. MB: peak-memory growth of one call in a '
-        f"fresh process.\n\n" + common.markdown_table(result["rows"])
+        f"{what} of one attention call: {args.heads} heads of {args.d_k}, ~{args.positions} query positions "
+        f"per call in rows of {per_row}, {masks}, dropout "
+        f"{0.0 if args.inference else args.dropout}; median ms of {args.repeats} interleaved rounds. "
+        f"`ours, bf16` is `fused_attention`, which runs the explicit path up to "
+        f'{_BF16_CPU_EXPLICIT_MAX_KEYS} keys on the CPU and the kernel past it; "ours vs …" are medians '
+        f"of per-round ratios. MB: peak-memory growth of one call in a fresh process.\n\n"
+        + common.markdown_table(result["rows"])
     )
-    common.report("Attention forward + backward: explicit vs fused kernel", result, body)
+    kind = "inference" if args.inference else "forward + backward"
+    if args.queries is not None:
+        kind += f", {args.queries} {'query' if args.queries == 1 else 'queries'} per row"
+    common.report(f"Attention, {kind}: explicit vs fused kernel", result, body)
 
 
 if __name__ == "__main__":

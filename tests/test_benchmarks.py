@@ -168,13 +168,18 @@ def test_scaling_point_reports_time_and_memory() -> None:
     assert measured["seconds"] > 0 and measured["growth_mb"] >= 0
 
 
-@pytest.mark.parametrize("keys", [7, 40])
-def test_attention_benchmark_variants_compute_the_same_attention(keys: int) -> None:
-    outputs = {
-        name: attention.attention_call(name, keys, 80, 2, 16, 0.0)().float() for name in attention.VARIANTS
-    }
+@pytest.mark.parametrize(
+    "shape",
+    [
+        attention.Shape(keys=7, queries=7, rows=11, heads=2, d_k=16),
+        attention.Shape(keys=40, queries=40, rows=2, heads=2, d_k=16),
+        attention.Shape(keys=9, queries=1, rows=6, heads=2, d_k=16, inference=True),
+    ],
+)
+def test_attention_benchmark_variants_compute_the_same_attention(shape: attention.Shape) -> None:
+    outputs = {name: attention.attention_call(name, shape)().float() for name in attention.VARIANTS}
     reference = outputs.pop("fp32 explicit")
-    assert reference.shape == (80 // keys, 2, keys, 16)
+    assert reference.shape == (shape.rows, shape.heads, shape.queries, shape.d_k)
     for name, out in outputs.items():
         tolerance = 1e-5 if name.startswith("fp32") else 3e-2  # bf16 inputs and outputs
         torch.testing.assert_close(out, reference, atol=tolerance, rtol=tolerance, msg=name)
