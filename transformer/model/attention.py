@@ -50,9 +50,9 @@ def fused_attention(
     dropout on the weights (`attention_dropout` > 0) torch's CPU kernel gives way to its own written-out
     math, as the explicit path does.
 
-    One exception: bf16 on the CPU, in training and in inference, runs the explicit path (in bf16) up to
-    `_BF16_CPU_EXPLICIT_MAX_KEYS` keys. torch's CPU flash attention is slow in bf16, its backward most of
-    all, and at translation lengths writing the weights out costs less than any kernel. Forward + backward
+    One exception: bf16 training on the CPU runs the explicit path, in bf16, up to
+    `_BF16_CPU_BACKWARD_MAX_KEYS` keys. torch's CPU flash-attention *backward* is slow in bf16 at
+    translation lengths, and there writing the weights out costs less than any kernel. Forward + backward
     of one self-attention call with padding and causal masks, ~2,560 query positions in rows of `keys`,
     4 heads of 64 (`python benchmarks/attention.py --repeats 20`, 2 cores of a Zen 5 EPYC; median ms):
 
@@ -66,22 +66,32 @@ def fused_attention(
     ran 1.11× as fast. The price is that scores and weights are rounded to bf16 (the softmax itself
     computes in fp32): a trained small model's gradients on four validation batches came 5.3 % off
     float64's in norm, against 4.7 % with the fp32 kernel (most of either from the bf16 linear layers).
-    In inference the bf16 kernel is 1.3-1.9× slower than the explicit path on the same shapes, and
-    2-3.5× on a decoding step's single query per row (`--inference`, `--inference --queries 1`), which
-    made bf16 greedy and beam-4 decoding 1.08-1.18× as fast (small and base, `benchmarks/decode.py`'s
-    batch). fp32 keeps the kernel: the explicit fp32 path is faster on a decoding step alone, yet whole
-    fp32 searches with it came out 0.94-0.99× as fast.
     Past 1,024 keys the bf16 kernel runs although the explicit path is still faster there: the weights
     grow with the square of the length and every attention call keeps them for the backward pass (that
     one call's peak memory grew by 172 MB at 2,048 keys, the kernel's by 51 MB).
+
+    Inference keeps the kernel, in bf16 too, although the explicit path is faster there call for call
+    (`--inference`: 1.3-1.9× on the shapes above, 2-3.5× on a decoding step's one query per row):
+    decoding with it was 1.08-1.18× as fast on `benchmarks/decode.py`'s random batches, but translating
+    test2016 with a trained model (`translate`'s batches of ~400 sentences) not at all, beam 4 0.9×
+    (its attention took 1.46-1.53 s against the kernel's 1.20-1.27 s). Part of that is a copy: the
+    cached cross-attention keys and values are laid out per position, and the explicit products copy
+    them at every step (2.7× the time of contiguous ones for 400 sources). Cached per head instead, the
+    explicit path ran 0.95-1.10× the kernel on those translations, greedy and beam 4 (interleaved):
+    still no gain that holds, so neither change was kept.
     """
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if low_precision and q.device.type == "cpu" and k.size(-2) <= _BF16_CPU_EXPLICIT_MAX_KEYS:
+    if (
+        q.dtype in (torch.bfloat16, torch.float16)
+        and q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and q.requires_grad
+        and k.size(-2) <= _BF16_CPU_BACKWARD_MAX_KEYS
+    ):
         return scaled_dot_product_attention(q, k, v, mask, dropout_p)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-_BF16_CPU_EXPLICIT_MAX_KEYS = 1024  # beyond, the weights every call keeps for backward take too much memory
+_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # beyond, the weights every call keeps for backward take too much memory
 
 
 @dataclass
