@@ -12,7 +12,10 @@ with the variants interleaved; then each variant's peak-memory growth in a fresh
 times the forward pass alone, under `torch.inference_mode`; `--queries` sets the queries per row apart
 from the keys, with the padding mask alone, as in cross-attention or a cached decoding step. No dropout
 on the weights by default, as in the model (`attention_dropout=0`): with `--dropout` above 0, torch's
-CPU kernel falls back to its own written-out math path, so "kernel" then means that. The rows are
+CPU kernel falls back to its own written-out math path, so "kernel" then means that. The inputs are
+contiguous: the model's are views of per-position projections (and of cached prefixes when decoding),
+which the explicit products copy first, one reason its lead here in inference did not survive whole
+translations (`fused_attention`'s docstring). The rows are
 
 - `fp32 kernel`: torch's fused kernel on fp32 inputs, what fp32 training and decoding run;
 - `bf16 kernel`: the same kernel on bf16 inputs, what bf16 would run without our choice;
