@@ -11,6 +11,10 @@ more without them (`unpacked`: torch's nn.Linear, the kernels Marian runs). Wher
 natively (or with --bf16), also both with their weights cast to bf16. Prints JSON (sentences/s, tokens/s,
 ratios) and updates benchmarks/RESULTS.md.
 
+Fixed-length random batches isolate the search's per-step cost but are not real text: bf16 attention on
+the explicit path decoded these 1.08-1.18x faster and real translations not at all (`fused_attention`'s
+docstring), so a change to decoding is also checked with benchmarks/translation.py.
+
 `--profile` then runs our cached search and Marian's under torch's profiler and splits their time into
 matrix products, attention kernels, other operators and what runs outside operators (Python, module
 calls). Both run the same products and the same attention kernel, so Marian's median time over the time
