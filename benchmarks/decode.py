@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.packing import pack_linears
-from transformer.precision import has_native_bf16
+from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.search import SearchConfig, generate
 
 
@@ -88,6 +88,8 @@ def searches(
     # bf16 as `transformer translate --precision bf16` decodes: the weights cast, not autocast; Marian the
     # same way (model.to(torch.bfloat16)), as its users would
     unpacked_bf16 = copy.deepcopy(unpacked).to(torch.bfloat16) if bf16 else None
+    if unpacked_bf16 is not None:  # and its cache, as Translator.from_checkpoint sets it
+        unpacked_bf16.cache_dtype = decoding_cache_dtype(torch.bfloat16)
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
     ours, ours_bf16 = (_packed(m) for m in (unpacked, unpacked_bf16))
     runs = {}

@@ -1,5 +1,6 @@
 """Attention against independent references: torch.nn.MultiheadAttention, torch's fused kernel, gradcheck."""
 
+import copy
 import math
 
 import pytest
@@ -145,6 +146,32 @@ def test_cache_appends_and_reorders() -> None:
     cache.advance()
     cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
     assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
+
+
+def test_a_cache_kept_in_fp32_serves_a_bf16_layer() -> None:
+    """KVCache.dtype: a bf16 layer's keys and values are kept (and attended over) in fp32, one step at a
+    time, and the layer still hands bf16 on; the result is the bf16 layer's full attention to bf16
+    rounding, and the fp32 layer's more closely than bf16 throughout manages."""
+    torch.manual_seed(6)
+    mha = MultiHeadAttention(16, 2).eval()
+    x, memory = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    exact = mha(mha(x, mask=causal)[0], memory)[0]  # fp32: self-attention, then cross-attention
+    bf16 = copy.deepcopy(mha).to(torch.bfloat16)
+    x16, memory16 = x.bfloat16(), memory.bfloat16()
+    rounded = bf16(bf16(x16, mask=causal)[0], memory16)[0]
+    cache = KVCache(max_len=8, dtype=torch.float32)
+    steps = []
+    for t in range(5):
+        out, _ = bf16(x16[:, t : t + 1], cache=cache, layer=0)
+        out, _ = bf16(out, memory16, cache=cache, layer=1)
+        cache.advance()
+        steps.append(out)
+    stepped = torch.cat(steps, 1)
+    assert stepped.dtype == torch.bfloat16
+    assert cache.self_kv[0][0].dtype == torch.float32 and cache.cross_kv[1][0].dtype == torch.float32
+    torch.testing.assert_close(stepped.float(), rounded.float(), atol=3e-2, rtol=3e-2)
+    assert (stepped.float() - exact).abs().max() <= (rounded.float() - exact).abs().max()
 
 
 def test_hypotheses_share_their_source_in_cross_attention() -> None:

@@ -20,6 +20,7 @@ from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
 from transformer.evaluate import score
+from transformer.precision import decoding_cache_dtype
 from transformer.train import Progress, Window, train
 from transformer.translate import Translator
 
@@ -264,6 +265,8 @@ def test_decoding_precision(run_dir: Path, tmp_path: Path, capsys) -> None:
     CUDA and says so in one line."""
     translator = Translator.from_checkpoint(run_dir, precision="bf16")
     assert {p.dtype for p in translator.model.parameters()} == {torch.bfloat16}
+    assert translator.model.cache_dtype == decoding_cache_dtype(torch.bfloat16)  # this CPU's rule
+    assert Translator.from_checkpoint(run_dir).model.cache_dtype is None
     out = translator.translate(["Ein Mann.", "", "Eine Frau."], beam=2)
     assert len(out) == 3 and out[1] == "" and out[0]
     source = tmp_path / "in.de"

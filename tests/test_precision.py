@@ -72,6 +72,17 @@ def test_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: p
     assert precision.resolve_precision("auto", "mps") == "fp32"
 
 
+def test_bf16_decoding_keeps_its_cache_in_fp32_on_cpus_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformer import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))  # Zen 4/5
+    assert precision.decoding_cache_dtype(torch.bfloat16) == torch.float32
+    assert precision.decoding_cache_dtype(torch.float32) is None  # fp32 weights: an fp32 cache anyway
+    assert precision.decoding_cache_dtype(torch.bfloat16, "cuda") is None
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert precision.decoding_cache_dtype(torch.bfloat16) is None  # unmeasured there: as before
+
+
 def test_cpu_name_and_flags_come_from_cpuinfo(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformer import runtime
 

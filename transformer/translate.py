@@ -14,9 +14,9 @@ from transformer.config import ModelConfig, TrainConfig, config_from_dict, model
 from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
-from transformer.model import build_model
+from transformer.model import Transformer, build_model
 from transformer.packing import pack_linears
-from transformer.precision import weight_dtype
+from transformer.precision import decoding_cache_dtype, weight_dtype
 from transformer.rundir import read_run_record
 from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, generate
 
@@ -106,6 +106,8 @@ class Translator:
         dtype = weight_dtype(precision, torch.device(device).type)
         model = model.to(device=device, dtype=dtype)
         pack_linears(model)  # CPU decoding in fp32 or bf16 reads packed weights; elsewhere nn.Linear as is
+        if isinstance(model, Transformer):
+            model.cache_dtype = decoding_cache_dtype(dtype, torch.device(device).type)
         return cls(model, tokenizer, train_config)
 
     def translate(

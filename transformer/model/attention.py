@@ -78,7 +78,9 @@ def fused_attention(
     cached cross-attention keys and values are laid out per position, and the explicit products copy
     them at every step (2.7× the time of contiguous ones for 400 sources). Cached per head instead, the
     explicit path ran 0.95-1.10× the kernel on those translations, greedy and beam 4 (interleaved):
-    still no gain that holds, so neither change was kept.
+    still no gain that holds, so neither change was kept. What did pay in bf16 decoding on a CPU without
+    AMX is the kernel in fp32, on a cache kept in fp32 (`KVCache.dtype`; translating those sentences
+    1.27× as fast greedy and 1.12× in beam 4; `transformer.precision.decoding_cache_dtype`).
     """
     if (
         q.dtype in (torch.bfloat16, torch.float16)
@@ -102,9 +104,12 @@ class KVCache:
     for `max_len` positions, so a step costs no copy of the prefix. Cross-attention keys/values depend only
     on the source and are computed once, for each source (not for each of its beam's hypotheses).
     `reorder` follows the surviving hypotheses of a beam, and drops the sentences a search has finished.
+    With `dtype` set, keys and values are kept in that dtype rather than the model's (a bf16 model's in
+    fp32: see `transformer.precision.decoding_cache_dtype`), and attention runs in it.
     """
 
     max_len: int
+    dtype: torch.dtype | None = None  # None: keys and values as the model computes them
     length: int = 0  # positions filled so far
     self_kv: dict[int, tuple[Tensor, Tensor]] = field(
         default_factory=dict
@@ -116,6 +121,8 @@ class KVCache:
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values at positions [length, length + new) and return the whole prefix."""
+        if self.dtype is not None:
+            k, v = k.to(self.dtype), v.to(self.dtype)
         if layer not in self.self_kv:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.self_kv[layer] = (k.new_empty(shape), v.new_empty(shape))
@@ -126,6 +133,13 @@ class KVCache:
         k_buf[:, :, self.length : end] = k
         v_buf[:, :, self.length : end] = v
         return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def keep_cross(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a layer's cross-attention keys/values, computed once per search, and return them."""
+        if self.dtype is not None:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        self.cross_kv[layer] = (k, v)  # (sources, heads, src_len, d_k)
+        return k, v
 
     def advance(self, n: int = 1) -> None:
         """Called once per decoding step, after every layer has appended."""
@@ -231,7 +245,8 @@ class MultiHeadAttention(nn.Module):
             else:
                 k, v = self._split_heads(self.w_k(memory)), self._split_heads(self.w_v(memory))
                 if cache is not None:
-                    cache.cross_kv[layer] = (k, v)  # (sources, heads, k_len, d_k)
+                    k, v = cache.keep_cross(layer, k, v)
+        q = q.to(k.dtype)  # a cache may keep keys and values wider than the model (KVCache.dtype)
 
         dropout_p = self.dropout if self.training else 0.0
         if need_weights or not self.fused:
@@ -239,7 +254,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out, weights = fused_attention(q, k, v, mask, dropout_p), None
         # concatenate the heads, and give each hypothesis its own row again: (rows, q_len, d_model)
-        out = out.transpose(1, 2).reshape(rows, q_len, d_model)
+        out = out.transpose(1, 2).reshape(rows, q_len, d_model).to(x.dtype)
         if weights is not None and weights.size(0) != rows:  # (sources, heads, group·q_len, k_len)
             k_len = weights.size(-1)
             weights = weights.view(weights.size(0), self.n_heads, -1, q_len, k_len).transpose(1, 2)

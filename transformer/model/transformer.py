@@ -245,6 +245,9 @@ class Transformer(nn.Module):
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         self.out_proj = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
+        # the dtype decoding caches keep keys and values in; None: the model's. A decoding setting, not a
+        # parameter: who casts the weights for decoding sets it (transformer.translate), see KVCache
+        self.cache_dtype: torch.dtype | None = None
         self._init_weights()
         if c.tie_output:
             self.out_proj.weight = self.tgt_embed.weight
@@ -299,7 +302,7 @@ class Transformer(nn.Module):
         return self.decode(tgt, memory, src_mask, project=project)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        return KVCache(max_len=max_len or self.config.max_len)
+        return KVCache(max_len=max_len or self.config.max_len, dtype=self.cache_dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are yielded once
