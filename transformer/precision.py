@@ -1,5 +1,5 @@
 """Mixed precision and compilation for training (kept out of the model, which stays fp32 and eager), and
-the weights' dtype for decoding.
+the dtypes of the weights and of the key/value cache for decoding.
 
 bf16 has fp32's exponent range, so autocast alone is enough; fp16 does not, and small gradients would
 underflow to zero, so its loss is scaled up before the backward pass and the gradients scaled back down
