@@ -121,8 +121,7 @@ class KVCache:
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's keys/values at positions [length, length + new) and return the whole prefix."""
-        if self.dtype is not None:
-            k, v = k.to(self.dtype), v.to(self.dtype)
+        k, v = self._as_kept(k), self._as_kept(v)
         if layer not in self.self_kv:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self.self_kv[layer] = (k.new_empty(shape), v.new_empty(shape))
@@ -136,10 +135,12 @@ class KVCache:
 
     def keep_cross(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store a layer's cross-attention keys/values, computed once per search, and return them."""
-        if self.dtype is not None:
-            k, v = k.to(self.dtype), v.to(self.dtype)
+        k, v = self._as_kept(k), self._as_kept(v)
         self.cross_kv[layer] = (k, v)  # (sources, heads, src_len, d_k)
         return k, v
+
+    def _as_kept(self, t: Tensor) -> Tensor:
+        return t if self.dtype is None else t.to(self.dtype)
 
     def advance(self, n: int = 1) -> None:
         """Called once per decoding step, after every layer has appended."""
@@ -246,7 +247,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = self._split_heads(self.w_k(memory)), self._split_heads(self.w_v(memory))
                 if cache is not None:
                     k, v = cache.keep_cross(layer, k, v)
-        q = q.to(k.dtype)  # a cache may keep keys and values wider than the model (KVCache.dtype)
+        dtype, q = q.dtype, q.to(k.dtype)  # a cache may keep keys and values wider (KVCache.dtype)
 
         dropout_p = self.dropout if self.training else 0.0
         if need_weights or not self.fused:
@@ -254,7 +255,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out, weights = fused_attention(q, k, v, mask, dropout_p), None
         # concatenate the heads, and give each hypothesis its own row again: (rows, q_len, d_model)
-        out = out.transpose(1, 2).reshape(rows, q_len, d_model).to(x.dtype)
+        out = out.transpose(1, 2).reshape(rows, q_len, d_model).to(dtype)  # back from a wider cache
         if weights is not None and weights.size(0) != rows:  # (sources, heads, group·q_len, k_len)
             k_len = weights.size(-1)
             weights = weights.view(weights.size(0), self.n_heads, -1, q_len, k_len).transpose(1, 2)
