@@ -195,10 +195,14 @@ def test_gpu_benchmark_runs_dry_on_the_cpu() -> None:
     measured = gpu.measure("small", torch.device("cpu"), (4, 5, 6), repeats=1, peak_n=64)
     row = measured["variants"]["ours"]
     assert measured["batch"] == {"sentences": 4, "source_tokens": 6, "target_tokens": 6}
-    tokens_per_s = 4 * 6 / row["s_per_step"]  # the row's figures are rounded: compared to 1 %
-    assert row["tgt_tokens_per_s"] == pytest.approx(tokens_per_s, rel=0.01)
-    peak = measured["bf16_matmul_peak_gflops"]
-    assert row["fraction_of_bf16_peak"] == pytest.approx(row["gflops"] / peak, rel=0.01)
+    # The row's figures are rounded (tokens/s to units, GFLOP/s to tenths, the fraction to thousandths),
+    # which on a CPU without bf16 instructions, where this tiny step takes seconds (Zen 3: 3.2 s, 8
+    # tokens/s, 0.7 of 1.9 GFLOP/s), is more than 1 %: each comparison allows its rounding as well.
+    tokens_per_s = 4 * 6 / row["s_per_step"]
+    assert row["tgt_tokens_per_s"] == pytest.approx(tokens_per_s, rel=0.01, abs=0.5)
+    peak, gflops = measured["bf16_matmul_peak_gflops"], row["gflops"]
+    rounding = 0.0005 + 0.05 / peak * (1 + gflops / peak)  # the fraction's, and gflops' and peak's ±0.05
+    assert row["fraction_of_bf16_peak"] == pytest.approx(gflops / peak, rel=0.01, abs=rounding)
     hours = gpu.extrapolate(tokens_per_s)["one_gpu_hours"]
     assert row["wmt14_base"]["one_gpu_hours"] == pytest.approx(hours, rel=0.01)
     assert row["peak_memory_mb"] is None  # measured on CUDA only
