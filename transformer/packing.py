@@ -12,6 +12,9 @@ once; torch exposes it through the operators inductor uses for frozen CPU graphs
   number of rows changes: once per batch for the encoder's layers, once per search for the decoder's. That
   costs little (~20 µs for a 256 × 256 weight, 40-220 µs for 256 × 1024, 0.5-0.7 ms for the 8k × 256
   output projection, against 1.1 ms for one 20-row product with it), and every call reads a packed weight.
+  (On a Zen 3 EPYC the output projection's packing took 1.0-4.9 ms for 46-428 rows, and translating
+  test2016 with the small model, whose searches drop finished sentences and so change their row count
+  every few steps, still ran 1.06× as fast greedy and 1.00× in beam 4 packed as plain.)
   Packing only for counts that repeat would serve a count's first call unpacked: the same input would then
   give results that differ in the last bits with the layer's history (`transformer doctor` caught that as
   non-determinism).
