@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from transformer.packing import pack_linears
-from transformer.precision import decoding_cache_dtype, has_native_bf16
+from transformer.precision import has_native_bf16
 from transformer.search import SearchConfig, generate
+from transformer.translate import ready_for_decoding
 
 
 def our_search(
@@ -85,13 +85,14 @@ def searches(
     src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
     unpacked = peers.ours(c).eval()
     marian = peers.marian(c)
+    ours = ready_for_decoding(copy.deepcopy(unpacked))  # as `transformer translate` loads a model
     # bf16 as `transformer translate --precision bf16` decodes: the weights cast, not autocast; Marian the
     # same way (model.to(torch.bfloat16)), as its users would
-    unpacked_bf16 = copy.deepcopy(unpacked).to(torch.bfloat16) if bf16 else None
-    if unpacked_bf16 is not None:  # and its cache, as Translator.from_checkpoint sets it
-        unpacked_bf16.cache_dtype = decoding_cache_dtype(torch.bfloat16)
+    ours_bf16 = unpacked_bf16 = None
+    if bf16:
+        ours_bf16 = ready_for_decoding(copy.deepcopy(unpacked), dtype=torch.bfloat16)
+        unpacked_bf16 = ready_for_decoding(copy.deepcopy(unpacked), dtype=torch.bfloat16, pack=False)
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
-    ours, ours_bf16 = (_packed(m) for m in (unpacked, unpacked_bf16))
     runs = {}
     for beam in beams:
         kind = "greedy" if beam == 1 else f"beam {beam}"
@@ -109,15 +110,6 @@ def searches(
         if marian_bf16 is not None:
             runs[f"Marian {kind}, bf16"] = marian_search(marian_bf16.eval(), src, beam, new_tokens)
     return runs
-
-
-def _packed(model: torch.nn.Module | None) -> torch.nn.Module | None:
-    """A copy of `model` with packed linear weights, as `Translator.from_checkpoint` loads one."""
-    if model is None:
-        return None
-    model = copy.deepcopy(model)
-    pack_linears(model)
-    return model
 
 
 def main() -> None:

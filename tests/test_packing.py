@@ -168,3 +168,21 @@ def test_pack_linears_is_a_no_op_without_mkl(monkeypatch: pytest.MonkeyPatch) ->
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert pack_linears(model) == 0
     assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+
+
+@needs_packing
+def test_ready_for_decoding_casts_packs_and_sets_the_cache_dtype() -> None:
+    """What `Translator.from_checkpoint` applies, and benchmarks/decode.py times: the weights in the dtype,
+    packed unless asked not to, and the cache dtype that `decoding_cache_dtype` gives those weights."""
+    from transformer.precision import decoding_cache_dtype
+    from transformer.translate import ready_for_decoding
+
+    model = Transformer(TINY)
+    packed = ready_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16)
+    plain = ready_for_decoding(copy.deepcopy(model), dtype=torch.bfloat16, pack=False)
+    for m in (packed, plain):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+        assert m.cache_dtype == decoding_cache_dtype(torch.bfloat16)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())  # fp32 packs here, so pack_linears ran
+    assert ready_for_decoding(copy.deepcopy(model)).cache_dtype is None  # fp32 weights: the model's dtype

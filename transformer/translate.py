@@ -23,6 +23,26 @@ from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, gen
 MAX_TOKENS = 6000  # source rows × beam per batch: what a batch of translations may hold
 
 
+def ready_for_decoding(
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    pack: bool = True,
+) -> nn.Module:
+    """`model` (changed in place) as `Translator` decodes with it: its weights in `dtype` on `device`,
+    packed for the CPU's GEMM kernels (elsewhere `pack_linears` leaves nn.Linear as it is), and for a
+    Transformer the KV cache's dtype that suits those weights (`decoding_cache_dtype`). One place for
+    these choices, so that benchmarks/decode.py times what `transformer translate` runs; `pack=False`
+    gives its plain nn.Linear rows."""
+    model = model.to(device=device, dtype=dtype)
+    if pack:
+        pack_linears(model)
+    if isinstance(model, Transformer):
+        model.cache_dtype = decoding_cache_dtype(dtype, torch.device(device).type)
+    return model
+
+
 def translate_ids(
     model: nn.Module,
     sources: Sequence[list[int]],
@@ -104,11 +124,7 @@ class Translator:
                 f"{weights_file} does not fit the model in {run_dir / 'config.json'}: {first[-1].strip()}"
             ) from None
         dtype = weight_dtype(precision, torch.device(device).type)
-        model = model.to(device=device, dtype=dtype)
-        pack_linears(model)  # CPU decoding in fp32 or bf16 reads packed weights; elsewhere nn.Linear as is
-        if isinstance(model, Transformer):
-            model.cache_dtype = decoding_cache_dtype(dtype, torch.device(device).type)
-        return cls(model, tokenizer, train_config)
+        return cls(ready_for_decoding(model, device, dtype), tokenizer, train_config)
 
     def translate(
         self,
