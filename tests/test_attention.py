@@ -148,6 +148,26 @@ def test_cache_appends_and_reorders() -> None:
     assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
 
 
+def test_cache_reorder_copies_only_moved_rows_in_place() -> None:
+    """When at most half the rows take another row's prefix, those are copied into the same buffers
+    (sources read before any row is written, so swaps and chains come out right) and the rest stay."""
+    torch.manual_seed(5)
+    cache = KVCache(max_len=6)
+    k, v = torch.randn(6, 2, 4, 3), torch.randn(6, 2, 4, 3)
+    cache.append(0, k, v)
+    cache.advance(4)
+    buffers = cache.self_kv[0]
+    expected_k, expected_v = k, v
+    for index in ([1, 0, 2, 3, 4, 5], [0, 0, 2, 2, 4, 5], [2, 1, 3, 3, 4, 5], [0, 1, 2, 3, 4, 5]):
+        cache.reorder(torch.tensor(index))
+        expected_k, expected_v = expected_k[index], expected_v[index]
+        assert cache.self_kv[0][0] is buffers[0] and cache.self_kv[0][1] is buffers[1]  # in place
+        assert torch.equal(buffers[0][:, :, :4], expected_k) and torch.equal(buffers[1][:, :, :4], expected_v)
+    cache.reorder(torch.tensor([5, 5, 5, 5, 4, 4]))  # most rows move: gathered into the spare buffers
+    assert cache.self_kv[0][0] is not buffers[0]
+    assert torch.equal(cache.self_kv[0][0][:, :, :4], expected_k[[5, 5, 5, 5, 4, 4]])
+
+
 def test_a_cache_kept_in_fp32_serves_a_bf16_layer() -> None:
     """KVCache.dtype: a bf16 layer's keys and values are kept (and attended over) in fp32, one step at a
     time, and the layer still hands bf16 on; the result is the bf16 layer's full attention to bf16

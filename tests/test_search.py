@@ -13,6 +13,7 @@ from transformer import search as search_module
 from transformer.search import (
     BLOCK,
     SearchConfig,
+    _parent_slots,
     argmax,
     beam_search,
     beam_search_n_best,
@@ -64,7 +65,8 @@ def dropped_sentences(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     keep = search_module._Stepper.keep
 
     def spy(self, rows, sources, memory, src_mask):
-        kept.append(sources.numel())
+        if rows.numel() < self.prefix.size(0):  # not beam search widening its first step's rows
+            kept.append(sources.numel())
         keep(self, rows, sources, memory, src_mask)
 
     monkeypatch.setattr(search_module._Stepper, "keep", spy)
@@ -238,3 +240,17 @@ def test_blockwise_topk_is_torch_topk(vocab: int, k: int) -> None:
     assert torch.equal(values, expected_values)
     assert torch.equal(indices, expected_indices)  # no ties among the random scores
     assert torch.equal(scores.gather(1, indices), values)
+
+
+def test_parent_slots_keep_each_parents_first_child_in_place() -> None:
+    # Beams 0 and 1 have children (0 two of them), 2 and 3 none: hypothesis 0 stays in beam 0, 2 (the
+    # child of beam 1) goes to beam 1, and 0's second and third children, 1 and 3, to beams 2 and 3.
+    assert _parent_slots(torch.tensor([[0, 0, 1, 0]])).tolist() == [[0, 2, 1, 3]]
+    g = torch.Generator().manual_seed(6)
+    parent = torch.randint(0, 5, (200, 5), generator=g)
+    order = _parent_slots(parent)
+    assert torch.equal(order.sort(1).values, torch.arange(5).expand(200, 5))  # a permutation per sentence
+    placed = parent.gather(1, order)  # the parent of the hypothesis each beam now holds
+    in_place = placed == torch.arange(5)
+    distinct = torch.tensor([len(set(row)) for row in parent.tolist()])
+    assert torch.equal(in_place.sum(1), distinct)  # one hypothesis stays in each beam that has children
