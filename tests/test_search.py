@@ -254,3 +254,32 @@ def test_parent_slots_keep_each_parents_first_child_in_place() -> None:
     in_place = placed == torch.arange(5)
     distinct = torch.tensor([len(set(row)) for row in parent.tolist()])
     assert torch.equal(in_place.sum(1), distinct)  # one hypothesis stays in each beam that has children
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("beam", [1, 4])
+def test_scoring_only_open_rows_changes_nothing(
+    model: Transformer, beam: int, use_cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output layer scores only the rows whose next token is not fixed (finished ones, those at their
+    length limit): the same hypotheses, log-probabilities and scores as scoring every row."""
+    config = SearchConfig(beam=beam, use_cache=use_cache, extra_len=12)
+    search = lambda: beam_search_n_best(model, sources(), config=config, max_len=128, **IDS)  # noqa: E731
+    everything = search()
+    greedy_everything = greedy_search(model, sources(), config=config, max_len=128, **IDS)
+    scored = []
+    rows_to_score = search_module._rows_to_score
+
+    def spy(constrained: torch.Tensor) -> torch.Tensor | None:
+        scored.append(rows_to_score(constrained))
+        return scored[-1]
+
+    monkeypatch.setattr(search_module, "SCORE_ROWS", 1)  # no rounding up: the few open rows of a small batch
+    monkeypatch.setattr(search_module, "_rows_to_score", spy)
+    some = search()
+    assert any(rows is not None and 0 < rows.numel() < 6 * beam for rows in scored), "the path must run"
+    for a, b in zip(some, everything, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-5)
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+    assert greedy_search(model, sources(), config=config, max_len=128, **IDS) == greedy_everything

@@ -1,11 +1,13 @@
 """Decoding: greedy and batched beam search, for every model family through one small interface.
 
 A model is decodable when it has `encode(src) -> (memory, src_mask)`, `beam_memory(memory, src_mask, k)`
-(the memory for k consecutive hypotheses per source), `decode(tgt, memory, src_mask, cache) -> logits` and
-`new_cache(max_len)` returning an object with `reorder(index, sources=None)`. The memory is a tensor or
-a tuple of tensors with the sources on the first dimension. The search keeps all state in tensors and
-never reads a value back to the host inside the loop, except for a "how many have finished?" check every
-`CHECK_EVERY` steps, which lets a batch stop early and drops the sentences that have finished.
+(the memory for k consecutive hypotheses per source), `decode(tgt, memory, src_mask, cache) -> logits`
+(with `project=False`, the features that its `out_proj` maps to logits) and `new_cache(max_len)` returning
+an object with `reorder(index, sources=None)`. The memory is a tensor or a tuple of tensors with the
+sources on the first dimension. The search keeps all state in tensors and never reads a value back to the
+host inside the loop, except for a "how many have finished?" check every `CHECK_EVERY` steps, which lets a
+batch stop early and drops the sentences that have finished, and on the CPU, where reading a value costs no
+wait for a device, the count of rows whose next token is not already fixed (`_rows_to_score`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ CHECK_EVERY = 4  # steps between host syncs that count the finished sentences
 # makes of test2016 (de→en, the small model), 44 % of the decoder's row-steps were spent on finished ones.
 DROP_FINISHED = 0.25
 BLOCK = 64  # vocabulary entries per block in the two-stage argmax / top-k below
+SCORE_ROWS = 32  # `_rows_to_score` rounds its count up to a multiple of this
 
 
 class Decodable(Protocol):
     def encode(self, src: Tensor) -> tuple[Any, Tensor]: ...
     def beam_memory(self, memory: Any, src_mask: Tensor, k: int) -> tuple[Any, Tensor]: ...
-    def decode(self, tgt: Tensor, memory: Any, src_mask: Tensor, cache: Any = None) -> Tensor: ...
+    def decode(
+        self, tgt: Tensor, memory: Any, src_mask: Tensor, cache: Any = None, *, project: bool = True
+    ) -> Tensor: ...
+    def out_proj(self, features: Tensor) -> Tensor: ...
     def new_cache(self, max_len: int | None = None) -> Any: ...
 
 
@@ -50,9 +56,14 @@ class _Stepper:
         self.cache = model.new_cache(max_len + 1) if cached else None
         self.prefix = bos[:, None]  # (n, 1); with a cache only the newest token is fed
 
-    def logits(self) -> Tensor:
+    def logits(self, rows: Tensor | None = None) -> Tensor:
+        """(n, vocab), or (len(rows), vocab): the decoder runs on every row (each needs its state), the
+        output layer, the larger part of a step, on `rows`."""
         tgt = self.prefix[:, -1:] if self.cache is not None else self.prefix
-        return self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]  # (n, vocab)
+        if rows is None:
+            return self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]
+        features = self.model.decode(tgt, self.memory, self.src_mask, self.cache, project=False)[:, -1]
+        return self.model.out_proj(features.index_select(0, rows))
 
     def push(self, tokens: Tensor, index: Tensor | None = None) -> None:
         """Append `tokens` (n,) to the hypotheses, after keeping rows `index` (beam reordering: each row's
@@ -69,7 +80,6 @@ class _Stepper:
         self.prefix = self.prefix.index_select(0, rows)
         if self.cache is not None:
             self.cache.reorder(rows, sources)
-
 
     def widen(self, k: int, memory: Any, src_mask: Tensor) -> None:
         """Repeat each row k times (one per source so far, now a beam of k), whose memory is now `memory`."""
@@ -153,7 +163,8 @@ def greedy_search(
     sentence = torch.arange(batch, device=src.device)  # the sentence each row decodes
     output = src.new_full((batch, steps), pad_id)  # rows land here when they are dropped, or at the end
     for t in range(steps):
-        next_token = argmax(stepper.logits())
+        rows = _rows_to_score(finished | (t + 1 >= limits))
+        (next_token,) = _in_place(rows, finished.numel(), argmax(stepper.logits(rows)))
         next_token = torch.where(t + 1 >= limits, eos_id, next_token)  # the length limit forces EOS
         next_token = torch.where(finished, pad_id, next_token)
         finished |= next_token == eos_id
@@ -283,16 +294,18 @@ def _beam(
     only_one = torch.full((k,), float("-inf"), device=device)
     only_one[0] = 0.0
     for t in range(steps):
-        log_probs = torch.log_softmax(stepper.logits().float(), dim=-1)  # (batch·k, vocab)
+        constrained = (finished | (t + 1 >= limits))[..., None]  # (sentences, k, 1)
+        rows = _rows_to_score(constrained.view(-1)) if t > 0 else None
+        log_probs = torch.log_softmax(stepper.logits(rows).float(), dim=-1)  # (batch·k, vocab)
         # The length penalty is the same for all candidates of one row, so a row's k best candidates
         # overall are among its k most probable tokens: rank those k·k instead of all k·vocab.
         width = min(k, log_probs.size(-1))
         top = topk(log_probs, width)  # (rows, width) each
+        top = _in_place(rows, constrained.numel(), *top)
         if t == 0:  # from here on each sentence has k rows, the first of them alive (see `scores`)
             top = tuple(x.repeat_interleave(k, 0) for x in top)
             stepper.widen(k, *model.beam_memory(encoded, encoded_mask, k))
         top_log_probs, top_tokens = (x.view(-1, k, width) for x in top)
-        constrained = (finished | (t + 1 >= limits))[..., None]  # (sentences, k, 1)
         top_log_probs = torch.where(constrained, only_one[:width], top_log_probs)
         top_tokens = torch.where(constrained, torch.where(finished, pad_id, eos_id)[..., None], top_tokens)
 
@@ -330,6 +343,33 @@ def _beam(
     )
     out_scores[sentence], out_lengths[sentence] = scores, lengths
     return out_tokens, out_scores, out_lengths
+
+
+def _rows_to_score(constrained: Tensor) -> Tensor | None:
+    """constrained (rows,): True where the next token is fixed (padding after EOS, EOS at the length limit)
+    -> the rows the output layer must score, or None for all of them.
+
+    In the batches `translate` makes of test2016, 12 % (greedy) and 17 % (beam 4) of the row-steps were of
+    finished rows. Scoring only the others translated test2016 1.03-1.05× as fast in beam 4 and 1.02× greedy
+    (Zen 3, fp32, `runs/zen3-s14`, interleaved; rounding the count up to multiples of 1 to 256 rows made no
+    difference there, and 32 keeps the shapes few for kernels built per shape). Finding them reads a count
+    back, so only on the CPU.
+    """
+    if constrained.device.type != "cpu":
+        return None
+    live = int((~constrained).sum())
+    n = max(-(-live // SCORE_ROWS), 1) * SCORE_ROWS
+    if n >= constrained.numel():
+        return None
+    return torch.argsort(constrained.to(torch.uint8), stable=True)[:n]  # the unconstrained ones first
+
+
+def _in_place(rows: Tensor | None, n: int, *scored: Tensor) -> tuple[Tensor, ...]:
+    """Results for rows `rows` of n (each tensor's first dimension) put back in their rows, zeros in the
+    others (whose tokens the search fixes anyway)."""
+    if rows is None:
+        return scored
+    return tuple(x.new_zeros(n, *x.shape[1:]).index_copy_(0, rows, x) for x in scored)
 
 
 def _parent_slots(parent: Tensor) -> Tensor:

@@ -173,8 +173,11 @@ class RNNSeq2Seq(nn.Module):
         src_mask: Tensor,
         cache: RNNState | None = None,
         record: AttentionRecord | None = None,
+        *,
+        project: bool = True,
     ) -> Tensor:
-        """tgt (batch, tgt_len) -> logits (batch, tgt_len, vocab); with a cache, continue from its state."""
+        """tgt (batch, tgt_len) -> logits (batch, tgt_len, vocab); with a cache, continue from its state.
+        With `project=False`, the features `out_proj` maps to the logits."""
         states, summary = memory
         hidden = (
             cache.hidden if cache is not None and cache.hidden is not None else self._initial_state(summary)
@@ -206,7 +209,8 @@ class RNNSeq2Seq(nn.Module):
         if cache is not None:
             cache.hidden = hidden
             cache.length += tgt.size(1)
-        return self.out_proj(self.dropout(torch.cat([outputs, context, embedded], -1)))
+        features = self.dropout(torch.cat([outputs, context, embedded], -1))
+        return self.out_proj(features) if project else features
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         memory, src_mask = self.encode(src)
