@@ -165,11 +165,12 @@ def greedy_search(
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
     sentence = torch.arange(batch, device=src.device)  # the sentence each row decodes
     output = src.new_full((batch, steps), pad_id)  # rows land here when they are dropped, or at the end
-    check_every = CPU_CHECK_EVERY if src.device.type == "cpu" else CHECK_EVERY
+    check_every = _check_every(src.device)
     for t in range(steps):
-        rows = _rows_to_score(finished | (t + 1 >= limits))
+        at_limit = t + 1 >= limits
+        rows = _rows_to_score(finished | at_limit)
         (next_token,) = _in_place(rows, finished.numel(), argmax(stepper.logits(rows)))
-        next_token = torch.where(t + 1 >= limits, eos_id, next_token)  # the length limit forces EOS
+        next_token = torch.where(at_limit, eos_id, next_token)  # the length limit forces EOS
         next_token = torch.where(finished, pad_id, next_token)
         finished |= next_token == eos_id
         stepper.push(next_token)
@@ -284,7 +285,7 @@ def _beam(
     stepper = _Stepper(model, memory, src_mask, src.new_full((batch,), bos_id), steps, config.use_cache)
     sentence = torch.arange(batch, device=device)  # the sentence each beam decodes
     out_tokens = src.new_full((batch, k, steps), pad_id)  # beams land here when dropped, or at the end
-    check_every = CPU_CHECK_EVERY if device.type == "cpu" else CHECK_EVERY
+    check_every = _check_every(device)
     out_scores = torch.zeros(batch, k, device=device)
     out_lengths = torch.zeros(batch, k, device=device)
 
@@ -349,6 +350,10 @@ def _beam(
     return out_tokens, out_scores, out_lengths
 
 
+def _check_every(device: torch.device) -> int:
+    return CPU_CHECK_EVERY if device.type == "cpu" else CHECK_EVERY
+
+
 def _rows_to_score(constrained: Tensor) -> Tensor | None:
     """constrained (rows,): True where the next token is fixed (padding after EOS, EOS at the length limit)
     -> the rows the output layer must score, or None for all of them.
@@ -391,8 +396,8 @@ def _parent_slots(parent: Tensor) -> Tensor:
     beams = torch.arange(k, device=parent.device)
     same_parent = parent[:, :, None] == parent[:, None, :]  # (sentences, k, k)
     first = ~(same_parent & (beams[None, :] < beams[:, None])).any(-1)  # (sentences, k) its parent's first
-    childless = ~(parent[:, :, None] == beams).any(1)  # (sentences, k) beams that no hypothesis extends
-    free = torch.argsort(childless.logical_not().to(torch.uint8), dim=1, stable=True)  # childless first
+    has_child = (parent[:, :, None] == beams).any(1)  # (sentences, k) beams that some hypothesis extends
+    free = torch.argsort(has_child.to(torch.uint8), dim=1, stable=True)  # the childless beams first
     further = ((~first).cumsum(1) - 1).clamp(min=0)  # the i-th further child takes the i-th free beam
     destination = torch.where(first, parent, free.gather(1, further))  # (sentences, k), a permutation
     return torch.empty_like(destination).scatter_(1, destination, beams.expand_as(destination))
