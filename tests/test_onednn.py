@@ -69,10 +69,10 @@ def test_other_dtypes_autocast_and_empty_inputs_take_the_plain_path(monkeypatch:
 
 
 def test_use_onednn_linears_only_where_onednn_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "mkl")
+    monkeypatch.setattr(onednn, "onednn_trains_faster", lambda: False)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     assert use_onednn_linears(model) == 0 and type(model[0]) is nn.Linear
-    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "onednn")
+    monkeypatch.setattr(onednn, "onednn_trains_faster", lambda: True)
     assert use_onednn_linears(model) == 2 and all(type(m) is OneDNNLinear for m in (model[0], model[2]))
 
 
@@ -121,10 +121,10 @@ def test_training_with_onednn_linears_follows_the_plain_run(
     """What `transformer train` does on an AMD CPU, wherever the tests run."""
     once = {"eval_every": 0, "test_split": "", "average_last": 0}
     recipe = tiny_recipe(data_dir, precision="fp32", max_steps=10, **once)
-    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "mkl")  # as on an Intel CPU
+    monkeypatch.setattr(onednn, "onednn_trains_faster", lambda: False)  # as on an Intel CPU
     train(recipe, TINY_MODEL, tmp_path / "plain")
     assert "oneDNN" not in capsys.readouterr().out
-    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "onednn")
+    monkeypatch.setattr(onednn, "onednn_trains_faster", lambda: True)
     train(recipe, TINY_MODEL, tmp_path / "onednn")
     assert "fp32 products in oneDNN" in capsys.readouterr().out
 
@@ -134,3 +134,14 @@ def test_training_with_onednn_linears_follows_the_plain_run(
 
     assert len(losses("plain")) == 2
     assert losses("onednn") == pytest.approx(losses("plain"), rel=1e-4)
+
+
+def test_training_takes_onednn_only_where_avx512_makes_it_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding takes oneDNN on every AMD CPU; training only where MKL would run below the AVX-512 rate."""
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "onednn")
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2"}))  # Zen 3
+    assert not onednn.onednn_trains_faster()
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))  # Zen 4, Zen 5
+    assert onednn.onednn_trains_faster()
+    monkeypatch.setattr(onednn, "fp32_kernel", lambda: "mkl")  # Intel
+    assert not onednn.onednn_trains_faster()

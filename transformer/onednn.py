@@ -7,7 +7,7 @@ training shapes (4,096 rows), oneDNN ran the forward products 2.3-2.5× and the 
 as fast as MKL (346-405 against 157-173 GFLOP/s); the weight gradients, read transposed, 1.1-1.6×.
 
 `OneDNNLinear` is `nn.Linear` with those three products sent to oneDNN; `use_onednn_linears(model)`
-swaps it in where `transformer.packing.fp32_kernel` says oneDNN is the faster library. Like packing, this
+swaps it in where `onednn_trains_faster` says oneDNN is the faster library. Like packing, this
 is a kernel choice made outside the model: the parameters and the state dict stay `nn.Linear`'s.
 """
 
@@ -20,8 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.packing import SharedLinear, fp32_kernel, onednn_available, replace_linears
+from transformer.runtime import cpu_flags
 
-__all__ = ["OneDNNLinear", "onednn_linear", "use_onednn_linears"]
+__all__ = ["OneDNNLinear", "onednn_linear", "onednn_trains_faster", "use_onednn_linears"]
+
+
+def onednn_trains_faster() -> bool:
+    """Whether oneDNN's fp32 products train faster than MKL's here: on AMD CPUs with AVX-512, where MKL
+    runs AVX2 code. Decoding takes oneDNN on every AMD CPU (`fp32_kernel`), for its one pack per weight;
+    training packs nothing, and on an AVX2-only Zen 3 a small model's step ran 1.16× as fast with MKL's
+    products as with oneDNN's (`benchmarks/train_step.py`, 8 interleaved rounds, 2026-12-03)."""
+    return fp32_kernel() == "onednn" and "avx512f" in cpu_flags()
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -82,6 +91,6 @@ class OneDNNLinear(SharedLinear):
 def use_onednn_linears(model: nn.Module, *, force: bool = False) -> int:
     """Replace every `nn.Linear` of `model` by a `OneDNNLinear` sharing its weights, where oneDNN is the
     faster fp32 library on this CPU (or with `force`, where it exists at all); returns how many."""
-    if not onednn_available() or not (force or fp32_kernel() == "onednn"):
+    if not onednn_available() or not (force or onednn_trains_faster()):
         return 0
     return replace_linears(model, OneDNNLinear)

@@ -23,7 +23,8 @@ once; torch exposes it through the operators inductor uses for frozen CPU graphs
 - fp32 on AMD CPUs: oneDNN too. MKL picks its kernels by vendor and runs AVX2 code on AMD processors,
   half the fp32 rate of a Zen 5 core's 512-bit units; oneDNN picks by instruction set. On 2 cores of a
   Zen 5 EPYC, oneDNN's packed fp32 products ran 2.3-3× MKL's at the decoding shapes (235-416 against
-  109-170 GFLOP/s) and 435 against 186 GFLOP/s at 2048³ (`fp32_kernel`).
+  109-170 GFLOP/s) and 435 against 186 GFLOP/s at 2048³. On an AVX2-only Zen 3 its one pack for every
+  row count is what pays (`fp32_kernel`).
 
 Measured alone on 2 cores of an AMX Xeon at 64 rows, the small and base models' linear layers ran
 1.0-1.4× (fp32) and 1.4-2.3× (bf16) as fast, with the same results up to the order of float rounding;
@@ -83,9 +84,17 @@ def onednn_packing_available() -> bool:
 
 @cache
 def fp32_kernel() -> str | None:
-    """The library that multiplies fp32 fastest here: "onednn" on AMD CPUs with AVX-512 (MKL runs AVX2
-    code there), "mkl" elsewhere, None where torch has neither."""
-    if onednn_available() and cpu_vendor() == "AuthenticAMD" and "avx512f" in cpu_flags():
+    """The library whose packed fp32 products decode fastest here: "onednn" on AMD CPUs, "mkl" elsewhere,
+    None where torch has neither.
+
+    On AMD CPUs with AVX-512 MKL runs AVX2 code, half the rate (above). On an AVX2-only Zen 3 both run AVX2
+    code, but oneDNN packs a weight once for any row count where MKL packs again for every new count, and
+    a search changes its count as sentences finish and the output layer skips fixed rows: 4-5 % of the time
+    of translating test2016 went to MKL's packing (46 packs of the output projection greedy, 125 in beam
+    4). With oneDNN the same translations came 1.06× as fast greedy and in beam 4, and decode.py's random
+    batches 1.07× / 1.02× (small, greedy / beam 4) and 1.09× / 1.06× (base), interleaved, 5-8 rounds,
+    2026-12-03. Training has its own rule (`transformer.onednn.onednn_trains_faster`)."""
+    if onednn_available() and cpu_vendor() == "AuthenticAMD" and "avx2" in cpu_flags():
         return "onednn"
     return "mkl" if mkl_packing_available() else None
 
