@@ -1,106 +1,181 @@
 """Our decoding against CTranslate2 running the same checkpoint, exported to MarianMT and converted with
-CTranslate2's own converter: how many translations are identical, and sentences per second for each, on the
-same CPU threads in the same run.
+CTranslate2's own converter: sentences/s of each on the same sentences, batches and CPU threads, taking
+turns in one run, and how many translations are identical.
 
-python benchmarks/ctranslate2_export.py --checkpoint runs/multi30k-de-en                  # 100 sentences
-python benchmarks/ctranslate2_export.py --checkpoint runs/multi30k-de-en --sentences 300 --threads 4
+python benchmarks/ctranslate2_export.py --checkpoint runs/multi30k-de-en            # test2016, fp32 and int8
+python benchmarks/ctranslate2_export.py --checkpoint runs/multi30k-de-en --compute-types float32 --repeats 5
 
-Both sides rank beams by their summed log-probability (length penalty 0): CTranslate2 divides by
-length^α where ours uses GNMT's ((5 + length) / 6)^α, so only α = 0 gives both the same objective.
-CTranslate2 has one length limit per batch where ours has one per sentence (source length + 50): outputs
-are compared up to ours.
-Needs the `export` extra and `transformers` (the converter reads the directory with it).
+CTranslate2 is an inference engine (C++, its own kernels and caching allocator); we are a PyTorch model
+with a search written in Python around it, so this measures what that costs against the engine a
+deployment would export to. Its `int8` compute type quantizes the weights (what it recommends on CPU); ours
+stays fp32, so only the float32 rows compare like with like. Both sides rank beams by their summed
+log-probability (length penalty 0): CTranslate2 divides by length^α where ours uses GNMT's
+((5 + length) / 6)^α, so only α = 0 gives both the same objective. Both take the token-budget batches
+`translate` makes. CTranslate2 has one length limit per batch where ours has one per sentence (source
+length + 50): outputs are compared up to ours. Needs the `export` extra and `transformers` (the converter
+reads the directory with it). Prints JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ctranslate2
 import torch
 
-from transformer.data.corpus import read_lines
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common
+from transformer.data.corpus import read_split
 from transformer.export import export_marian
 from transformer.search import SearchConfig
-from transformer.translate import Translator, translate_ids
+from transformer.translate import Translator, source_batches, translate_ids
 
-VALIDATION = Path(__file__).resolve().parent.parent / "data" / "multi30k" / "val.de.gz"
-MAX_TOKENS = 6000  # the token budget of a batch, ours (translate_ids' default) and CTranslate2's
+MAX_TOKENS = 6000  # translate_ids' token budget per batch
 EXTRA_LEN = SearchConfig().extra_len
 
 
-def best_time(run: Callable[[], list[list[str]]], repeats: int) -> tuple[float, list[list[str]]]:
-    """The fastest of `repeats` timed runs after one warm-up (the machine is shared), and the output."""
-    out = run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+def _kind(beam: int) -> str:
+    return "greedy" if beam == 1 else f"beam {beam}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--sentences", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    translator = Translator.from_checkpoint(args.checkpoint)
+def searches(
+    translator: Translator,
+    sources: list[list[int]],
+    engines: dict[str, ctranslate2.Translator],
+    beams: list[int],
+) -> dict[str, Callable[[], list[list[str]]]]:
+    """Per beam size: ours, then CTranslate2 under each compute type, all returning pieces without EOS."""
     tokenizer = translator.tokenizer
-    limit = translator.model.config.max_len - 1
-    sources = [tokenizer.encode(s)[:limit] for s in read_lines(VALIDATION)[: args.sentences]]
-    pieces = [[tokenizer.piece(i) for i in ids] + ["</s>"] for ids in sources]
-    with tempfile.TemporaryDirectory() as tmp:
-        marian, converted = Path(tmp) / "marian", Path(tmp) / "ct2"
-        export_marian(args.checkpoint, marian)
-        ctranslate2.converters.TransformersConverter(str(marian)).convert(str(converted))
-        ct2 = ctranslate2.Translator(str(converted), device="cpu", intra_threads=args.threads)
-
-    rows = []
-    for beam in args.beams:
+    runs: dict[str, Callable[[], list[list[str]]]] = {}
+    for beam in beams:
 
         def ours(beam: int = beam) -> list[list[str]]:
             search = SearchConfig(beam=beam, length_penalty=0.0)
             out = translate_ids(translator.model, sources, search, max_tokens=MAX_TOKENS)
             return [[tokenizer.piece(i) for i in ids] for ids in out]
 
-        def theirs(beam: int = beam) -> list[list[str]]:
-            results = ct2.translate_batch(
+        runs[f"{_kind(beam)}, ours"] = ours
+        for compute_type, engine in engines.items():
+            label = f"{_kind(beam)}, CTranslate2 {compute_type}"
+            runs[label] = _engine_run(engine, translator, sources, beam)
+    return runs
+
+
+def _engine_run(
+    engine: ctranslate2.Translator, translator: Translator, sources: list[list[int]], beam: int
+) -> Callable[[], list[list[str]]]:
+    """CTranslate2 on the batches ours makes (same sentences together, same order), EOS appended as its
+    Marian models expect."""
+    piece = translator.tokenizer.piece
+    batches = [
+        (chunk, [[piece(i) for i in sources[j]] + ["</s>"] for j in chunk])
+        for chunk, _ in source_batches(sources, beam, MAX_TOKENS)
+    ]
+
+    def run() -> list[list[str]]:
+        results: list[list[str]] = [[] for _ in sources]
+        for chunk, pieces in batches:
+            out = engine.translate_batch(
                 pieces,
                 beam_size=beam,
                 length_penalty=0.0,
-                max_batch_size=MAX_TOKENS // beam,
-                batch_type="tokens",
                 max_decoding_length=max(map(len, pieces)) + EXTRA_LEN,
             )
-            return [r.hypotheses[0] for r in results]
+            for j, result in zip(chunk, out, strict=True):
+                results[j] = result.hypotheses[0]
+        return results
 
-        our_time, our_out = best_time(ours, args.repeats)
-        ct2_time, ct2_out = best_time(theirs, args.repeats)
-        rows.append(
-            {
-                "beam": beam,
-                "sentences": len(sources),
-                "identical": sum(
-                    a == b[: len(p) + EXTRA_LEN - 1]  # within our length limit (ours forces EOS there)
-                    for a, b, p in zip(our_out, ct2_out, pieces, strict=True)
-                ),
-                "ours_sent_per_s": round(len(sources) / our_time, 1),
-                "ctranslate2_sent_per_s": round(len(sources) / ct2_time, 1),
-                "speedup": round(our_time / ct2_time, 2),
-            }
-        )
-    print(json.dumps({"threads": args.threads, "results": rows}, indent=2))
+    return run
+
+
+def measure(
+    checkpoint: str,
+    split: str | None,
+    beams: list[int],
+    compute_types: list[str],
+    repeats: int,
+    threads: int,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Rows of seconds and sentences/s per search; per beam size and compute type our speed relative to
+    CTranslate2's (below 1: CTranslate2 is faster) and the count of identical translations."""
+    torch.set_num_threads(threads)
+    translator = Translator.from_checkpoint(checkpoint)
+    tc = translator.train_config
+    split = split or tc.test_split
+    pairs = read_split(tc.data_dir, split, tc.src_lang, tc.tgt_lang)[:limit]
+    room = translator.model.config.max_len - 1  # EOS takes a position
+    sources = [translator.tokenizer.encode(source)[:room] for source, _ in pairs]
+    with tempfile.TemporaryDirectory() as tmp:
+        marian, converted = Path(tmp) / "marian", Path(tmp) / "ct2"
+        export_marian(checkpoint, marian)
+        ctranslate2.converters.TransformersConverter(str(marian)).convert(str(converted))
+        engines = {
+            kind: ctranslate2.Translator(
+                str(converted), device="cpu", compute_type=kind, intra_threads=threads
+            )
+            for kind in compute_types
+        }
+    torch.set_num_threads(threads)  # CTranslate2 sets OpenMP's thread count, which torch shares
+    runs = searches(translator, sources, engines, beams)
+    outputs = {label: run() for label, run in runs.items()}  # also the warm-up
+    times = common.time_interleaved(runs, repeats, warmup=0)
+    rows = {
+        label: common.decoding_row(ts, len(sources), sum(len(out) + 1 for out in outputs[label]))  # with EOS
+        for label, ts in times.items()
+    }
+    ratios: dict[str, Any] = {}
+    for beam in beams:
+        ours = f"{_kind(beam)}, ours"
+        for kind in compute_types:
+            theirs = f"{_kind(beam)}, CTranslate2 {kind}"
+            ratios[f"{ours} vs CTranslate2 {kind}"] = common.paired_speedup(times[ours], times[theirs])
+            same = sum(
+                mine == other[: len(source) + EXTRA_LEN]  # within our length limit (ours forces EOS there)
+                for mine, other, source in zip(outputs[ours], outputs[theirs], sources, strict=True)
+            )
+            ratios[f"{_kind(beam)}: translations equal, CTranslate2 {kind}"] = f"{same} of {len(sources)}"
+    return {
+        "direction": f"{tc.src_lang}→{tc.tgt_lang}",
+        "split": split,
+        "sentences": len(sources),
+        "threads": threads,
+        "ctranslate2": ctranslate2.__version__,
+        "rows": rows,
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    common.run_as_the_cli_does()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run directory (its best weights)")
+    parser.add_argument("--split", help="a split of the run's data directory (default: its test split)")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--compute-types", nargs="+", default=["float32", "int8"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    measured = measure(
+        args.checkpoint, args.split, args.beams, args.compute_types, args.repeats, args.threads
+    )
+    result = {"machine": common.machine_info(), "checkpoint": args.checkpoint, **measured}
+    table = [{"search": label, **row} for label, row in measured["rows"].items()]
+    ratio_lines = "\n".join(
+        f"- {k}: **{v}×**" if isinstance(v, float) else f"- {k}: {v}" for k, v in measured["ratios"].items()
+    )
+    body = (
+        f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}`, "
+        f"{measured['threads']} threads each, CTranslate2 {measured['ctranslate2']}; the ratios are our "
+        f"speed over CTranslate2's (below 1: it is faster):\n\n"
+        f"{common.markdown_table(table)}\n\n{ratio_lines}"
+    )
+    common.report(f"Against CTranslate2, {measured['direction']}", result, body)
 
 
 if __name__ == "__main__":

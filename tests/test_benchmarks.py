@@ -149,6 +149,25 @@ def test_translation_benchmark_translates_a_split_three_ways(run_dir, monkeypatc
     assert all(row["sentences_per_s"] > 0 for row in measured["rows"].values())
 
 
+def test_ctranslate2_benchmark_runs_the_exported_checkpoint_on_our_batches(run_dir, monkeypatch) -> None:
+    """The checkpoint exported and converted: CTranslate2 translates the split as our greedy search does
+    (same weights, same batches), and every search gets a row."""
+    pytest.importorskip("ctranslate2")
+    from benchmarks import ctranslate2_export
+
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(run_dir.parent)
+    try:
+        measured = ctranslate2_export.measure(str(run_dir), None, [1, 2], ["float32"], 1, threads, limit=8)
+    finally:
+        torch.set_num_threads(threads)  # CTranslate2 sets OpenMP's count, which torch shares
+    assert measured["split"] == "test2016" and measured["sentences"] == 8
+    kinds = ("ours", "CTranslate2 float32")
+    assert set(measured["rows"]) == {f"{beam}, {kind}" for beam in ("greedy", "beam 2") for kind in kinds}
+    assert measured["ratios"]["greedy: translations equal, CTranslate2 float32"] == "8 of 8"
+    assert all(row["sentences_per_s"] > 0 for row in measured["rows"].values())
+
+
 def test_the_marian_twin_decodes_greedily_as_we_do(run_dir) -> None:
     """Same weights, same greedy choices. This barely trained model runs into the length limits, which are
     per sentence in ours and per batch in generate: compared up to ours' length (EOS included)."""
