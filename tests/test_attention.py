@@ -146,6 +146,12 @@ def test_cache_appends_and_reorders() -> None:
     cache.advance()
     cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
     assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
+    cache.reorder(torch.tensor([0, 0, 0]))  # more rows (a beam widening): new buffers, the prefix copied
+    last_x = torch.randn(3, 1, 8)
+    out, _ = mha(last_x, cache=cache, layer=0)
+    prefix = torch.cat([x[[2]], new_x[[1]]], 1).expand(3, 6, 8)  # the row kept: x[2], then new_x[1]
+    expected, _ = mha(torch.cat([prefix, last_x], 1), mask=torch.ones(7, 7, dtype=torch.bool).tril())
+    assert torch.allclose(out, expected[:, -1:], atol=1e-6)
 
 
 def test_cache_reorder_copies_only_moved_rows_in_place() -> None:

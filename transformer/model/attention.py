@@ -162,8 +162,8 @@ class KVCache:
         """
         n, moved = self.length, _moved_rows(index)
         for layer, (k, v) in self.self_kv.items():
-            if index.numel() != k.size(0):  # a different number of rows: new buffers
-                self.self_kv[layer] = (k.index_select(0, index), v.index_select(0, index))
+            if index.numel() != k.size(0):  # a different number of rows: new buffers, the prefix copied
+                self.self_kv[layer] = (_rows_of_prefix(k, index, n), _rows_of_prefix(v, index, n))
                 self._spare.pop(layer, None)
             elif moved is not None:
                 for buffer in (k[:, :, :n], v[:, :, :n]):
@@ -176,6 +176,16 @@ class KVCache:
         for layer, (k, v) in self.cross_kv.items():
             if sources is not None and sources.numel() < k.size(0):  # else all remain, in their order
                 self.cross_kv[layer] = (k.index_select(0, sources), v.index_select(0, sources))
+
+
+def _rows_of_prefix(buffer: Tensor, index: Tensor, n: int) -> Tensor:
+    """A new buffer like `buffer` (batch, heads, max_len, d_k) with rows `index`, of which only the first n
+    positions are copied (the rest is never read before it is written). Copying whole rows, most of
+    them not yet filled, took 4.5 ms per widening or dropping reorder of beam 4 on test2016, much of it
+    the kernel mapping fresh pages that a prefix copy leaves untouched."""
+    out = buffer.new_empty(index.numel(), *buffer.shape[1:])
+    torch.index_select(buffer[:, :, :n], 0, index, out=out[:, :, :n])
+    return out
 
 
 def _moved_rows(index: Tensor) -> Tensor | None:
