@@ -134,6 +134,19 @@ def decoding_row(times: Sequence[float], sentences: int, tokens: int) -> dict[st
     }
 
 
+def search_kind(beam: int) -> str:
+    """A search's name in the tables: "greedy", or "beam k"."""
+    return "greedy" if beam == 1 else f"beam {beam}"
+
+
+def decoding_markdown(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> str:
+    """Searches' rows (label -> `decoding_row`) as a table, then a line per ratio: speed-ups in bold with ×,
+    anything else (counts of equal translations) as it is."""
+    table = markdown_table([{"search": label, **row} for label, row in rows.items()])
+    lines = [f"- {k}: **{v}×**" if isinstance(v, float) else f"- {k}: {v}" for k, v in ratios.items()]
+    return table + "\n\n" + "\n".join(lines)
+
+
 def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
     """How many times faster `fast` ran than `slow`: the median over rounds of slow_i / fast_i.
 

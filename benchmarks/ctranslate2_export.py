@@ -39,10 +39,6 @@ MAX_TOKENS = 6000  # translate_ids' token budget per batch
 EXTRA_LEN = SearchConfig().extra_len
 
 
-def _kind(beam: int) -> str:
-    return "greedy" if beam == 1 else f"beam {beam}"
-
-
 def searches(
     translator: Translator,
     sources: list[list[int]],
@@ -59,10 +55,10 @@ def searches(
             out = translate_ids(translator.model, sources, search, max_tokens=MAX_TOKENS)
             return [[tokenizer.piece(i) for i in ids] for ids in out]
 
-        runs[f"{_kind(beam)}, ours"] = ours
+        kind = common.search_kind(beam)
+        runs[f"{kind}, ours"] = ours
         for compute_type, engine in engines.items():
-            label = f"{_kind(beam)}, CTranslate2 {compute_type}"
-            runs[label] = _engine_run(engine, translator, sources, beam)
+            runs[f"{kind}, CTranslate2 {compute_type}"] = _engine_run(engine, translator, sources, beam)
     return runs
 
 
@@ -116,10 +112,10 @@ def measure(
         export_marian(checkpoint, marian)
         ctranslate2.converters.TransformersConverter(str(marian)).convert(str(converted))
         engines = {
-            kind: ctranslate2.Translator(
-                str(converted), device="cpu", compute_type=kind, intra_threads=threads
+            compute_type: ctranslate2.Translator(
+                str(converted), device="cpu", compute_type=compute_type, intra_threads=threads
             )
-            for kind in compute_types
+            for compute_type in compute_types
         }
     torch.set_num_threads(threads)  # CTranslate2 sets OpenMP's thread count, which torch shares
     runs = searches(translator, sources, engines, beams)
@@ -131,15 +127,17 @@ def measure(
     }
     ratios: dict[str, Any] = {}
     for beam in beams:
-        ours = f"{_kind(beam)}, ours"
-        for kind in compute_types:
-            theirs = f"{_kind(beam)}, CTranslate2 {kind}"
-            ratios[f"{ours} vs CTranslate2 {kind}"] = common.paired_speedup(times[ours], times[theirs])
+        kind = common.search_kind(beam)
+        ours = f"{kind}, ours"
+        for compute_type in compute_types:
+            engine = f"CTranslate2 {compute_type}"
+            theirs = f"{kind}, {engine}"
+            ratios[f"{ours} vs {engine}"] = common.paired_speedup(times[ours], times[theirs])
             same = sum(
                 mine == other[: len(source) + EXTRA_LEN]  # within our length limit (ours forces EOS there)
                 for mine, other, source in zip(outputs[ours], outputs[theirs], sources, strict=True)
             )
-            ratios[f"{_kind(beam)}: translations equal, CTranslate2 {kind}"] = f"{same} of {len(sources)}"
+            ratios[f"{kind}: translations equal, {engine}"] = f"{same} of {len(sources)}"
     return {
         "direction": f"{tc.src_lang}→{tc.tgt_lang}",
         "split": split,
@@ -165,15 +163,11 @@ def main() -> None:
         args.checkpoint, args.split, args.beams, args.compute_types, args.repeats, args.threads
     )
     result = {"machine": common.machine_info(), "checkpoint": args.checkpoint, **measured}
-    table = [{"search": label, **row} for label, row in measured["rows"].items()]
-    ratio_lines = "\n".join(
-        f"- {k}: **{v}×**" if isinstance(v, float) else f"- {k}: {v}" for k, v in measured["ratios"].items()
-    )
     body = (
         f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}`, "
         f"{measured['threads']} threads each, CTranslate2 {measured['ctranslate2']}; the ratios are our "
         f"speed over CTranslate2's (below 1: it is faster):\n\n"
-        f"{common.markdown_table(table)}\n\n{ratio_lines}"
+        f"{common.decoding_markdown(measured['rows'], measured['ratios'])}"
     )
     common.report(f"Against CTranslate2, {measured['direction']}", result, body)
 

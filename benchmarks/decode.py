@@ -95,7 +95,7 @@ def searches(
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
     runs = {}
     for beam in beams:
-        kind = "greedy" if beam == 1 else f"beam {beam}"
+        kind = common.search_kind(beam)
         runs[f"ours {kind}, cached"] = our_search(ours, src, beam, new_tokens, cached=True)
         if beam == 1 or uncached_beam:
             runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
@@ -136,11 +136,9 @@ def main() -> None:
         rows = {label: common.decoding_row(ts, args.batch, tokens) for label, ts in times.items()}
         ratios = _ratios(times, args.beams)
         result[name] = {"rows": rows, "ratios": ratios}
-        table = [{"search": label, **row} for label, row in rows.items()]
-        ratio_lines = "\n".join(f"- {k}: **{v}×**" for k, v in ratios.items())
         body.append(
             f"**{name}** (batch {args.batch} × {args.src_len}-token sources, {args.new_tokens} tokens "
-            f"generated):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
+            f"generated):\n\n{common.decoding_markdown(rows, ratios)}"
         )
         if args.profile:
             result[name]["profile"] = profile = _profile(runs, times, args.beams)
@@ -160,7 +158,7 @@ def _profile(
     and for ours the `bound`: the peer's median time over the time of our products and attention."""
     out = {}
     for beam in beams:
-        kind = "greedy" if beam == 1 else f"beam {beam}"
+        kind = common.search_kind(beam)
         for suffix in ("", ", bf16"):
             ours, marian = f"ours {kind}, cached{suffix}", f"Marian {kind}{suffix}"
             if ours not in runs or marian not in runs:
@@ -191,7 +189,7 @@ def _ratios(times: dict[str, list[float]], beams: list[int]) -> dict[str, float]
     """Speed-ups of our cached search over the other searches of the same kind (paired per round)."""
     out = {}
     for beam in beams:
-        kind = "greedy" if beam == 1 else f"beam {beam}"
+        kind = common.search_kind(beam)
         ours = times[f"ours {kind}, cached"]
         for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, unpacked"):
             if other in times:

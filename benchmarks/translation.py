@@ -47,7 +47,7 @@ def searches(
     runs = {}
     penalty = translator.train_config.length_penalty
     for beam in beams:
-        kind = _kind(beam)
+        kind = common.search_kind(beam)
         config = SearchConfig(beam=beam, length_penalty=penalty)
         runs[f"{kind}, dropping finished"] = _translate(translator, sources, config)
         keeping = dataclasses.replace(config, drop_finished=False)
@@ -55,10 +55,6 @@ def searches(
         if marian is not None:
             runs[f"{kind}, MarianMTModel"] = _generate(marian, sources, beam, penalty, config.extra_len)
     return runs
-
-
-def _kind(beam: int) -> str:
-    return "greedy" if beam == 1 else f"beam {beam}"
 
 
 def _translate(translator: Translator, sources: list[list[int]], search: SearchConfig) -> Callable:
@@ -142,7 +138,7 @@ def measure(
     }
     ratios: dict[str, Any] = {}
     for beam in beams:
-        kind = _kind(beam)
+        kind = common.search_kind(beam)
         ours = f"{kind}, dropping finished"
         for way in ("keeping finished", "MarianMTModel"):
             other = f"{kind}, {way}"
@@ -174,13 +170,9 @@ def main() -> None:
         args.checkpoint, args.split, args.precision, args.beams, args.repeats, with_marian=not args.no_marian
     )
     result = {"machine": common.machine_info(), "checkpoint": args.checkpoint, **measured}
-    table = [{"search": label, **row} for label, row in measured["rows"].items()]
-    ratio_lines = "\n".join(
-        f"- {k}: **{v}×**" if isinstance(v, float) else f"- {k}: {v}" for k, v in measured["ratios"].items()
-    )
     body = (
         f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}` "
-        f"({measured['precision']}):\n\n{common.markdown_table(table)}\n\n{ratio_lines}"
+        f"({measured['precision']}):\n\n{common.decoding_markdown(measured['rows'], measured['ratios'])}"
     )
     common.report(f"Translation of real text, {measured['direction']}, {measured['precision']}", result, body)
 

@@ -67,6 +67,20 @@ def test_decode_profile_bounds_ours_by_our_products() -> None:
     assert "| search | seconds | products | attention | other | outside ops | bound |" in table
 
 
+def test_decoding_markdown_tables_rows_and_bolds_only_speedups() -> None:
+    rows = {"greedy, ours": common.decoding_row([0.5, 0.25], sentences=10, tokens=40)}
+    ratios = {"greedy, ours vs peer": 1.25, "greedy: translations equal": "9 of 10"}
+    text = common.decoding_markdown(rows, ratios)
+    table, lines = text.split("\n\n")
+    assert table.splitlines()[0] == "| search | seconds | all_s | sentences_per_s | tokens_per_s |"
+    assert table.splitlines()[2].startswith("| greedy, ours | 0.375 |")
+    assert lines.splitlines() == [
+        "- greedy, ours vs peer: **1.25×**",
+        "- greedy: translations equal: 9 of 10",
+    ]
+    assert [common.search_kind(b) for b in (1, 4)] == ["greedy", "beam 4"]
+
+
 def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
     machine = common.machine_info()
