@@ -41,10 +41,10 @@ from transformer.runtime import ALLOCATOR_TUNABLES
 SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool, bool] | None:
+def build(variant: str, config_name: str, max_len: int = 1024) -> tuple[torch.nn.Module, bool, bool] | None:
     """The model of a variant, whether it runs under bf16 autocast and whether it gets the fused Adam our
     trainer uses; None if it cannot be built here."""
-    c = peers.config_for(config_name)
+    c = peers.config_for(config_name, max_len)
     torch.manual_seed(0)
     if variant == "nn.Transformer":
         return peers.TorchPeer(c), False, False
@@ -61,11 +61,11 @@ def build(variant: str, config_name: str) -> tuple[torch.nn.Module, bool, bool] 
 
 
 def steps_for(
-    variants: list[str], config_name: str, batches: list[tuple[Tensor, Tensor]]
+    variants: list[str], config_name: str, batches: list[tuple[Tensor, Tensor]], max_len: int = 1024
 ) -> dict[str, Callable]:
     steps = {}
     for variant in variants:
-        built = build(variant, config_name)
+        built = build(variant, config_name, max_len)
         if built is not None:
             model, bf16, ours = built
             steps[variant] = peers.training_step(model, batches, bf16=bf16, fused_adam=ours, projected=ours)

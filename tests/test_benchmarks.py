@@ -196,9 +196,16 @@ def test_the_marian_twin_decodes_greedily_as_we_do(run_dir) -> None:
         assert len(mine) == len(other) or len(mine) == limit - 1  # ours stopped at its own limit
 
 
-def test_scaling_point_reports_time_and_memory() -> None:
-    measured = scaling.point("decode", 8, batch=1, new_tokens=2, repeats=1)
-    assert measured["seconds"] > 0 and measured["growth_mb"] >= 0
+def test_scaling_runs_every_model_at_a_length_and_reports_memory() -> None:
+    train = scaling.runs_for("train", 8, batch=1, new_tokens=2)
+    assert set(train) == {"ours", "nn.Transformer", "MarianMTModel"}
+    for step in train.values():
+        step()
+    decode = scaling.runs_for("decode", 8, batch=1, new_tokens=3)
+    ours, marian = decode["ours"](), decode["MarianMTModel"]()
+    assert [len(ids) for ids in ours] == [2]  # three steps: two tokens and the EOS the limit forces
+    assert marian.shape == (1, 1 + 3)  # BOS and three steps' tokens
+    assert scaling.memory_point("decode", 8, "ours", batch=1, new_tokens=2)["growth_mb"] >= 0
 
 
 @pytest.mark.parametrize(
