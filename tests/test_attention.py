@@ -33,7 +33,7 @@ def randomise(module: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["self-causal", "self-padding", "cross-padding"])
+@pytest.mark.parametrize("kind", ["self-causal", "self-is_causal", "self-padding", "cross-padding"])
 def test_multi_head_attention_matches_torch(dtype: torch.dtype, kind: str) -> None:
     torch.manual_seed(0)
     batch, q_len, k_len, d_model, heads = 3, 6, 6 if kind.startswith("self") else 9, 32, 4
@@ -47,20 +47,21 @@ def test_multi_head_attention_matches_torch(dtype: torch.dtype, kind: str) -> No
 
     lengths = torch.tensor([k_len, k_len - 2, 3])
     keep = torch.arange(k_len)[None, :] < lengths[:, None]  # (batch, k_len) True = real token
-    if kind == "self-causal":
+    is_causal = kind == "self-is_causal"  # the same mask, as torch's flag instead of a tensor
+    if kind in ("self-causal", "self-is_causal"):
         allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril()
-        our_mask, ref_kwargs = allowed, {"attn_mask": ~allowed}
+        our_mask, ref_kwargs = None if is_causal else allowed, {"attn_mask": ~allowed}
     else:
         our_mask, ref_kwargs = keep[:, None, None, :], {"key_padding_mask": ~keep}
 
-    out, weights = ours(x, memory, our_mask, need_weights=True)
+    out, weights = ours(x, memory, our_mask, need_weights=True, is_causal=is_causal)
     ref_out, ref_weights = ref(x, kv, kv, **ref_kwargs, need_weights=True, average_attn_weights=True)
     assert weights.shape == (batch, heads, q_len, k_len)
     assert (out - ref_out).abs().max() < TOL[dtype]
     assert (weights.mean(dim=1) - ref_weights).abs().max() < TOL[dtype]
 
     ours.fused = True  # the fused kernel gives the same output
-    fused_out, _ = ours(x, memory, our_mask)
+    fused_out, _ = ours(x, memory, our_mask, is_causal=is_causal)
     assert (fused_out - ref_out).abs().max() < TOL[dtype]
 
 
@@ -71,6 +72,24 @@ def test_explicit_matches_fused_kernel_with_masks() -> None:
     mask[..., 0] = True
     out, _ = scaled_dot_product_attention(q, k, v, mask)
     assert torch.allclose(out, fused_attention(q, k, v, mask), atol=1e-6)
+
+
+def test_is_causal_adds_the_lower_triangle_to_a_mask_on_both_paths() -> None:
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for mask in (None, padding):
+        written = causal if mask is None else mask & causal
+        reference = scaled_dot_product_attention(q, k, v, written)[0]
+        explicit = scaled_dot_product_attention(q, k, v, mask, is_causal=True)[0]
+        fused = fused_attention(q, k, v, mask, is_causal=True)
+        grads = [torch.autograd.grad(out.sum(), (q, k, v)) for out in (reference, explicit, fused)]
+        for out, grad in zip((explicit, fused), grads[1:], strict=True):
+            assert (out - reference).abs().max() < 1e-12
+            assert all((a - b).abs().max() < 1e-12 for a, b in zip(grad, grads[0], strict=True))
+    with pytest.raises(ValueError, match="self-attention only"):
+        MultiHeadAttention(8, 2)(torch.randn(1, 2, 8), torch.randn(1, 3, 8), is_causal=True)
 
 
 def test_hand_computed_case() -> None:

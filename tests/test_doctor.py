@@ -18,7 +18,7 @@ def test_a_trained_checkpoint_passes(run_dir: Path, capsys) -> None:
 
 
 def test_a_decoder_that_sees_the_future_fails(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setattr(transformer_module, "causal_mask", lambda *args, **kwargs: None)
+    monkeypatch.setattr(transformer_module, "causal_masking", lambda *args, **kwargs: (None, False))
     failed = {c.name for c in run_checks(run_dir) if c.status == "FAIL"}
     assert {"decoder cannot see future tokens", "cached == full decoding"} <= failed
     assert main(["doctor", "--checkpoint", str(run_dir)]) == 2

@@ -11,7 +11,7 @@ from torch import nn
 from transformer import Transformer, TransformerConfig
 from transformer.errors import TransformerError
 from transformer.model import LayerNorm, PositionalEncoding
-from transformer.model.transformer import Block
+from transformer.model.transformer import Block, causal_masking
 
 
 def copy_block(ours: Block, ref: nn.Module) -> None:
@@ -127,6 +127,13 @@ def test_decoder_is_causal(attention: str) -> None:
         out = model(src, changed)
         assert torch.allclose(out[:, :j], base[:, :j], atol=1e-6, rtol=0), f"position < {j} saw token {j}"
         assert not torch.allclose(out[:, j], base[:, j]), "the change must be visible at its own position"
+
+
+def test_causal_masking_takes_the_flag_only_from_the_first_position() -> None:
+    assert causal_masking(5) == (None, True)  # a whole target: torch's is_causal
+    assert causal_masking(1, offset=4) == (None, False)  # one new position may see the whole prefix
+    mask, is_causal = causal_masking(2, offset=3)  # two new positions after three cached ones
+    assert not is_causal and mask.tolist() == [[True] * 4 + [False], [True] * 5]
 
 
 @pytest.mark.parametrize("attention", ["explicit", "fused"])

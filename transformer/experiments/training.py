@@ -44,7 +44,7 @@ def remove_causal_mask(model: Transformer) -> Transformer:
     """Let every decoder self-attention see the whole target (future tokens included)."""
 
     def drop_mask(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "mask": None}
+        return args, {**kwargs, "mask": None, "is_causal": False}
 
     for block in model.decoder.layers:
         block.self_attn.register_forward_pre_hook(drop_mask, with_kwargs=True)

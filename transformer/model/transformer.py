@@ -144,13 +144,14 @@ class Block(nn.Module):
         memory_mask: Tensor | None = None,
         cache: KVCache | None = None,
         record: AttentionRecord | None = None,
+        is_causal: bool = False,
     ) -> Tensor:
         weights: dict[str, Tensor] = {}
         need = record is not None
 
         def self_attention(h: Tensor) -> Tensor:
             out, weights["self"] = self.self_attn(
-                h, mask=mask, cache=cache, layer=self.index, need_weights=need
+                h, mask=mask, cache=cache, layer=self.index, need_weights=need, is_causal=is_causal
             )
             return out
 
@@ -205,9 +206,9 @@ class Decoder(nn.Module):
         record: AttentionRecord | None = None,
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
-        mask = causal_mask(x.size(1), offset + x.size(1), offset, x.device)
+        mask, is_causal = causal_masking(x.size(1), offset, x.device)
         for layer in self.layers:
-            x = layer(x, mask, memory, memory_mask, cache=cache, record=record)
+            x = layer(x, mask, memory, memory_mask, cache=cache, record=record, is_causal=is_causal)
         if cache is not None:
             cache.advance(x.size(1))
         return self.norm(x)
@@ -216,6 +217,21 @@ class Decoder(nn.Module):
 def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
     """(batch, len) ids -> (batch, 1, 1, len) mask, True where a key is a real token."""
     return (ids != pad_id)[:, None, None, :]
+
+
+def causal_masking(
+    q_len: int, offset: int = 0, device: torch.device | None = None
+) -> tuple[Tensor | None, bool]:
+    """How the decoder's self-attention hides later positions from q_len new queries that follow `offset`
+    cached ones: (mask, is_causal).
+
+    A target from its first position (training, decoding without a cache) takes torch's `is_causal`,
+    with which the fused kernel skips the blocks above the diagonal instead of reading a mask (a training
+    step at 2,048 positions: see `fused_attention`). New positions after a cached prefix take
+    `causal_mask`: `is_causal` would align the first query with the first key."""
+    if offset == 0 and q_len > 1:
+        return None, True
+    return causal_mask(q_len, offset + q_len, offset, device), False
 
 
 def causal_mask(q_len: int, k_len: int, offset: int = 0, device: torch.device | None = None) -> Tensor | None:
