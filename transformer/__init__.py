@@ -18,7 +18,8 @@ def __getattr__(name: str) -> Any:
     Importing the package must not import torch: the `transformer` command re-executes itself before its
     work starts (`transformer.runtime.reexec_with_allocator_tunables`), and every module of the package
     imports this one first. With the model imported here, each command imported torch twice, and
-    `transformer translate` took 4.8 s to translate one sentence instead of 2.4 s (Zen 3, 2 cores)."""
+    `transformer translate` took 4.8 s to translate one sentence instead of 2.5-2.8 s (Zen 3, 2
+    cores)."""
     if name == "Transformer":
         from transformer.model import Transformer
 

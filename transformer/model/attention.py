@@ -1,7 +1,8 @@
 """Scaled dot-product attention and multi-head attention (Vaswani et al. 2017, §3.2).
 
 Masks are boolean and broadcast to (batch, heads, q_len, k_len): True means "may attend". Padding masks
-have shape (batch, 1, 1, k_len); the causal mask has shape (q_len, k_len).
+have shape (batch, 1, 1, k_len); the causal mask has shape (q_len, k_len), or is given as `is_causal`, as
+torch's attention takes it, when the queries start at the first key.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def fused_attention(
     the diagonal instead of reading a mask: forward + backward of 4 heads of 64, the same results, ran
     1.0× as fast at 24 positions, 1.2-1.5× at 256-1,024 and 1.8× at 2,048 (fp32, Zen 3, by hand). Whole
     training steps of the small model, batch 2 (interleaved, 6-12 rounds): 1.03× at 512 positions,
-    1.00-1.04× at 1,024, 1.11-1.14× at 2,048; on Multi30k's batches 1.00×.
+    1.00-1.04× at 1,024, 1.11-1.14× at 2,048; on Multi30k's batches 1.00×. On CUDA it matters more: torch's
+    flash kernel takes no mask, so a causal mask written out sends the call to a slower kernel (unmeasured
+    here, no GPU having been lent).
     """
     if (
         q.dtype in (torch.bfloat16, torch.float16)
