@@ -134,6 +134,22 @@ def decoding_row(times: Sequence[float], sentences: int, tokens: int) -> dict[st
     }
 
 
+def time_translations(
+    runs: dict[str, Callable[[], list[list[int]]]], repeats: int
+) -> tuple[dict[str, list[list[int]]], dict[str, list[float]], dict[str, dict[str, Any]]]:
+    """Searches that each translate the same sentences (label -> a call returning token ids per sentence):
+    every one runs once, which is the warm-up and gives the outputs to compare, then `repeats` interleaved
+    rounds. Returns the outputs, the seconds of each round and each search's `decoding_row`, whose tokens
+    count every output's EOS."""
+    outputs = {label: run() for label, run in runs.items()}
+    times = time_interleaved(runs, repeats, warmup=0)
+    rows = {
+        label: decoding_row(ts, len(outputs[label]), sum(len(ids) + 1 for ids in outputs[label]))
+        for label, ts in times.items()
+    }
+    return outputs, times, rows
+
+
 def search_kind(beam: int) -> str:
     """A search's name in the tables: "greedy", or "beam k"."""
     return "greedy" if beam == 1 else f"beam {beam}"

@@ -119,12 +119,7 @@ def measure(
         }
     torch.set_num_threads(threads)  # CTranslate2 sets OpenMP's thread count, which torch shares
     runs = searches(translator, sources, engines, beams)
-    outputs = {label: run() for label, run in runs.items()}  # also the warm-up
-    times = common.time_interleaved(runs, repeats, warmup=0)
-    rows = {
-        label: common.decoding_row(ts, len(sources), sum(len(out) + 1 for out in outputs[label]))  # with EOS
-        for label, ts in times.items()
-    }
+    outputs, times, rows = common.time_translations(runs, repeats)
     ratios: dict[str, Any] = {}
     for beam in beams:
         kind = common.search_kind(beam)

@@ -130,12 +130,7 @@ def measure(
     if marian is not None:
         marian.to(next(translator.model.parameters()).dtype)
     runs = searches(translator, sources, beams, marian)
-    outputs = {label: run() for label, run in runs.items()}  # also the warm-up
-    times = common.time_interleaved(runs, repeats, warmup=0)
-    rows = {
-        label: common.decoding_row(ts, len(sources), sum(len(ids) + 1 for ids in outputs[label]))  # with EOS
-        for label, ts in times.items()
-    }
+    outputs, times, rows = common.time_translations(runs, repeats)
     ratios: dict[str, Any] = {}
     for beam in beams:
         kind = common.search_kind(beam)

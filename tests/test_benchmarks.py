@@ -81,6 +81,21 @@ def test_decoding_markdown_tables_rows_and_bolds_only_speedups() -> None:
     assert [common.search_kind(b) for b in (1, 4)] == ["greedy", "beam 4"]
 
 
+def test_time_translations_warms_up_once_and_counts_each_eos() -> None:
+    calls = []
+    runs = {
+        "a": lambda: calls.append("a") or time.sleep(0.002) or [[5, 6], [7]],
+        "b": lambda: calls.append("b") or time.sleep(0.002) or [[], [8, 9, 10]],
+    }
+    outputs, times, rows = common.time_translations(runs, repeats=2)
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # the warm-up, then rounds in turn, reversed every other
+    assert outputs == {"a": [[5, 6], [7]], "b": [[], [8, 9, 10]]}
+    assert [len(ts) for ts in times.values()] == [2, 2]
+    a, b = (common.median(times[label]) for label in ("a", "b"))
+    assert rows["a"]["tokens_per_s"] == round((3 + 2) / a)  # two sentences: 3 tokens and 2 EOS
+    assert rows["b"]["tokens_per_s"] == round((3 + 2) / b) and rows["b"]["sentences_per_s"] == round(2 / b, 1)
+
+
 def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
     machine = common.machine_info()
