@@ -21,6 +21,7 @@ from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
 from transformer.evaluate import score
 from transformer.precision import decoding_cache_dtype
+from transformer.rundir import run_record
 from transformer.train import Progress, Window, train
 from transformer.translate import Translator
 
@@ -109,6 +110,37 @@ def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys, monkeypatch) -
         == 0
     )
     assert searched == [(2, 2.0)]
+
+
+def test_evaluate_finds_a_relative_data_dir_from_elsewhere(
+    run_dir: Path, data_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # A run trained from its project directory with data_dir=data/multi30k records the absolute path too:
+    # `evaluate` run from another directory reads the data through it.
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["data_dir_absolute"] == str(data_dir.resolve())
+    monkeypatch.chdir(data_dir.parent)
+    relative = run_record({}, {"data_dir": data_dir.name}, "", {})
+    assert relative["data_dir_absolute"] == str(data_dir.resolve())
+
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    record["train"]["data_dir"] = data_dir.name
+    (moved / "config.json").write_text(json.dumps(record))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--checkpoint", str(moved), "--beam", "1", "--json"]) == 0
+    sources, references = read_lines(data_dir / "test2016.de"), read_lines(data_dir / "test2016.en")
+    expected = score(Translator.from_checkpoint(run_dir).translate(sources, beam=1), references)
+    assert json.loads(capsys.readouterr().out) == expected.to_dict()
+
+    # Without the absolute path (runs written before it was recorded) the error says where it looked.
+    del record["data_dir_absolute"]
+    (moved / "config.json").write_text(json.dumps(record))
+    assert main(["evaluate", "--checkpoint", str(moved)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: data directory {data_dir.name} does not exist (looked for from {elsewhere})"
 
 
 def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -48,14 +48,30 @@ def data_sha256(pairs: Sequence[tuple[str, str]]) -> str:
 def run_record(
     model: dict[str, Any], train: dict[str, Any], tokenizer_sha256: str, data: dict[str, str]
 ) -> dict[str, Any]:
-    """The contents of config.json: enough to rebuild the model, and to recognise the run on resume."""
+    """The contents of config.json: enough to rebuild the model, and to recognise the run on resume.
+
+    `train["data_dir"]` stays as it was given, often relative to where training ran (`data/multi30k`);
+    `data_dir_absolute` beside it lets the commands that read the run's data (`evaluate`, `doctor`) find
+    it from another directory (`with_reachable_data`)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model,
         "train": train,
         "tokenizer_sha256": tokenizer_sha256,
         "data_sha256": data,
+        "data_dir_absolute": str(Path(train["data_dir"]).resolve()),
     }
+
+
+def reachable_data_dir(saved: dict[str, Any]) -> str:
+    """The run's data directory as this process can reach it: as given at training time when that path
+    exists from here, else the absolute path recorded beside it if that exists (a relative path is
+    relative to where training ran), else as given, for the reader's error to name."""
+    given = saved["train"]["data_dir"]
+    absolute = saved.get("data_dir_absolute")  # not in runs written before 2026-12-03
+    if not Path(given).is_dir() and absolute and Path(absolute).is_dir():
+        return absolute
+    return given
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from transformer.errors import TransformerError
 from transformer.model import Transformer, build_model
 from transformer.packing import pack_linears
 from transformer.precision import decoding_cache_dtype, weight_dtype
-from transformer.rundir import read_run_record
+from transformer.rundir import reachable_data_dir, read_run_record
 from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, generate
 
 MAX_TOKENS = 6000  # source rows × beam per batch: what a batch of translations may hold
@@ -207,13 +207,15 @@ class Translator:
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
-    """Read the configs a training run wrote to run_dir/config.json."""
+    """Read the configs a training run wrote to run_dir/config.json, its data directory as reachable from
+    here (`reachable_data_dir`)."""
     saved = read_run_record(run_dir)
     path = run_dir / "config.json"
     model_class = model_config_class(saved["train"].get("model", "transformer"))
+    train = {**saved["train"], "data_dir": reachable_data_dir(saved)}
     return (
         config_from_dict(model_class, saved["model"], source=str(path)),
-        config_from_dict(TrainConfig, saved["train"], source=str(path)),
+        config_from_dict(TrainConfig, train, source=str(path)),
     )
 
 

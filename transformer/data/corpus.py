@@ -64,7 +64,8 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     """The source and target files of a split, named `{split}.{lang}` or `{split}.{lang}.gz`."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise TransformerError(f"data directory {data_dir} does not exist")
+        where = "" if data_dir.is_absolute() else f" (looked for from {Path.cwd()})"
+        raise TransformerError(f"data directory {data_dir} does not exist{where}")
 
     def find(lang: str) -> Path:
         found = [p for p in (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz") if p.is_file()]
