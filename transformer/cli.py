@@ -1,4 +1,4 @@
-"""The `transformer` command: train, translate, evaluate, average, doctor, serve, export.
+"""The `transformer` command: train, translate, evaluate, doctor, compare, average, serve, export, report.
 
 Every user error surfaces as one line on stderr and a non-zero exit status, never a traceback.
 """
