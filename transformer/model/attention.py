@@ -26,15 +26,12 @@ def scaled_dot_product_attention(
     """softmax(QKᵀ/√d_k)·V, written out; returns (output, weights). `is_causal` lets query i see keys
     0 … i only (on top of `mask`), as torch's `is_causal` does.
 
-    This is the readable reference, the path that can return the weights, and bf16 training's path on
-    the CPU (`fused_attention`). Masked positions are set to -inf before the softmax, so they receive
-    exactly zero weight (exp(-inf) = 0), not a small number as with a -1e9 fill. A query whose every key
-    is masked would give 0/0 = NaN; such a row instead attends to every key and is then multiplied by
-    zero, so it gets zero weights and a zero output, and no NaN reaches the gradients. That fix is worked
-    out on the boolean mask, smaller than the scores by the heads (or the batch): done instead as two
-    more `masked_fill`s of scores and weights, it cost this function 1.1-1.35x in forward + backward
-    (the shapes of `benchmarks/attention.py`, 24 to 1,024 keys, bf16 and fp32) and a bf16 training step
-    on 8 sentences of 256 tokens 1.09x (Zen 5, interleaved; no change on Multi30k's short sentences).
+    The readable reference, the path that can return the weights, and bf16 training's path on the CPU
+    (`fused_attention`). Masked scores are set to -inf, so masked keys get exactly zero weight, not the
+    small one a -1e9 fill leaves. A query with no key to attend to (0/0 = NaN) instead attends to every
+    key and is then multiplied by zero: zero weights, zero output, no NaN in the gradients. That is
+    worked out on the boolean mask, smaller than the scores, not by two more `masked_fill`s of scores
+    and weights, which cost 1.1-1.35× (benchmarks/README.md).
     """
     d_k = q.size(-1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (batch, heads, q_len, k_len)
@@ -59,50 +56,19 @@ def fused_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
 ) -> Tensor:
-    """The same function through torch's fused kernel (flash / memory-efficient), which never materialises
-    the (q_len, k_len) weights. On CPU it returns zeros for fully masked rows, like the explicit path. With
-    dropout on the weights (`attention_dropout` > 0) torch's CPU kernel gives way to its own written-out
-    math, as the explicit path does.
+    """The same function through torch's fused kernel (flash / memory-efficient), which never writes the
+    (q_len, k_len) weights out. On the CPU it gives fully masked rows zeros, like the explicit path; with
+    dropout on the weights (`attention_dropout` > 0) torch's CPU kernel falls back to written-out math.
 
     One exception: bf16 training on the CPU runs the explicit path, in bf16, up to
-    `_BF16_CPU_BACKWARD_MAX_KEYS` keys. torch's CPU flash-attention *backward* is slow in bf16 at
-    translation lengths, and there writing the weights out costs less than any kernel. Forward + backward
-    of one self-attention call with padding and causal masks, ~2,560 query positions in rows of `keys`,
-    4 heads of 64 (`python benchmarks/attention.py --repeats 20`, 2 cores of a Zen 5 EPYC; median ms):
-
-        keys                          12    48    192   768   1024  2048
-        bf16, explicit                3.8   3.9   7.5   25    26    53
-        bf16 kernel                   27    17    16    34    39    73
-        bf16 cast to the fp32 kernel  6.6   7.2   14    44    52    97
-        fp32 kernel (fp32 training)   5.9   6.2   14    43    54    96
-
-    Against the cast to fp32 (which this path replaced) whole bf16 training steps on Multi30k batches
-    ran 1.11× as fast. The price is that scores and weights are rounded to bf16 (the softmax itself
-    computes in fp32): a trained small model's gradients on four validation batches came 5.3 % off
-    float64's in norm, against 4.7 % with the fp32 kernel (most of either from the bf16 linear layers).
-    Past 1,024 keys the bf16 kernel runs although the explicit path is still faster there: the weights
-    grow with the square of the length and every attention call keeps them for the backward pass (that
-    one call's peak memory grew by 172 MB at 2,048 keys, the kernel's by 51 MB).
-
-    Inference keeps the kernel, in bf16 too, although the explicit path is faster there call for call
-    (`--inference`: 1.3-1.9× on the shapes above, 2-3.5× on a decoding step's one query per row):
-    decoding with it was 1.08-1.18× as fast on `benchmarks/decode.py`'s random batches, but translating
-    test2016 with a trained model (`translate`'s batches of ~400 sentences) not at all, beam 4 0.9×
-    (its attention took 1.46-1.53 s against the kernel's 1.20-1.27 s). Part of that is a copy: the
-    cached cross-attention keys and values are laid out per position, and the explicit products copy
-    them at every step (2.7× the time of contiguous ones for 400 sources). Cached per head instead, the
-    explicit path ran 0.95-1.10× the kernel on those translations, greedy and beam 4 (interleaved):
-    still no gain that holds, so neither change was kept. What did pay in bf16 decoding on a CPU without
-    AMX is the kernel in fp32, on a cache kept in fp32 (`KVCache.dtype`; translating those sentences
-    1.27× as fast greedy and 1.12× in beam 4; `transformer.precision.decoding_cache_dtype`).
-
-    `is_causal` (the decoder's self-attention over a whole target) lets the kernel skip the blocks above
-    the diagonal instead of reading a mask: forward + backward of 4 heads of 64, the same results, ran
-    1.0× as fast at 24 positions, 1.2-1.5× at 256-1,024 and 1.8× at 2,048 (fp32, Zen 3, by hand). Whole
-    training steps of the small model, batch 2 (interleaved, 6-12 rounds): 1.03× at 512 positions,
-    1.00-1.04× at 1,024, 1.11-1.14× at 2,048; on Multi30k's batches 1.00×. On CUDA it matters more: torch's
-    flash kernel takes no mask, so a causal mask written out sends the call to a slower kernel (unmeasured
-    here, no GPU having been lent).
+    `_BF16_CPU_BACKWARD_MAX_KEYS` keys. There torch's flash backward is slow in bf16, and writing the
+    weights out costs less than any kernel: forward + backward of one call took 3.8-53 ms against the
+    bf16 kernel's 16-73 ms and the fp32 kernel's 5.9-96 ms (12 to 2,048 keys, Zen 5), and whole bf16
+    steps ran 1.11× as fast, at the price of scores and weights rounded to bf16. Past that length the
+    weights every call keeps for the backward pass take too much memory. Inference keeps the kernel: the
+    explicit path is faster call for call but translated real text no faster. `is_causal` lets the kernel
+    skip the blocks above the diagonal instead of reading a mask. The measurements behind each choice
+    are in benchmarks/README.md ("Each speed change").
     """
     if (
         q.dtype in (torch.bfloat16, torch.float16)
@@ -236,9 +202,7 @@ class MultiHeadAttention(nn.Module):
     In self-attention, where Q, K and V are projections of the same x, `fuse_qkv` stacks W_Q, W_K and W_V
     at call time and projects x once (one larger matmul, one read of x); the parameters stay the paper's
     three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off:
-    paired per round on a 2-core CPU, whole training steps ran 0.96-1.03× as fast fused (small and base,
-    random and real batches, four runs; benchmarks/train_step.py) and cached decoding 0.94-1.05× (decode.py
-    runs of 2026-12-01 and -02, in RESULTS.md's history at commit 22c2dc9): no gain.
+    neither training steps nor cached decoding measured faster with it (0.94-1.05×, benchmarks/README.md).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:
