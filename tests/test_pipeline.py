@@ -219,6 +219,29 @@ def test_settings_from_overrides_and_yaml(tmp_path: Path) -> None:
     assert model == {"dropout": 0.3, "d_model": 64, "n_heads": 2}
 
 
+def test_model_settings_are_checked_against_the_preset_and_misspellings_get_a_suggestion() -> None:
+    _, model = load_train_settings(None, {"d_model": "252"})  # 4 heads in the small preset: 63 each
+    assert model == {"d_model": 252}
+    with pytest.raises(TransformerError, match="d_model=252 must be divisible by n_heads=8"):
+        load_train_settings(None, {"d_model": "252", "preset": "base"})
+    with pytest.raises(TransformerError, match="did you mean 'time_budget_minutes'"):
+        load_train_settings(None, {"time_budget_minute": "3"})
+
+
+def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--resume` alone takes the settings the run started with (not the defaults); settings given with it
+    change them where a resume may (`max_steps`), and are refused where it may not."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["train", "--out", str(run), "--resume", "d_model=64"]) == 2
+    assert "the model config differs (d_model: 32 -> 64)" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # its budget is spent: nothing to train
+    assert "nothing to train: the run's budget is spent at step 30" in capsys.readouterr().out
+    assert [r["step"] for r in records(run, "train")][-1] == 30
+    assert main(["train", "--out", str(run), "--resume", "max_steps=40"]) == 0
+    assert [r["step"] for r in records(run, "valid")] == [15, 30, 40]
+
+
 def test_the_command_re_executes_before_it_imports_torch() -> None:
     """`transformer` re-executes itself with the allocator setting at the start of `main`: torch imported
     before that would be imported twice (2.3 s of every command on 2 cores). The package's own names still

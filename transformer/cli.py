@@ -7,29 +7,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_from_dict, model_config_class
+from transformer.config import (
+    RNNConfig,
+    TrainConfig,
+    TransformerConfig,
+    config_from_dict,
+    config_to_dict,
+    model_config_class,
+)
 from transformer.errors import TransformerError
 
 DEFAULT_OUT = "runs/multi30k-{src_lang}-{tgt_lang}"
 
 
+# Model settings the trainer sets from the tokenizer: not the user's, and not carried over by a resume.
+SET_BY_TRAINER = frozenset({"src_vocab_size", "tgt_vocab_size", "pad_id"})
+
+
 def load_train_settings(
-    config_file: str | None, overrides: dict[str, str]
+    config_file: str | None, overrides: dict[str, str], base: dict[str, Any] | None = None
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """A recipe (YAML: train keys at the top, model keys under `model:`) plus `key=value` overrides.
 
     An override names a train key, a model key, or `model.KEY`. Returns the TrainConfig and the model
-    overrides (applied once the vocabulary size is known).
+    overrides (applied once the vocabulary size is known). `base`, the config.json of a run to resume,
+    gives the settings the run started with, which the recipe and the overrides then change: `--resume`
+    alone continues the run as it was, `--resume time_budget_minutes=60` gives it more time, and the
+    trainer refuses changes a resume may not make.
     """
     train_values: dict[str, Any] = {}
     model_values: dict[str, Any] = {}
+    if base is not None:
+        from transformer.rundir import reachable_data_dir  # imports torch: not before the re-exec
+
+        train_values.update(base["train"], data_dir=reachable_data_dir(base))
+        model_values.update({k: v for k, v in base["model"].items() if k not in SET_BY_TRAINER})
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -53,8 +74,11 @@ def load_train_settings(
         elif key in model_keys:
             model_values[key] = value
         else:
+            close = difflib.get_close_matches(key, sorted(train_keys | model_keys), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise TransformerError(
-                f"unknown setting {key!r}: not a train or model key (see `transformer train --help`)"
+                f"unknown setting {key!r}: not a train or model key ({hint}`transformer train --help` "
+                "lists them)"
             )
     tc = config_from_dict(TrainConfig, train_values, source=config_file or "overrides")
     TransformerConfig.preset(tc.preset)  # an unknown preset is an error now, not after the tokenizer
@@ -62,15 +86,22 @@ def load_train_settings(
     unknown = sorted(set(model_values) - {f.name for f in dataclasses.fields(family)})
     if unknown:
         raise TransformerError(f"model={tc.model} has no setting(s) {', '.join(unknown)}")
-    checked = config_from_dict(family, model_values, source="model settings")  # types checked here
+    # Types and constraints are checked here, against the preset the values change (d_model=252 suits the
+    # small preset's 4 heads, not the 8 of TransformerConfig's defaults).
+    start = config_to_dict(TransformerConfig.preset(tc.preset)) if family is TransformerConfig else {}
+    checked = config_from_dict(family, {**start, **model_values}, source="model settings")
     return tc, {key: getattr(checked, key) for key in model_values}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from transformer.rundir import read_run_record
     from transformer.train import parse_overrides, train
 
-    tc, model_overrides = load_train_settings(args.config, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    tc, model_overrides = load_train_settings(args.config, overrides)
     out = Path(args.out or DEFAULT_OUT.format(src_lang=tc.src_lang, tgt_lang=tc.tgt_lang))
+    if args.resume and (out / "config.json").is_file():  # go on with the run's own settings
+        tc, model_overrides = load_train_settings(args.config, overrides, read_run_record(out))
     results = train(tc, model_overrides, out, resume=args.resume)
     print(f"wrote {out} (best weights: {out / 'best.safetensors'})")
     if args.json:
@@ -217,11 +248,36 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _settings_help() -> str:
+    """Every KEY=VALUE setting `train` takes, with its default: the list an unknown key points to."""
+
+    def listing(config: Any, skip: frozenset[str] = frozenset()) -> str:
+        items = [f"{key}={value}" for key, value in config_to_dict(config).items() if key not in skip]
+        return textwrap.fill(" ".join(items), width=100, initial_indent="  ", subsequent_indent="  ")
+
+    return "\n".join(
+        [
+            "training settings (KEY=VALUE, or in a YAML recipe), with their defaults:",
+            listing(TrainConfig()),
+            "Transformer settings (over the preset; here preset=small's):",
+            listing(TransformerConfig.preset("small"), SET_BY_TRAINER),
+            "RNN settings (model=rnn, birnn or rnn-attention):",
+            listing(RNNConfig(), SET_BY_TRAINER | {"kind"}),
+            "A key in two lists (max_len) sets the training one; model.KEY sets the model's.",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (default: the bundled Multi30k de→en recipe)")
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: the bundled Multi30k de→en recipe)",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. src_lang=en tgt_lang=de d_model=512"
     )

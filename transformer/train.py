@@ -457,6 +457,11 @@ class TrainingLoop:
         with _stop_on_signals() as stop_signal, ExitStack() as bars:
             self.model.train()
             stop = self.out_of_time()  # a resumed run may have used its budget already
+            if stop or self.progress.epoch >= self.tc.max_epochs:
+                tqdm.write(
+                    f"nothing to train: the run's budget is spent at step {self.progress.step} (raise "
+                    "time_budget_minutes, max_steps or max_epochs to go on); averaging and scoring again"
+                )
             while not stop and self.progress.epoch < self.tc.max_epochs:
                 stop = self.epoch(train_data, stop_signal, bars)
                 if self.out_of_time():
