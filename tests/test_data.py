@@ -108,6 +108,10 @@ def test_corpus_paths_finds_plain_or_gz(tmp_path: Path) -> None:
     assert corpus_paths(tmp_path, "val", "de", "en") == (tmp_path / "val.de", tmp_path / "val.en.gz")
     with pytest.raises(TransformerError, match=r"neither val\.fr nor val\.fr\.gz found"):
         corpus_paths(tmp_path, "val", "de", "fr")
+    # A wrong split name is answered with the splits there are, in either layout.
+    write(tmp_path / "test2016.de-en.tsv.gz", "x\tx\n")
+    with pytest.raises(TransformerError, match=re.escape("(its de-en splits: test2016, val)")):
+        corpus_paths(tmp_path, "valid", "de", "en")
     write(tmp_path / "val.de.gz", "x\n")
     with pytest.raises(TransformerError, match=re.escape("both val.de and val.de.gz")):
         corpus_paths(tmp_path, "val", "de", "en")

@@ -22,7 +22,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import score
 from transformer.precision import decoding_cache_dtype
 from transformer.rundir import run_record
-from transformer.train import Progress, Window, train
+from transformer.train import MetricsLog, Progress, Window, build_tokenizer, train
 from transformer.translate import Translator
 
 
@@ -149,6 +149,14 @@ def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys)
     out = tmp_path / "averaged"
     assert main(["average", "--checkpoints", *map(str, steps), "--out", str(out)]) == 0
     assert Translator.from_checkpoint(out).translate(["Ein Hund."], beam=1)[0] is not None
+    assert capsys.readouterr().out == f"averaged 2 checkpoints into {out / 'best.safetensors'}\n"
+    # One checkpoint is a copy, said so; one named twice would count twice, refused.
+    single = tmp_path / "single.safetensors"
+    assert main(["average", "--checkpoints", str(steps[0]), "--out", str(single)]) == 0
+    captured = capsys.readouterr()
+    assert "the result is a copy of it" in captured.err and "averaged 1 checkpoint into" in captured.out
+    assert main(["average", "--checkpoints", str(steps[0]), str(steps[0]), "--out", str(single)]) == 2
+    assert "a checkpoint is named twice" in capsys.readouterr().err
 
 
 def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -200,10 +208,20 @@ def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path:
         train(tiny_recipe(data_dir, max_steps=40), {**TINY_MODEL, "d_model": 48}, run, resume=True)
 
 
-def test_same_seed_same_losses(data_dir: Path, tmp_path: Path) -> None:
+def test_a_smaller_vocabulary_than_asked_for_is_announced(data_dir: Path, tmp_path: Path, capsys) -> None:
+    pairs = list(zip(read_lines(data_dir / "val.de"), read_lines(data_dir / "val.en"), strict=True))
+    tokenizer = build_tokenizer(
+        pairs, tiny_recipe(data_dir, vocab_size=8000), tmp_path, MetricsLog(tmp_path / "m")
+    )
+    assert tokenizer.vocab_size < 8000
+    assert f"vocabulary: {tokenizer.vocab_size} pieces, fewer than vocab_size=8000" in capsys.readouterr().out
+
+
+def test_same_seed_same_losses(data_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = tiny_recipe(data_dir, max_steps=10, eval_every=0, test_split="", average_last=0)
     for name in ("a", "b"):
         train(recipe, TINY_MODEL, tmp_path / name)
+    assert "\r" not in capsys.readouterr().err  # no progress bar redrawn into what is not a terminal
     assert records(tmp_path / "a", "train") and [r["loss"] for r in records(tmp_path / "a", "train")] == [
         r["loss"] for r in records(tmp_path / "b", "train")
     ]

@@ -150,12 +150,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.source and args.reference):
             raise TransformerError("--source and --reference go together")
         pairs = read_parallel(args.source, args.reference)
+        scored = args.source
     else:
-        pairs = read_split(tc.data_dir, args.split or tc.test_split, tc.src_lang, tc.tgt_lang)
+        scored = args.split or tc.test_split
+        pairs = read_split(tc.data_dir, scored, tc.src_lang, tc.tgt_lang)
     sources, references = [s for s, _ in pairs], [r for _, r in pairs]
     hypotheses = translator.translate(sources, args.beam, args.length_penalty)
     scores = score(hypotheses, references)
-    print(json.dumps(scores.to_dict(), indent=2) if args.json else str(scores))
+    if args.json:
+        print(json.dumps(scores.to_dict(), indent=2))
+    else:  # what was scored, as training's own report names it
+        beam = tc.beam if args.beam is None else args.beam
+        search = "greedy" if beam == 1 else f"beam {beam}"
+        print(f"{args.checkpoint} ({args.name}), {scored}, {search}:\n{scores}")
     return 0
 
 
@@ -165,6 +172,10 @@ def cmd_average(args: argparse.Namespace) -> int:
     from transformer import checkpoint
 
     paths = [checkpoint.checkpoint_path(Path(p)) for p in args.checkpoints]
+    if len(set(paths)) < len(paths):
+        raise TransformerError("a checkpoint is named twice: each would count twice in the average")
+    if len(paths) == 1:
+        print(f"warning: one checkpoint given, {paths[0]}: the result is a copy of it", file=sys.stderr)
     weights = checkpoint.average_weights(paths)
     out = Path(args.out)
     if out.suffix != ".safetensors":  # a run directory: copy what a Translator needs beside the weights
@@ -174,7 +185,7 @@ def cmd_average(args: argparse.Namespace) -> int:
                 shutil.copy2(paths[0].parent / name, out / name)
         out = out / "best.safetensors"
     checkpoint.save_weights(out, weights)
-    print(f"averaged {len(paths)} checkpoints into {out}")
+    print(f"averaged {len(paths)} checkpoint{'s' if len(paths) > 1 else ''} into {out}")
     return 0
 
 
@@ -319,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="print the N best translations of each line, one per output line as "
                 "'LINE<TAB>SCORE<TAB>TRANSLATION' (LINE counted from 0, as in fairseq's and Moses' n-best "
-                "lists; SCORE the log-probability over the length penalty); the beam is at least N",
+                "lists; SCORE the log-probability over the length penalty); the beam is raised to N unless "
+                "--beam is given, which must then be at least N",
             )
             p.add_argument(
                 "--strict",
@@ -331,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", help="a split of the run's data directory (default: its test split)")
             p.add_argument("--source", help="source file (with --reference)")
             p.add_argument("--reference", help="reference file (with --source)")
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
     p = sub.add_parser(
         "doctor", help="check a trained checkpoint: masks, cache, determinism, bf16, tokenizer"
@@ -345,8 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every run (as for train)")
     p.add_argument("--config", help="a YAML recipe for every run (default: the bundled Multi30k one)")
-    p.add_argument("--models", nargs="+", default=["transformer", "rnn", "birnn", "rnn-attention"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["transformer", "rnn", "birnn", "rnn-attention"],
+        help="the model families to train (default: transformer rnn birnn rnn-attention)",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[1, 2, 3], help="one run per seed and family (default: 1 2 3)"
+    )
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget of each run")
     p.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each on an equal share of the cores (default 1)"

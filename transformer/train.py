@@ -15,6 +15,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -109,6 +110,11 @@ def build_tokenizer(
     if mismatches:
         tqdm.write(
             f"warning: {len(mismatches)} of {len(texts)} training lines do not survive decode(encode(text))"
+        )
+    if tokenizer.vocab_size < tc.vocab_size:  # SentencePiece stops where the corpus has no more pieces
+        tqdm.write(
+            f"vocabulary: {tokenizer.vocab_size} pieces, fewer than vocab_size={tc.vocab_size}: "
+            f"the training text holds no more"
         )
     return tokenizer
 
@@ -479,7 +485,7 @@ class TrainingLoop:
             desc=f"epoch {p.epoch + 1}",
             leave=False,
             dynamic_ncols=True,
-            disable=not distributed.is_main(),
+            disable=not (distributed.is_main() and sys.stderr.isatty()),  # no redraws in a log file
         )
         bars.callback(bar.close)
         # A step takes `accumulate` batches per process; `p.batch` counts the batches of all processes.

@@ -70,7 +70,11 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     def find(lang: str) -> Path:
         found = [p for p in (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz") if p.is_file()]
         if not found:
-            raise TransformerError(f"neither {split}.{lang} nor {split}.{lang}.gz found in {data_dir}")
+            present = splits_in(data_dir, src_lang, tgt_lang)
+            listing = f" (its {src_lang}-{tgt_lang} splits: {', '.join(present)})" if present else ""
+            raise TransformerError(
+                f"neither {split}.{lang} nor {split}.{lang}.gz found in {data_dir}{listing}"
+            )
         if len(found) == 2:
             # Silently picking one could train on a stale copy; the user knows which one is current.
             raise TransformerError(
@@ -79,6 +83,18 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
         return found[0]
 
     return find(src_lang), find(tgt_lang)
+
+
+def splits_in(data_dir: str | Path, src_lang: str, tgt_lang: str) -> list[str]:
+    """The splits a data directory holds for a language pair, in either layout, sorted: what to suggest
+    when a split name is wrong."""
+    found = set()
+    for path in Path(data_dir).iterdir():
+        name = path.name.removesuffix(".gz")
+        for suffix in (f".{src_lang}-{tgt_lang}.tsv", f".{src_lang}"):
+            if name.endswith(suffix) and name != suffix:
+                found.add(name.removesuffix(suffix))
+    return sorted(found)
 
 
 def read_split(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
