@@ -107,6 +107,48 @@ def test_bad_requests_get_a_clear_4xx(client: TestClient, body: bytes, status: i
     assert message in answer.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message", "allow"),
+    [
+        ("GET", "/nope", 404, "GET /nope: Not Found", None),
+        ("GET", "/static/nope.js", 404, "GET /static/nope.js: Not Found", None),
+        ("GET", "/translate", 405, "GET /translate: Method Not Allowed (allowed: POST)", "POST"),
+        ("DELETE", "/health", 405, "DELETE /health: Method Not Allowed (allowed: GET)", "GET"),
+    ],
+)
+def test_unknown_paths_and_wrong_methods_answer_an_error_line_too(
+    client: TestClient, method: str, path: str, status: int, message: str, allow: str | None
+) -> None:
+    """FastAPI's own errors would answer {"detail": ...}: a client reading "error" would find nothing."""
+    answer = client.request(method, path)
+    assert answer.status_code == status, answer.text
+    assert answer.json() == {"error": message}
+    assert answer.headers.get("allow") == allow  # a 405 keeps its Allow header
+
+
+def test_invalid_parameters_and_crashes_answer_an_error_line_too(translator: Translator) -> None:
+    """No route takes typed parameters today; one added later must answer {"error": ...} as well, and so
+    must a model call that fails (a 500, not Starlette's plain "Internal Server Error")."""
+    app = create_app(translator, LIMITS)
+
+    @app.get("/typed")
+    async def typed(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("out of memory")
+
+    app.state.batcher.engine.run = broken
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/typed", params={"n": 3}).json() == {"n": 3}
+        answer = client.get("/typed", params={"n": "three"})
+        assert answer.status_code == 422
+        assert answer.json()["error"].startswith("query.n: Input should be a valid integer")
+        answer = client.post("/translate", json={"sentences": ["Ein Mann."]})
+        assert answer.status_code == 500
+        assert answer.json() == {"error": "internal error (RuntimeError); see the server's log"}
+
+
 def test_health_and_page(client: TestClient, translator: Translator) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["attention"] is True

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
 
 from transformer.data.batching import collate
 from transformer.model import Transformer
@@ -265,9 +267,31 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
     app.state.batcher = batcher = Batcher(engine, limits)
     default_beam = min(engine.train_config.beam, limits.max_beam)
 
+    # Every error answers {"error": "<one line>"}, as README promises: the service's own (RequestError)
+    # and the framework's (unknown path, wrong method, invalid parameters, a crash), which would
+    # otherwise answer {"detail": ...} or plain text, so a client needs one way to read errors.
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        allowed = (error.headers or {}).get("Allow")
+        if allowed:
+            message += f" (allowed: {allowed})"
+        # The headers stay: a 405 must name the allowed methods in Allow.
+        return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _first_error(error.errors())}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        # The traceback goes to the server's log (Starlette re-raises after answering), not to the client.
+        message = f"internal error ({type(error).__name__}); see the server's log"
+        return JSONResponse({"error": message}, status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -300,10 +324,8 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
         try:
             query = TranslateRequest.model_validate_json(body)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            status = 400 if first["type"] == "json_invalid" else 422
-            raise RequestError(status, f"{where}: {first['msg']}") from None
+            status = 400 if error.errors()[0]["type"] == "json_invalid" else 422
+            raise RequestError(status, _first_error(error.errors())) from None
         beam = default_beam if query.beam is None else query.beam
         if not 1 <= beam <= limits.max_beam:
             raise RequestError(422, f"beam must be between 1 and {limits.max_beam}, got {beam}")
@@ -333,6 +355,14 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _first_error(errors: Sequence[Any]) -> str:
+    """One line for a list of pydantic errors: the first one, with where it is (`beam: Input should be a
+    valid integer`); the client fixes one thing at a time, and a line reads better than the whole list."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
