@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from conftest import TINY_MODEL, tiny_recipe
+from conftest import BUNDLED, TINY_MODEL, tiny_recipe
 
 from transformer.cli import main
-from transformer.compare import MODELS, CompareSettings, count_parameters, model_overrides, verdicts
+from transformer.compare import (
+    MODELS,
+    CompareSettings,
+    compare,
+    count_parameters,
+    is_bundled_multi30k,
+    model_overrides,
+    verdicts,
+)
 from transformer.config import RNNConfig, TransformerConfig
 
 
@@ -49,6 +58,31 @@ def test_compare_trains_every_model_and_writes_the_card(data_dir: Path, tmp_path
     assert json.loads((tmp_path / "again.json").read_text()) == rows
 
 
+def test_the_card_states_the_corpus_and_the_vocabulary_the_runs_actually_used(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A custom corpus is not Multi30k, and a small one trains fewer pieces than vocab_size asks for: the
+    card must say what the runs used, not what the default recipe would have."""
+    recipe = tiny_recipe(data_dir, vocab_size=4000, max_steps=2, eval_every=2, average_last=1)
+    settings = CompareSettings(
+        models=("transformer",), seeds=(1,), base=recipe, transformer_overrides=tuple(TINY_MODEL.items())
+    )
+    card = tmp_path / "card.md"
+    text = compare(settings, tmp_path / "runs", card, "transformer compare …")
+    metrics = (tmp_path / "runs" / "transformer-seed1" / "metrics.jsonl").read_text().splitlines()
+    trained = next(r["vocab_size"] for r in map(json.loads, metrics) if r["event"] == "tokenizer")
+    assert trained < 4000  # 200 sentence pairs cannot fill 4000 pieces
+    description = text.splitlines()[2]
+    assert description.startswith(f"`{data_dir}` de→en, same pipeline for every model (joint {trained} ")
+    assert f"joint {trained} SentencePiece vocabulary, 4000 asked for," in description
+    assert "Multi30k" not in description
+    assert "| published" not in text  # the published figures are Multi30k's, not this corpus's
+    assert "| test2016 BLEU lowercased, greedy |" in text  # the test split's own name
+    assert json.loads(card.with_suffix(".json").read_text())[0]["vocab_size"] == trained
+    assert is_bundled_multi30k(replace(recipe, data_dir=str(BUNDLED / ".." / "multi30k")))
+    assert not is_bundled_multi30k(recipe)
+
+
 def test_verdicts_judge_lowercased_greedy_bleu_and_name_each_side_s_parameters() -> None:
     def rows(bleu: float, params: int) -> list[dict[str, float]]:
         return [{"beam1_bleu_lc": bleu + delta, "parameters": params} for delta in (-1.0, 1.0)]
@@ -58,3 +92,5 @@ def test_verdicts_judge_lowercased_greedy_bleu_and_name_each_side_s_parameters()
         "- RNN encoder–decoder: 21.00 beats the published GRU encoder–decoder (notebook 2) figure 20.6.",
         "- Transformer vs RNN encoder–decoder: +9.00 BLEU (lowercased, greedy) at 2.00M vs 1.80M parameters.",
     ]
+    # On another corpus the published figures say nothing about these runs: only the gap is judged.
+    assert verdicts({"transformer": rows(30.0, 2_000_000), "rnn": rows(21.0, 1_800_000)}, False) == lines[1:]
