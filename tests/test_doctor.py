@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 
 from transformer.cli import main
 from transformer.doctor import run_checks
 from transformer.model import transformer as transformer_module
+from transformer.train import train
 
 
 def test_a_trained_checkpoint_passes(run_dir: Path, capsys) -> None:
@@ -23,3 +25,14 @@ def test_a_decoder_that_sees_the_future_fails(run_dir: Path, monkeypatch: pytest
     assert {"decoder cannot see future tokens", "cached == full decoding"} <= failed
     assert main(["doctor", "--checkpoint", str(run_dir)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {len(failed)} check(s) failed")
+
+
+def test_an_attention_lstm_passes(data_dir: Path, tmp_path: Path) -> None:
+    """The recurrent model whose checks failed: NaN from attention over a fully padded source (with either
+    scoring; dot here), and an LSTM that crashed under bf16 autocast on a CPU without native bf16."""
+    recipe = tiny_recipe(data_dir, model="rnn-attention", max_steps=6, eval_every=3, test_split="")
+    train(recipe, {"cell": "lstm", "attention": "dot", "emb_dim": 32, "hidden_size": 32}, tmp_path)
+    checks = {c.name: c.status for c in run_checks(tmp_path)}
+    assert checks.pop("fused == explicit attention") == "skip"  # not a Transformer
+    assert checks["no NaN on fully padded input"] == "pass" and "bf16 agrees with fp32" in checks
+    assert set(checks.values()) == {"pass"}

@@ -11,6 +11,8 @@ import torch
 
 from transformer.config import RNNConfig, TrainConfig
 from transformer.model import RNNSeq2Seq
+from transformer.model.rnn import AdditiveAttention
+from transformer.precision import MixedPrecision, has_native_bf16
 from transformer.search import SearchConfig, beam_search, greedy_search
 from transformer.train import train
 from transformer.translate import Translator
@@ -65,6 +67,75 @@ def test_attention_sums_to_one_and_ignores_padding(scoring: str) -> None:
     weights = record[0]["cross"][:, 0]  # (batch, tgt_len, src_len)
     assert torch.allclose(weights.sum(-1), torch.ones(4, 5))
     assert torch.all(weights[1, :, 4:] == 0) and torch.all(weights[3, :, 2:] == 0)
+
+
+@pytest.mark.parametrize("scoring", ["additive", "dot"])
+def test_a_source_with_no_real_token_gets_zero_attention_and_finite_gradients(scoring: str) -> None:
+    """Rows with a real key get exactly the masked softmax they got before; a row with none (0/0 = NaN)
+    gets zero weights and a zero context, and no NaN reaches the gradients."""
+    torch.manual_seed(0)
+    attention = AdditiveAttention(6, 10, scoring)
+    query = torch.randn(3, 6, requires_grad=True)
+    states = torch.randn(3, 5, 10, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
+    keys = attention.project_keys(states)
+    context, weights = attention(query, keys, states, mask)
+    if scoring == "additive":
+        scores = attention.v(torch.tanh(attention.w_query(query)[:, None] + keys)).squeeze(-1)
+    else:
+        scores = torch.einsum("bsq,bq->bs", keys, query)
+    for row, n in ((0, 5), (1, 2)):
+        expected = torch.softmax(scores[row, :n], -1)  # over the real keys only
+        torch.testing.assert_close(weights[row, :n], expected, rtol=0, atol=1e-7)
+        assert torch.all(weights[row, n:] == 0)
+        torch.testing.assert_close(context[row], expected @ states[row, :n], rtol=0, atol=1e-6)
+    masked = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)  # the formula before the fix
+    assert torch.equal(weights[:2], masked[:2]) and masked[2].isnan().all()
+    assert torch.all(weights[2] == 0) and torch.all(context[2] == 0)
+    context.sum().backward()
+    grads = [query.grad, states.grad, *(p.grad for p in attention.parameters())]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    ("kind", "cell", "scoring"),
+    [(kind, cell, "additive") for kind in ("rnn", "birnn", "rnn-attention") for cell in ("gru", "lstm")]
+    + [("rnn-attention", "gru", "dot"), ("rnn-attention", "lstm", "dot")],
+)
+def test_a_fully_padded_source_is_finite_and_changes_no_other_row(kind: str, cell: str, scoring: str) -> None:
+    """What `transformer doctor` checks (a batch of nothing but padding), inside a batch of real rows:
+    finite logits and gradients, and the other rows' logits as without it."""
+    model = make(kind, cell, attention=scoring)
+    src, tgt = batch()
+    empty = src.clone()
+    empty[2] = PAD
+    logits = model(empty, tgt)
+    torch.testing.assert_close(logits[[0, 1, 3]], model(src[[0, 1, 3]], tgt[[0, 1, 3]]), rtol=0, atol=1e-6)
+    assert torch.isfinite(logits).all() and torch.isfinite(model(torch.full_like(src, PAD), tgt)).all()
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "birnn", "rnn-attention"])
+def test_an_lstm_trains_under_bf16_autocast(kind: str) -> None:
+    """torch sends an fp32 LSTM to oneDNN and autocast casts that call to bf16, which oneDNN cannot run
+    on a CPU without native bf16: there the LSTM runs in fp32 inside the bf16 model. Unpadded (oneDNN)
+    and padded (packed) sources, against the fp32 model."""
+    model = make(kind, "lstm")
+    src, tgt = batch()
+    mixed = MixedPrecision("bf16")
+    for source in (src, src.clamp(min=4)):
+        reference = model(source, tgt)
+        with mixed.autocast():
+            (states, _), _ = model.encode(source)
+            logits = model(source, tgt)
+        assert states.dtype == (torch.bfloat16 if has_native_bf16() else torch.float32)
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.05)
+        model.zero_grad()
+        mixed.backward(logits.float().square().mean())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert all(p.grad is not None for p in model.encoder.parameters())
 
 
 @pytest.mark.parametrize(("kind", "cell"), KINDS)

@@ -15,14 +15,16 @@ cache (here the decoder's hidden state), reordered by index for beam search.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from transformer.config import RNNConfig
 
 AttentionRecord = list[dict[str, Tensor]]
+Hidden = Tensor | tuple[Tensor, Tensor]  # (layers, batch, hidden); an LSTM's is the pair (h, c)
 
 
 @dataclass
@@ -48,6 +50,12 @@ class RNNState:
             self.keys = self.keys.index_select(0, index)
 
 
+@cache
+def _onednn_lacks_bf16() -> bool:
+    """Whether torch would send an LSTM to oneDNN, which cannot run it in bf16 on this CPU (`_recur`)."""
+    return torch.backends.mkldnn.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class AdditiveAttention(nn.Module):
     """score(s, h_j) = vᵀ·tanh(W·s + U·h_j) (Bahdanau), or s·(W·h_j) with `dot` (Luong's 'general')."""
 
@@ -68,12 +76,18 @@ class AdditiveAttention(nn.Module):
     def forward(
         self, query: Tensor, projected_keys: Tensor, values: Tensor, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """query (batch, query_size), mask (batch, src_len) True on real tokens -> context, weights."""
+        """query (batch, query_size), mask (batch, src_len) True on real tokens -> context, weights.
+
+        A fully padded source (0/0 = NaN) attends to every key and is then multiplied by zero, as in
+        `scaled_dot_product_attention`: zero weights, zero context, and no NaN in the gradients, which
+        one such row would otherwise spread to every parameter. Other rows are computed as before."""
         if self.kind == "additive":
             scores = self.v(torch.tanh(self.w_query(query)[:, None, :] + projected_keys)).squeeze(-1)
         else:
             scores = (projected_keys @ query[:, :, None]).squeeze(-1)  # (batch, src_len)
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        has_any_key = mask.any(-1, keepdim=True)  # (batch, 1)
+        scores = scores.masked_fill(~(mask | ~has_any_key), float("-inf"))
+        weights = torch.softmax(scores, dim=-1) * has_any_key  # the rows with no key become zeros
         return (weights[:, None, :] @ values).squeeze(1), weights  # (batch, key_size), (batch, src_len)
 
 
@@ -141,16 +155,41 @@ class RNNSeq2Seq(nn.Module):
         if bool((lengths == src.size(1)).all()):
             # No padding: skip packing, whose backward on CPU grows faster than linearly with the length
             # (4.2 s against 0.31 s for a GRU over 32 sequences of 1,025 tokens).
-            states, final = self.encoder(embedded)
+            states, final = self._recur(self.encoder, embedded)
         else:
             packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-            states, final = self.encoder(packed)
+            states, final = self._recur(self.encoder, packed)
             states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.size(1))
         final_h = final[0] if isinstance(final, tuple) else final  # (layers·dirs, batch, hidden)
         directions = 2 if self.config.kind != "rnn" else 1
         top = final_h.view(self.config.n_layers, directions, src.size(0), -1)[-1]  # (dirs, batch, hidden)
         summary = torch.cat(list(top), dim=-1)  # (batch, dirs·hidden): [forward ; backward]
         return (states, summary), mask
+
+    def _recur(
+        self, rnn: nn.RNNBase, inputs: Tensor | PackedSequence, hidden: Hidden | None = None
+    ) -> tuple[Tensor | PackedSequence, Hidden]:
+        """`rnn(inputs, hidden)`; but an LSTM under CPU bf16 autocast, where oneDNN has no bf16, runs
+        in fp32 with autocast off (the linears around it stay bf16).
+
+        torch hands an fp32 LSTM on unpacked input to oneDNN, and autocast then casts that call
+        (`mkldnn_rnn_layer`, on its CPU bf16 list) to bf16, which oneDNN cannot run on an AVX2 CPU: "could
+        not create a primitive descriptor for the LSTM forward propagation primitive". bf16 weights are
+        not affected (torch checks their dtype before choosing oneDNN, and falls back to its own kernel),
+        nor packed input or GRUs (never sent to oneDNN). fp32 is what `auto` picks on such a CPU anyway,
+        and it keeps the cell state, summed over every step, out of bf16; where oneDNN runs bf16, its bf16
+        LSTM runs as before."""
+        if not (
+            self.config.cell == "lstm"
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and _onednn_lacks_bf16()
+        ):
+            return rnn(inputs, hidden)
+        if isinstance(hidden, tuple):
+            hidden = (hidden[0].float(), hidden[1].float())  # the bridge's output is bf16 under autocast
+        with torch.autocast("cpu", enabled=False):
+            return rnn(inputs.float(), hidden)
 
     def beam_memory(
         self, memory: tuple[Tensor, Tensor], src_mask: Tensor, k: int
@@ -161,7 +200,7 @@ class RNNSeq2Seq(nn.Module):
         repeated = (states.repeat_interleave(k, 0), summary.repeat_interleave(k, 0))
         return repeated, src_mask.repeat_interleave(k, 0)
 
-    def _initial_state(self, summary: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    def _initial_state(self, summary: Tensor) -> Hidden:
         h0 = torch.tanh(self.bridge(summary)) if self.bridge is not None else summary  # (batch, hidden)
         h0 = h0[None].expand(self.config.n_layers, -1, -1).contiguous()  # every layer starts from the summary
         return (h0, torch.zeros_like(h0)) if self.config.cell == "lstm" else h0
@@ -186,7 +225,7 @@ class RNNSeq2Seq(nn.Module):
         if self.attention is None:
             # The context is the same at every step, so the recurrence runs over the whole sequence at once.
             context = summary[:, None, :].expand(-1, tgt.size(1), -1)
-            outputs, hidden = self.decoder(torch.cat([embedded, context], -1), hidden)
+            outputs, hidden = self._recur(self.decoder, torch.cat([embedded, context], -1), hidden)
         else:
             keys = cache.keys if cache is not None else None
             if keys is None:  # the first step, or no cache
@@ -197,7 +236,8 @@ class RNNSeq2Seq(nn.Module):
             for t in range(tgt.size(1)):
                 query = (hidden[0] if isinstance(hidden, tuple) else hidden)[-1]  # top layer, previous step
                 ctx, weights = self.attention(query, keys, states, src_mask)
-                out, hidden = self.decoder(torch.cat([embedded[:, t : t + 1], ctx[:, None]], -1), hidden)
+                step = torch.cat([embedded[:, t : t + 1], ctx[:, None]], -1)
+                out, hidden = self._recur(self.decoder, step, hidden)
                 outputs_list.append(out)
                 contexts.append(ctx)
                 weights_list.append(weights)
