@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from transformer import Transformer
+from transformer import Transformer, precision
 from transformer.errors import TransformerError
 from transformer.precision import MixedPrecision, maybe_compile
 
@@ -97,3 +97,12 @@ def test_cpu_name_and_flags_come_from_cpuinfo(monkeypatch: pytest.MonkeyPatch) -
     assert runtime.cpu_vendor() == "AuthenticAMD"
     monkeypatch.setattr(runtime, "_cpuinfo", lambda: "")  # no /proc/cpuinfo (macOS)
     assert runtime.cpu_flags() == frozenset() and runtime.cpu_name()
+
+
+def test_bf16_without_bf16_instructions_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "has_native_bf16", lambda device_type="cpu": False)
+    assert "several times slower than fp32" in precision.emulation_warning("bf16", "cpu")
+    assert precision.emulation_warning("fp32", "cpu") is None
+    assert precision.emulation_warning("bf16", "cuda") is None
+    monkeypatch.setattr(precision, "has_native_bf16", lambda device_type="cpu": True)
+    assert precision.emulation_warning("bf16", "cpu") is None

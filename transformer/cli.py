@@ -123,6 +123,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from transformer.textio import single_line
     from transformer.translate import Translator
 
+    warn_if_emulated(args.precision)
     translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
     lines = _read_input(args.input, args.strict)
     if args.nbest == 1:
@@ -144,6 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from transformer.evaluate import score
     from transformer.translate import Translator
 
+    warn_if_emulated(args.precision)
     translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
     tc = translator.train_config
     if args.source or args.reference:
@@ -227,6 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from transformer.serve import serve
 
+    warn_if_emulated(args.precision)
     serve(args.checkpoint, args.name, args.host, args.port, args.precision)
     return 0
 
@@ -247,6 +250,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     run_report(Path(args.out), checkpoint, preset=args.preset, only=args.only, log=main_log)
     return 0
+
+
+def warn_if_emulated(precision: str) -> None:
+    """Say so on stderr when --precision bf16 will run slower than fp32 on this CPU."""
+    from transformer.precision import emulation_warning
+
+    note = emulation_warning(precision)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ from transformer.loss import label_smoothed_loss, projected_loss
 from transformer.model import Transformer, build_model
 from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
-from transformer.precision import MixedPrecision, maybe_compile
+from transformer.precision import MixedPrecision, emulation_warning, maybe_compile
 from transformer.runtime import configure_torch
 from transformer.search import SearchConfig
 from transformer.translate import translate_ids
@@ -293,6 +293,8 @@ def train(
     configure_torch(tc.threads)
     device = distributed.init()  # joins the process group under torchrun; see transformer/distributed.py
     mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
+    if note := emulation_warning(tc.precision, device.type):
+        tqdm.write(note)
     # Read the data first: a bad corpus stops the run before anything is written.
     train_pairs, valid_pairs = _read_splits(tc)
     if resume:
