@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,12 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from transformer import Transformer
+from transformer.config import RNNConfig
+from transformer.data.batching import Batch
 from transformer.data.tokenizer import PAD_ID
 from transformer.loss import ROWS_MULTIPLE, label_smoothed_loss, projected_loss
+from transformer.model import RNNSeq2Seq
+from transformer.train import batch_loss
 
 
 def test_label_smoothing_by_hand() -> None:
@@ -95,8 +100,22 @@ def test_projected_rows_come_in_multiples_that_recur() -> None:
     torch.testing.assert_close(loss, plain)
 
 
-def test_unprojected_forward_is_what_the_output_layer_projects() -> None:
+@pytest.mark.parametrize("tie_output", [False, True])
+def test_unprojected_forward_is_what_the_output_layer_projects(tie_output: bool) -> None:
+    """Every model family: the trainer's loss (`batch_loss`, projecting only the predicted positions of
+    the unprojected forward) is the loss of the whole logits."""
     torch.manual_seed(0)
-    model = Transformer(TINY).eval()
-    src, tgt = torch.randint(4, 50, (2, 5)), torch.randint(4, 60, (2, 4))
-    torch.testing.assert_close(model.out_proj(model(src, tgt, project=False)), model(src, tgt))
+    rnn_sizes = {"src_vocab_size": 50, "tgt_vocab_size": 60, "emb_dim": 16, "hidden_size": 24}
+    models = [
+        Transformer(dataclasses.replace(TINY, tie_output=tie_output, share_embeddings=False)),
+        RNNSeq2Seq(RNNConfig(kind="rnn-attention", dropout=0.0, tie_output=tie_output, **rnn_sizes)),
+    ]
+    src, tgt = torch.randint(4, 50, (2, 5)), torch.randint(4, 60, (2, 5))
+    tgt[1, 3:] = PAD_ID
+    batch = Batch(src, tgt[:, :-1], tgt[:, 1:], n_src_tokens=10, n_tgt_tokens=6, padding_fraction=0.0)
+    for model in models:
+        model.eval()
+        logits = model(batch.src, batch.tgt_in)
+        torch.testing.assert_close(model.out_proj(model(src, batch.tgt_in, project=False)), logits)
+        want = label_smoothed_loss(logits, batch.tgt_out, 0.1)
+        torch.testing.assert_close(batch_loss(model, model, batch, 0.1), want)

@@ -117,7 +117,7 @@ class RNNConfig:
     share_embeddings: bool = False
     tie_output: bool = False
     pad_id: int = 0
-    max_len: int = 1024  # longest target the decoding cache is sized for
+    max_len: int = 1024  # longest sequence: longer sources are cut, and searches end, at this length
 
     def __post_init__(self) -> None:
         for name in ("emb_dim", "hidden_size", "n_layers", "src_vocab_size", "tgt_vocab_size", "max_len"):

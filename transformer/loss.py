@@ -15,11 +15,9 @@ def label_smoothed_loss(logits: Tensor, target: Tensor, smoothing: float) -> Ten
     logits (..., vocab), target (...).
 
     The same function as `F.cross_entropy(..., label_smoothing=ε, ignore_index=PAD_ID, reduction="sum")`,
-    with a gradient written out: ∂loss/∂logits = softmax(logits) − q for each kept row, one new
-    (rows, vocabulary) tensor where torch's autograd writes four (a zero-filled NLL gradient, the smoothing
-    term's, their sum, the log-softmax backward's). Whole training steps on Multi30k batches ran 1.06×
-    (fp32) and 1.04× (bf16) as fast with it (small model, 8k vocabulary, 2 cores of a Zen 5 EPYC,
-    interleaved)."""
+    with the gradient written out, ∂loss/∂logits = softmax(logits) − q for each kept row: one new
+    (rows, vocabulary) tensor where torch's autograd writes four (whole training steps 1.04-1.06× as fast;
+    benchmarks/README.md)."""
     return _LabelSmoothedCrossEntropy.apply(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), smoothing
     )
@@ -54,20 +52,14 @@ ROWS_MULTIPLE = 64  # projected rows are padded up to a multiple of this (see pr
 
 def projected_loss(hidden: Tensor, projection: nn.Module, target: Tensor, smoothing: float) -> Tensor:
     """`label_smoothed_loss(projection(hidden), target, smoothing)`, projecting only the positions that
-    predict a token. Why: the vocabulary projection and its softmax are ~40 % of a small model's training
-    step (8k vocabulary), and ~7 % of the positions of token-budget batches are padding that the loss
-    ignores anyway. Selecting the rows first saved 7 % of the loss's time in a measurement (273 against
-    293 ms fp32 for 4,032 positions with 7 % padding, d_model 256); projecting and normalising in row
-    chunks, fused with the gradient, did not pay on the CPU (295–342 ms).
+    predict a token. The vocabulary projection and its softmax are ~40 % of a small model's training step
+    (8k vocabulary), and ~7 % of the positions of token-budget batches are padding the loss ignores.
 
     The selected rows are padded with zero rows (labelled PAD, so ignored) up to a multiple of
-    `ROWS_MULTIPLE`. Unpadded, the product's shape was new at nearly every step (the count of real target
-    tokens: 150 distinct values in the 201 batches of a Multi30k epoch, 76 more in the next), and oneDNN
-    builds, JIT-compiles and caches a kernel for every new shape of a bf16 matmul; padded, a handful of
-    shapes recur. One pass over 60 Multi30k batches (small model, 2-core AMX Xeon, runs alternating):
-    0.65 and 0.64 s per bf16 step unpadded, 0.56 and 0.51 padded; an hour later, the machine faster,
-    0.54 and 0.49 against 0.52 and 0.47 (the whole previous commit against this one); fp32 steps 0.91
-    and 0.90 against 0.83 and 0.76 — for ≤ 63 extra rows out of ~2,300.
+    `ROWS_MULTIPLE`: unpadded, the product's shape would change with the count of real target tokens at
+    nearly every step, and oneDNN builds and JIT-compiles a kernel for every new shape of a bf16 matmul;
+    padded, a handful of shapes recur (4-17 % faster bf16 steps, for ≤ 63 extra rows out of ~2,300;
+    benchmarks/README.md, "bf16 training").
     """
     keep = target != PAD_ID
     rows, labels = hidden[keep], target[keep]  # (n, d_model), (n,)

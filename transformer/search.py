@@ -18,9 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-# Steps between the host syncs that count the finished sentences, on a GPU and on the CPU. On the CPU a
-# read costs no wait, and checking every other step translated test2016 1.01-1.04× as fast greedy and
-# 1.02-1.03× in beam 4 (four interleaved runs of 4-6 rounds; Zen 3, fp32, the small model).
+# Steps between the host syncs that count the finished sentences, on a GPU and on the CPU, where a read
+# costs no wait and checking every other step measured faster (benchmarks/README.md).
 CHECK_EVERY, CPU_CHECK_EVERY = 4, 2
 # A search carries on without its finished sentences once they are at least this fraction of its batch.
 # Every sentence runs until the longest one in its batch ends otherwise: in the batches `translate`
@@ -46,17 +45,17 @@ class SearchConfig:
     length_penalty: float = 0.6  # α of Wu et al. (2016), used by the paper: lp(Y) = ((5 + |Y|) / 6)^α
     extra_len: int = 50  # generate at most source length + extra_len tokens (the paper's limit)
     use_cache: bool = True  # False recomputes the whole prefix every step (a reference, and a benchmark)
-    drop_finished: bool = True  # False keeps finished sentences in the batch to the end (the same)
+    drop_finished: bool = True  # False runs finished sentences to the end: the same results (a reference)
 
 
 class _Stepper:
     """Feeds one new token per hypothesis to the decoder, with the KV cache or by re-running the prefix."""
 
     def __init__(
-        self, model: Decodable, memory: Tensor, src_mask: Tensor, bos: Tensor, max_len: int, cached: bool
+        self, model: Decodable, memory: Any, src_mask: Tensor, bos: Tensor, steps: int, cached: bool
     ):
         self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.cache = model.new_cache(max_len + 1) if cached else None
+        self.cache = model.new_cache(steps + 1) if cached else None  # BOS and one position per step
         self.prefix = bos[:, None]  # (n, 1); with a cache only the newest token is fed
 
     def logits(self, rows: Tensor | None = None) -> Tensor:
@@ -101,11 +100,10 @@ def argmax(scores: Tensor) -> Tensor:
     """scores (rows, vocab) -> (rows,) index of each row's maximum, the first one on ties, as
     `scores.argmax(-1)` returns it.
 
-    On CPU torch's argmax over a long row is a scalar loop with index bookkeeping: 0.58-0.69 ms for
-    64 × 8000 scores on 2 cores, about 5 % of a greedy step of the small model, while a plain `amax` of
-    the same scores takes 0.03 ms. So the scores are cut into blocks: the block holding the maximum is
-    found from the blocks' maxima, and the index within that one block (0.17 ms in all). Other devices
-    use torch's kernel."""
+    On CPU torch's argmax over a long row is a scalar loop with index bookkeeping, twenty times slower
+    than a plain `amax` of the same scores and ~5 % of a small model's greedy step. So the scores are cut
+    into blocks: the block holding the maximum is found from the blocks' maxima, then the index within
+    that one block (a quarter of the time; benchmarks/README.md). Other devices use torch's kernel."""
     if scores.device.type != "cpu":
         return scores.argmax(-1)
     blocks = _blocks(scores)  # (rows, n_blocks, BLOCK)
@@ -118,10 +116,9 @@ def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """scores (rows, vocab) -> the k largest scores of each row and their indices (rows, k), largest
     first, as `scores.topk(k)` returns them (which of several equal scores is taken may differ).
 
-    Two stages, for the same reason as `argmax` (torch's CPU top-k of 4 out of 256 × 8000 scores:
-    4.2 ms; this: 1.3 ms): a row's k largest scores lie in at most k blocks, and those blocks are among
-    the k with the largest maxima (a block outside them has k blocks above it, each holding a larger
-    score), so the top k of those k blocks' scores are the top k of the row."""
+    Two stages, for the same reason as `argmax`: a row's k largest scores lie in at most k blocks, and
+    those blocks are among the k with the largest maxima (a block outside them has k blocks above it, each
+    holding a larger score), so the top k of those k blocks' scores are the top k of the row."""
     if scores.device.type != "cpu" or k * BLOCK >= scores.size(-1):
         return scores.topk(k, dim=-1)
     blocks = _blocks(scores)  # (rows, n_blocks, BLOCK)
@@ -278,9 +275,8 @@ def _beam(
     encoded, encoded_mask = model.encode(src)  # per source; `beam_memory` gives the hypotheses theirs
     limits = _length_limits(src, pad_id, config.extra_len, max_len)[:, None]  # (batch, 1)
     steps = int(limits.max())
-    # A sentence's k hypotheses start as one and the same: the first step decodes it on one row. (With
-    # `_parent_slots`, beam 4 then translated test2016 1.036× as fast as before, not 1.02×; Zen 3, fp32.
-    # That is less than the three fourths of a step saved: MKL packs its weights again for each row count.)
+    # A sentence's k hypotheses start as one and the same empty one: the first step decodes it on one row
+    # per sentence, and `widen` then gives each sentence its k rows.
     memory, src_mask = model.beam_memory(encoded, encoded_mask, 1)
     stepper = _Stepper(model, memory, src_mask, src.new_full((batch,), bos_id), steps, config.use_cache)
     sentence = torch.arange(batch, device=device)  # the sentence each beam decodes
@@ -306,7 +302,7 @@ def _beam(
         # The length penalty is the same for all candidates of one row, so a row's k best candidates
         # overall are among its k most probable tokens: rank those k·k instead of all k·vocab.
         width = min(k, log_probs.size(-1))
-        top = _in_place(rows, constrained.numel(), *topk(log_probs, width))  # (batch·k, width) each
+        top = _in_place(rows, constrained.numel(), *topk(log_probs, width))  # (batch·k | t=0: batch, width)
         if t == 0:  # from here on each sentence has k rows, the first of them alive (see `scores`)
             top = tuple(x.repeat_interleave(k, 0) for x in top)
             stepper.widen(k, *model.beam_memory(encoded, encoded_mask, k))
@@ -359,10 +355,9 @@ def _rows_to_score(constrained: Tensor) -> Tensor | None:
     -> the rows the output layer must score, or None for all of them.
 
     In the batches `translate` makes of test2016, 12 % (greedy) and 17 % (beam 4) of the row-steps were of
-    finished rows. Scoring only the others translated test2016 1.03-1.05× as fast in beam 4 and 1.02× greedy
-    (Zen 3, fp32, `runs/zen3-s14`, interleaved; rounding the count up to multiples of 1 to 256 rows made no
-    difference there, and 32 keeps the shapes few for kernels built per shape). Finding them reads a count
-    back, so only on the CPU.
+    finished rows, whose output layer scoring only the others saves (benchmarks/README.md). The count is
+    rounded up to a multiple of SCORE_ROWS, so that kernels built per shape meet few shapes. Finding the
+    rows reads a count back, so only on the CPU, where that costs no wait.
     """
     if constrained.device.type != "cpu":
         return None
@@ -382,15 +377,16 @@ def _in_place(rows: Tensor | None, n: int, *scored: Tensor) -> tuple[Tensor, ...
 
 
 def _parent_slots(parent: Tensor) -> Tensor:
-    """parent (sentences, k): the beam each new hypothesis extends -> order (sentences, k): beam s is to
-    hold new hypothesis order[s], such that as many hypotheses as can stay in their parent's beam.
+    """parent (sentences, k): the beam each new hypothesis (ranked best first) extends -> slot (sentences,
+    k): the hypothesis each beam is to hold, beam s new hypothesis slot[s].
 
-    A beam's order does not matter to the search, but it is where the hypothesis's keys and values lie
-    in the KV cache: a hypothesis that moves to another beam's row takes a copy of its whole prefix
-    (`KVCache.reorder`). Ranked best first, 36-40 % of the rows took another row's prefix at each step
-    (test2016 through a trained small model, and decode.py's random batches); this way a parent's first
-    child stays in place and only its further children move, into the rows of the beams that left none:
-    18-26 %. With the in-place copy, beam 4 translated test2016 1.02× as fast (Zen 3 EPYC, fp32).
+    Which beam holds which hypothesis does not matter to the search, but the beam is the row where the
+    hypothesis's keys and values lie in the KV cache: one placed in another beam's row takes a copy of its
+    parent's prefix (`KVCache.reorder`). So each parent's first child stays in its parent's beam, and the
+    further children take the beams that no new hypothesis extends, in order. There are exactly as many of
+    those as there are further children (k hypotheses; one first child per beam with children), so every
+    one finds a beam: 18-26 % of the rows move per step, against 36-40 % in ranked order
+    (benchmarks/README.md).
     """
     k = parent.size(1)
     beams = torch.arange(k, device=parent.device)
@@ -399,6 +395,7 @@ def _parent_slots(parent: Tensor) -> Tensor:
     has_child = (parent[:, :, None] == beams).any(1)  # (sentences, k) beams that some hypothesis extends
     free = torch.argsort(has_child.to(torch.uint8), dim=1, stable=True)  # the childless beams first
     further = ((~first).cumsum(1) - 1).clamp(min=0)  # the i-th further child takes the i-th free beam
+    # (meaningless where `first`, which the where below leaves out)
     destination = torch.where(first, parent, free.gather(1, further))  # (sentences, k), a permutation
     return torch.empty_like(destination).scatter_(1, destination, beams.expand_as(destination))
 

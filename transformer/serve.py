@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from transformer.data.batching import collate
 from transformer.model import Transformer
+from transformer.model.attention import AttentionRecord
 from transformer.search import SearchConfig
 from transformer.translate import Translator, n_best
 
@@ -138,8 +139,8 @@ class Engine:
         EOS); their inputs are target_tokens (BOS and the translation)."""
         batch = collate(pairs)
         device = next(self.model.parameters()).device
-        encoder_record: list[dict[str, torch.Tensor]] = []
-        decoder_record: list[dict[str, torch.Tensor]] = []
+        encoder_record: AttentionRecord = []
+        decoder_record: AttentionRecord = []
         memory, src_mask = self.model.encode(batch.src.to(device), record=encoder_record)
         self.model.decode(batch.tgt_in.to(device), memory, src_mask, record=decoder_record)
         piece = self.tokenizer.piece

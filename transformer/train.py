@@ -42,7 +42,7 @@ from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.loss import label_smoothed_loss, projected_loss
-from transformer.model import Transformer, build_model
+from transformer.model import build_model
 from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, emulation_warning, maybe_compile
@@ -50,7 +50,7 @@ from transformer.runtime import configure_torch
 from transformer.search import SearchConfig
 from transformer.translate import translate_ids
 
-MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run is stopped
+MAX_BAD_STEPS = 5  # consecutive steps with a non-finite loss or gradient before a run is stopped
 
 
 @dataclasses.dataclass
@@ -123,23 +123,19 @@ def batch_loss(
     forward: Callable[..., torch.Tensor], model: nn.Module, batch: Batch, smoothing: float
 ) -> torch.Tensor:
     """The summed label-smoothed loss of one training batch, through `forward` (the model, or its DDP or
-    compiled wrapper). The Transformer projects only the positions that predict a token (see
-    transformer.loss.projected_loss)."""
-    if isinstance(model, Transformer):
-        hidden = forward(batch.src, batch.tgt_in, project=False)  # (batch, tgt_len, d_model)
-        return projected_loss(hidden, model.out_proj, batch.tgt_out, smoothing)
-    return label_smoothed_loss(forward(batch.src, batch.tgt_in), batch.tgt_out, smoothing)
+    compiled wrapper), projecting only the positions that predict a token (`loss.projected_loss`)."""
+    features = forward(batch.src, batch.tgt_in, project=False)  # (batch, tgt_len, features)
+    return projected_loss(features, model.out_proj, batch.tgt_out, smoothing)
 
 
 @torch.no_grad()
-def validate(
-    model: nn.Module, tokenizer: Tokenizer, corpus: Corpus, tc: TrainConfig, beam: int
-) -> tuple[float, Scores]:
-    """Per-token cross-entropy with teacher forcing (for perplexity), and BLEU of decoded output."""
+def validate(model: nn.Module, tokenizer: Tokenizer, corpus: Corpus, tc: TrainConfig) -> tuple[float, Scores]:
+    """Per-token cross-entropy with teacher forcing (for perplexity), and BLEU of output decoded with
+    `tc.valid_beam`."""
     model.eval()
     loss = teacher_forced_loss(model, corpus, tc.max_tokens)
     _, scores = translate_and_score(
-        model, tokenizer, corpus, SearchConfig(beam=beam, length_penalty=tc.length_penalty)
+        model, tokenizer, corpus, SearchConfig(beam=tc.valid_beam, length_penalty=tc.length_penalty)
     )
     model.train()
     return loss, scores
@@ -268,8 +264,8 @@ class Progress:
     batch: int = 0  # batches of this epoch done, by all processes together
     best_bleu: float = -1.0
     stale_evals: int = 0  # validations since the best one, for early stopping
-    bad_steps: int = 0  # non-finite losses in a row
-    skipped_steps: int = 0  # non-finite losses in all
+    bad_steps: int = 0  # steps skipped in a row for a non-finite loss or gradient
+    skipped_steps: int = 0  # such steps in all
     tokens_seen: int = 0  # target tokens trained on (the comparison card's FLOP count uses it)
     seconds: float = 0.0  # wall time of the run so far, across resumptions: the time budget counts this
     validated_step: int = -1  # the last step validated and saved
@@ -371,7 +367,7 @@ def train(
         log,
         progress,
         started,
-        lambda: validate(model, tokenizer, valid_data, tc, tc.valid_beam),
+        lambda: validate(model, tokenizer, valid_data, tc),
     )
     loop.run(train_data)
     return finish(model, tokenizer, tc, run_dir, valid_data, log, started, progress.best_bleu)
@@ -700,7 +696,7 @@ def finish(
         if distributed.is_main():
             model.load_state_dict(checkpoint.average_weights(recent))
         distributed.sync_from_main(model)
-        _, avg_scores = validate(model, tokenizer, valid_data, tc, tc.valid_beam)
+        _, avg_scores = validate(model, tokenizer, valid_data, tc)
         results["valid_averaged"] = avg_scores.bleu
         log.write(event="average", checkpoints=[p.name for p in recent], bleu=avg_scores.bleu)
         tqdm.write(

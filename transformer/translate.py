@@ -20,7 +20,7 @@ from transformer.precision import decoding_cache_dtype, weight_dtype
 from transformer.rundir import reachable_data_dir, read_run_record
 from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, generate
 
-MAX_TOKENS = 6000  # source rows × beam per batch: what a batch of translations may hold
+MAX_TOKENS = 6000  # padded source tokens (EOS included) × beam: what a batch of translations may hold
 
 
 def ready_for_decoding(
@@ -34,7 +34,7 @@ def ready_for_decoding(
     packed for the CPU's GEMM kernels (elsewhere `pack_linears` leaves nn.Linear as it is), and for a
     Transformer the KV cache's dtype that suits those weights (`decoding_cache_dtype`). One place for
     these choices, so that benchmarks/decode.py times what `transformer translate` runs; `pack=False`
-    gives its plain nn.Linear rows."""
+    keeps nn.Linear (decode.py's `unpacked` rows)."""
     model = model.to(device=device, dtype=dtype)
     if pack:
         pack_linears(model)
@@ -81,7 +81,8 @@ def source_batches(
     sources: Sequence[list[int]], beam: int, max_tokens: int
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """The non-empty sources in batches of similar length: (their indices, ids + EOS right-padded).
-    Beam search turns each sentence into `beam` rows: the token budget counts rows."""
+    Beam search turns each sentence into `beam` rows, so the budget of padded source tokens is divided
+    by the beam."""
     present = [i for i in range(len(sources)) if sources[i]]
     budget = max(max_tokens // max(beam, 1), 1)
     for batch in token_batches([len(sources[i]) for i in present], [0] * len(present), budget, shuffle=False):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from transformer import train
 from transformer.config import TransformerConfig
 from transformer.data.batching import collate
 from transformer.data.corpus import read_split
@@ -260,14 +261,10 @@ def train_model(
 
 @torch.no_grad()
 def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int = 4000) -> float:
-    """Per-token cross-entropy on a corpus, with the reference prefix fed to the decoder."""
+    """Per-token cross-entropy on a corpus, with the reference prefix fed to the decoder (the trainer's
+    validation loss, in eval mode)."""
     model.eval()
-    total, tokens = 0.0, 0
-    for ids in corpus.batches(max_tokens, shuffle=False):
-        batch = collate([(corpus.src[i], corpus.tgt[i]) for i in ids])
-        total += float(label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0))
-        tokens += batch.n_tgt_tokens
-    return total / max(tokens, 1)
+    return train.teacher_forced_loss(model, corpus, max_tokens)
 
 
 def greedy_bleu(model: nn.Module, task: Task) -> float:

@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # bf16 training's explicit path on the CPU, up to this many keys
+# The attention weights a forward pass records when asked: one dict per layer, {"self": (batch, heads,
+# q_len, k_len), "cross": …}, in the order the layers run (encoder, then decoder).
+AttentionRecord = list[dict[str, Tensor]]
+
 
 def scaled_dot_product_attention(
     q: Tensor,
@@ -71,7 +76,7 @@ def fused_attention(
     are in benchmarks/README.md ("Each speed change").
     """
     if (
-        q.dtype in (torch.bfloat16, torch.float16)
+        q.dtype == torch.bfloat16
         and q.device.type == "cpu"
         and torch.is_grad_enabled()
         and q.requires_grad
@@ -88,9 +93,6 @@ def _with_causal(mask: Tensor | None, q_len: int, k_len: int, device: torch.devi
     the first key."""
     causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
     return causal if mask is None else mask & causal
-
-
-_BF16_CPU_BACKWARD_MAX_KEYS = 1024  # beyond, the weights every call keeps for backward take too much memory
 
 
 @dataclass
@@ -146,16 +148,17 @@ class KVCache:
     @torch.no_grad()  # decoding state, not part of any graph
     def reorder(self, index: Tensor, sources: Tensor | None = None) -> None:
         """Keep batch rows `index` (beam search: the parents of the surviving hypotheses), each taken from
-        a row of the same source: the cross-attention keys/values, cached once per source, stay as
-        they are, unless `sources` names the sources that remain (the search dropped finished sentences,
-        and `index` then holds the rows of those sources only).
+        a row of the same source. The cross-attention keys/values, cached once per source, stay as they
+        are, unless `sources` names the sources that remain (the search dropped finished sentences, and
+        `index` then holds the rows of those sources only).
 
-        Only the filled prefix of the self-attention buffers is copied. On the CPU, where finding them
-        costs no wait for the device, only the rows that take another row's prefix are, in place, as
-        long as they are at most half: beam search keeps most hypotheses in their parent's row
-        (`transformer.search._parent_slots`). Otherwise the rows are gathered into a second set of buffers
-        that then takes the first one's place: a gather straight into the spare buffer took a third of
-        the time of gathering into a temporary and copying that back (256 rows × 4 heads × 15 positions).
+        Only the filled prefix of the self-attention buffers is copied, in one of three ways:
+        - a different number of rows: into new buffers (`_rows_of_prefix`);
+        - on the CPU, where finding them costs no wait, when at most half of the rows take another row's
+          prefix (beam search keeps most hypotheses in their parent's row, `search._parent_slots`): only
+          those rows, in place;
+        - otherwise every row, gathered straight into a second set of buffers that then takes the first
+          one's place (a third of the time of gathering into a temporary and copying it back).
         """
         n, moved = self.length, _moved_rows(index)
         for layer, (k, v) in self.self_kv.items():
@@ -177,9 +180,9 @@ class KVCache:
 
 def _rows_of_prefix(buffer: Tensor, index: Tensor, n: int) -> Tensor:
     """A new buffer like `buffer` (batch, heads, max_len, d_k) with rows `index`, of which only the first n
-    positions are copied (the rest is never read before it is written). Copying whole rows, most of
-    them not yet filled, took 4.5 ms per widening or dropping reorder of beam 4 on test2016, much of it
-    the kernel mapping fresh pages that a prefix copy leaves untouched."""
+    positions are copied (the rest is never read before it is written). Copying whole rows, most of them
+    not yet filled, also made the kernel map fresh pages for them: the prefix copy takes a third of the
+    time (benchmarks/README.md)."""
     out = buffer.new_empty(index.numel(), *buffer.shape[1:])
     torch.index_select(buffer[:, :, :n], 0, index, out=out[:, :, :n])
     return out

@@ -7,9 +7,10 @@
 - `rnn-attention`: a bidirectional encoder and a decoder that, at every step, attends over all encoder
   states (Bahdanau et al. 2015, additive scores; Luong et al. 2015 dot-product scores as an option).
 
-Padding never reaches the recurrences: padded batches are packed, so the final state is that of the last real
-token. Like the Transformer, a model maps (src, tgt_in) to logits and decodes incrementally through a
-cache (here the decoder's hidden state), reordered by index for beam search.
+Source padding never reaches the encoder's recurrence: padded batches are packed, so the final state is
+that of the last real token (the decoder's target padding sits at the end, after every real position).
+Like the Transformer, a model maps (src, tgt_in) to logits and decodes incrementally through a cache
+(here the decoder's hidden state), reordered by index for beam search.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from transformer.config import RNNConfig
+from transformer.model.attention import AttentionRecord
 
-AttentionRecord = list[dict[str, Tensor]]
 Hidden = Tensor | tuple[Tensor, Tensor]  # (layers, batch, hidden); an LSTM's is the pair (h, c)
 
 
@@ -32,9 +33,7 @@ class RNNState:
     """The decoder's recurrent state between decoding steps: (layers, batch, hidden), plus the cell state
     for an LSTM; and the attention's projected keys, which depend on the source only."""
 
-    max_len: int
-    length: int = 0
-    hidden: Tensor | tuple[Tensor, Tensor] | None = None
+    hidden: Hidden | None = None
     keys: Tensor | None = None  # (batch, src_len, hidden): the scores' W·h_j, projected at the first step
 
     def reorder(self, index: Tensor, sources: Tensor | None = None) -> None:
@@ -80,7 +79,7 @@ class AdditiveAttention(nn.Module):
 
         A fully padded source (0/0 = NaN) attends to every key and is then multiplied by zero, as in
         `scaled_dot_product_attention`: zero weights, zero context, and no NaN in the gradients, which
-        one such row would otherwise spread to every parameter. Other rows are computed as before."""
+        one such row would otherwise spread to every parameter."""
         if self.kind == "additive":
             scores = self.v(torch.tanh(self.w_query(query)[:, None, :] + projected_keys)).squeeze(-1)
         else:
@@ -110,7 +109,7 @@ class RNNSeq2Seq(nn.Module):
         super().__init__()
         c = self.config = config
         rnn = nn.GRU if c.cell == "gru" else nn.LSTM
-        directions = 1 if c.kind == "rnn" else 2
+        directions = self.directions = 1 if c.kind == "rnn" else 2  # of the encoder
         self.src_embed = nn.Embedding(c.src_vocab_size, c.emb_dim, padding_idx=c.pad_id)
         self.tgt_embed = (
             self.src_embed
@@ -148,7 +147,8 @@ class RNNSeq2Seq(nn.Module):
         self, src: Tensor, record: AttentionRecord | None = None
     ) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """src (batch, src_len) -> memory and the padding mask (batch, src_len). The memory is the pair
-        (states (batch, src_len, dirs·hidden), summary (batch, dirs·hidden))."""
+        (states (batch, src_len, dirs·hidden), summary (batch, dirs·hidden)). `record` is the interface's:
+        the encoder has no attention to record."""
         mask = src != self.config.pad_id
         lengths = mask.sum(1).clamp(min=1).cpu()
         embedded = self.dropout(self.src_embed(src))  # (batch, src_len, emb)
@@ -161,8 +161,7 @@ class RNNSeq2Seq(nn.Module):
             states, final = self._recur(self.encoder, packed)
             states, _ = pad_packed_sequence(states, batch_first=True, total_length=src.size(1))
         final_h = final[0] if isinstance(final, tuple) else final  # (layers·dirs, batch, hidden)
-        directions = 2 if self.config.kind != "rnn" else 1
-        top = final_h.view(self.config.n_layers, directions, src.size(0), -1)[-1]  # (dirs, batch, hidden)
+        top = final_h.view(self.config.n_layers, self.directions, src.size(0), -1)[-1]  # (dirs, batch, hid)
         summary = torch.cat(list(top), dim=-1)  # (batch, dirs·hidden): [forward ; backward]
         return (states, summary), mask
 
@@ -248,16 +247,19 @@ class RNNSeq2Seq(nn.Module):
                 )  # (batch, 1, tgt_len, src_len)
         if cache is not None:
             cache.hidden = hidden
-            cache.length += tgt.size(1)
         features = self.dropout(torch.cat([outputs, context, embedded], -1))
         return self.out_proj(features) if project else features
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, *, project: bool = True) -> Tensor:
+        """Logits (batch, tgt_len, tgt_vocab); with `project=False` the features `out_proj` maps to them,
+        as the Transformer's `forward` gives them (transformer.loss.projected_loss)."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt, memory, src_mask)
+        return self.decode(tgt, memory, src_mask, project=project)
 
     def new_cache(self, max_len: int | None = None) -> RNNState:
-        return RNNState(max_len=max_len or self.config.max_len)
+        """The decoding state; `max_len` is the search interface's, which a recurrent state, not growing
+        with the length, does not need."""
+        return RNNState()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.config import TransformerConfig
-from transformer.model.attention import KVCache, MultiHeadAttention
+from transformer.model.attention import AttentionRecord, KVCache, MultiHeadAttention
 from transformer.model.dropout import Dropout
-
-AttentionRecord = list[dict[str, Tensor]]  # one dict per block: {"self": weights, "cross": weights}
 
 
 class LayerNorm(nn.Module):
