@@ -11,7 +11,7 @@ import torch
 
 from transformer.config import RNNConfig, TrainConfig
 from transformer.model import RNNSeq2Seq
-from transformer.model.rnn import AdditiveAttention
+from transformer.model.rnn import SourceAttention
 from transformer.precision import MixedPrecision, has_native_bf16
 from transformer.search import SearchConfig, beam_search, greedy_search
 from transformer.train import train
@@ -74,7 +74,7 @@ def test_a_source_with_no_real_token_gets_zero_attention_and_finite_gradients(sc
     """Rows with a real key get exactly the masked softmax they got before; a row with none (0/0 = NaN)
     gets zero weights and a zero context, and no NaN reaches the gradients."""
     torch.manual_seed(0)
-    attention = AdditiveAttention(6, 10, scoring)
+    attention = SourceAttention(6, 10, scoring)
     query = torch.randn(3, 6, requires_grad=True)
     states = torch.randn(3, 5, 10, requires_grad=True)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])

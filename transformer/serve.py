@@ -81,18 +81,17 @@ class Engine:
         self.model = translator.model.eval()
         self.tokenizer = translator.tokenizer
         self.train_config = translator.train_config
-        self.max_tokens = self.model.config.max_len - 1  # room for EOS
+        self.max_source_len = self.model.config.max_len - 1  # tokens per sentence, with room for EOS
         self.has_attention = isinstance(self.model, Transformer)
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence; a sentence longer than the model takes is an error, not a truncation."""
-        encoded = []
+        encoded, limit = [], self.max_source_len
         for n, sentence in enumerate(sentences):
             ids = self.tokenizer.encode(sentence.strip()) if sentence.strip() else []
-            if len(ids) > self.max_tokens:
-                raise RequestError(
-                    413, f"sentence {n + 1} has {len(ids)} tokens; the model takes at most {self.max_tokens}"
-                )
+            if len(ids) > limit:
+                message = f"sentence {n + 1} has {len(ids)} tokens; the model takes at most {limit}"
+                raise RequestError(413, message)
             encoded.append(ids)
         return encoded
 

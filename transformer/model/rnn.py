@@ -55,8 +55,9 @@ def _onednn_lacks_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class AdditiveAttention(nn.Module):
-    """score(s, h_j) = vᵀ·tanh(W·s + U·h_j) (Bahdanau), or s·(W·h_j) with `dot` (Luong's 'general')."""
+class SourceAttention(nn.Module):
+    """Attention of the decoder state s over the encoder states h_j: score(s, h_j) = vᵀ·tanh(W·s + U·h_j)
+    (Bahdanau, `additive`), or s·(W·h_j) (Luong's "general", `dot`)."""
 
     def __init__(self, query_size: int, key_size: int, kind: str = "additive") -> None:
         super().__init__()
@@ -130,7 +131,7 @@ class RNNSeq2Seq(nn.Module):
         # The decoder starts from the encoder's summary; a bidirectional one is projected down to hidden_size.
         self.bridge = nn.Linear(context_size, c.hidden_size) if directions == 2 else None
         self.attention = (
-            AdditiveAttention(c.hidden_size, context_size, c.attention) if c.kind == "rnn-attention" else None
+            SourceAttention(c.hidden_size, context_size, c.attention) if c.kind == "rnn-attention" else None
         )
         self.decoder = rnn(
             c.emb_dim + context_size, c.hidden_size, c.n_layers, batch_first=True, dropout=layer_dropout
