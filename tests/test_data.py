@@ -106,12 +106,22 @@ def test_corpus_paths_finds_plain_or_gz(tmp_path: Path) -> None:
     write(tmp_path / "val.de", "x\n")
     write(tmp_path / "val.en.gz", "x\n")
     assert corpus_paths(tmp_path, "val", "de", "en") == (tmp_path / "val.de", tmp_path / "val.en.gz")
-    with pytest.raises(TransformerError, match=r"neither val\.fr nor val\.fr\.gz found"):
+    # What is missing is answered with what is there: the split's languages, the pair's splits (in either
+    # layout), a TSV named target-source.
+    with pytest.raises(TransformerError) as info:
         corpus_paths(tmp_path, "val", "de", "fr")
-    # A wrong split name is answered with the splits there are, in either layout.
+    assert str(info.value) == (
+        f"neither val.fr[.gz] nor val.de-fr.tsv[.gz] found in {tmp_path} (its val files are in: de, en)"
+    )
     write(tmp_path / "test2016.de-en.tsv.gz", "x\tx\n")
+    write(tmp_path / "train.de", "x\n")  # no train.en: not a split of the pair
     with pytest.raises(TransformerError, match=re.escape("(its de-en splits: test2016, val)")):
         corpus_paths(tmp_path, "valid", "de", "en")
+    write(tmp_path / "dev.en-de.tsv", "x\tx\n")
+    with pytest.raises(
+        TransformerError, match=re.escape("(there is dev.en-de.tsv: a TSV is named source-target")
+    ):
+        corpus_paths(tmp_path, "dev", "de", "en")
     write(tmp_path / "val.de.gz", "x\n")
     with pytest.raises(TransformerError, match=re.escape("both val.de and val.de.gz")):
         corpus_paths(tmp_path, "val", "de", "en")

@@ -47,7 +47,7 @@ def resolve_precision(precision: str, device_type: str = "cpu") -> str:
     """The precision `auto` stands for on this device (bf16 where native, else fp32); others unchanged,
     except fp16 off CUDA, which is refused."""
     if precision == "fp16" and device_type != "cuda":
-        raise TransformerError("precision=fp16 needs a CUDA device; use precision=bf16 on CPU")
+        raise TransformerError("fp16 needs a CUDA device; on a CPU, use bf16 (or fp32)")
     if precision != "auto":
         return precision
     return "bf16" if has_native_bf16(device_type) else "fp32"

@@ -30,9 +30,19 @@ from transformer.checkpoint import (
 )
 from transformer.errors import TransformerError
 
-# Settings a resume may change: budgets, logging and compilation, not what is trained or how.
+# Settings a resume may change: budgets, how often to validate and log, threads and compilation; not
+# what is trained or how.
 MAY_CHANGE = frozenset(
-    {"max_epochs", "max_steps", "time_budget_minutes", "patience", "log_every", "threads", "compile"}
+    {
+        "max_epochs",
+        "max_steps",
+        "time_budget_minutes",
+        "patience",
+        "eval_every",
+        "log_every",
+        "threads",
+        "compile",
+    }
 )
 
 

@@ -589,6 +589,11 @@ class TrainingLoop:
         bar.set_postfix(
             loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
         )
+        if bar.disable and distributed.is_main():  # no bar (output to a file): a plain line instead
+            tqdm.write(
+                f"step {p.step} (epoch {p.epoch + 1}): loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:.0f} tok/s"
+            )
         p.window, self.window_started = Window(), now
 
     def maybe_begin_cooldown(self, steps_per_epoch: int) -> None:

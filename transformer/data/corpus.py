@@ -70,10 +70,9 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     def find(lang: str) -> Path:
         found = [p for p in (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz") if p.is_file()]
         if not found:
-            present = splits_in(data_dir, src_lang, tgt_lang)
-            listing = f" (its {src_lang}-{tgt_lang} splits: {', '.join(present)})" if present else ""
             raise TransformerError(
-                f"neither {split}.{lang} nor {split}.{lang}.gz found in {data_dir}{listing}"
+                f"neither {split}.{lang}[.gz] nor {split}.{src_lang}-{tgt_lang}.tsv[.gz] found in {data_dir}"
+                + _what_is_there(data_dir, split, src_lang, tgt_lang)
             )
         if len(found) == 2:
             # Silently picking one could train on a stale copy; the user knows which one is current.
@@ -85,16 +84,32 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
     return find(src_lang), find(tgt_lang)
 
 
+def _what_is_there(data_dir: Path, split: str, src_lang: str, tgt_lang: str) -> str:
+    """What a data directory holds instead of a missing split: the pair's other splits, the split's
+    languages, or a TSV named target-source."""
+    for name in (f"{split}.{tgt_lang}-{src_lang}.tsv", f"{split}.{tgt_lang}-{src_lang}.tsv.gz"):
+        if (data_dir / name).is_file():
+            return f" (there is {name}: a TSV is named source-target, {src_lang}-{tgt_lang} here)"
+    splits = splits_in(data_dir, src_lang, tgt_lang)
+    if splits:
+        return f" (its {src_lang}-{tgt_lang} splits: {', '.join(splits)})"
+    languages = sorted(
+        {p.name.removesuffix(".gz").removeprefix(f"{split}.") for p in data_dir.glob(f"{split}.*")}
+    )
+    return f" (its {split} files are in: {', '.join(languages)})" if languages else ""
+
+
 def splits_in(data_dir: str | Path, src_lang: str, tgt_lang: str) -> list[str]:
-    """The splits a data directory holds for a language pair, in either layout, sorted: what to suggest
-    when a split name is wrong."""
-    found = set()
-    for path in Path(data_dir).iterdir():
-        name = path.name.removesuffix(".gz")
-        for suffix in (f".{src_lang}-{tgt_lang}.tsv", f".{src_lang}"):
-            if name.endswith(suffix) and name != suffix:
-                found.add(name.removesuffix(suffix))
-    return sorted(found)
+    """The splits a data directory holds for a language pair, in either layout (both languages' files, or
+    a TSV), sorted: what to suggest when a split name is wrong."""
+    names = {path.name.removesuffix(".gz") for path in Path(data_dir).iterdir()}
+    tsv = {
+        n.removesuffix(f".{src_lang}-{tgt_lang}.tsv")
+        for n in names
+        if n.endswith(f".{src_lang}-{tgt_lang}.tsv")
+    }
+    pairs = {n.removesuffix(f".{src_lang}") for n in names if n.endswith(f".{src_lang}")}
+    return sorted(tsv | {split for split in pairs if f"{split}.{tgt_lang}" in names})
 
 
 def read_split(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
