@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from transformer.cli import main
 from transformer.compare import (
     MODELS,
     CompareSettings,
+    _mean_std,
     compare,
     count_parameters,
     is_bundled_multi30k,
@@ -94,3 +96,10 @@ def test_verdicts_judge_lowercased_greedy_bleu_and_name_each_side_s_parameters()
     ]
     # On another corpus the published figures say nothing about these runs: only the gap is judged.
     assert verdicts({"transformer": rows(30.0, 2_000_000), "rnn": rows(21.0, 1_800_000)}, False) == lines[1:]
+
+
+def test_a_figure_some_run_did_not_measure_shows_as_a_dash() -> None:
+    """A run shorter than log_every steps logs no training speed: its cell reads — rather than 0."""
+    assert _mean_std([2100.0, math.nan], ".0f") == "—"
+    assert _mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.4"
+    assert _mean_std([2100.0], ".0f") == "2100"

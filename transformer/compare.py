@@ -197,7 +197,8 @@ def measure(run_dir: Path) -> dict[str, Any]:
         "seed": tc.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": _vocab_size(run_dir),
-        "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained) if trained else 0.0,
+        # NaN (shown as —) for a run too short to log a training record (fewer steps than log_every)
+        "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in trained) if trained else math.nan,
         "minutes_to_best_valid": best_valid["elapsed"] / 60,
         "updates": progress["step"],
         "valid_ppl": math.exp(min(valid_loss, 50)),
@@ -230,6 +231,8 @@ def _threads(n: int) -> str:
 
 
 def _mean_std(values: Sequence[float], fmt: str) -> str:
+    if any(math.isnan(v) for v in values):  # not measured in some run
+        return "—"
     mean = statistics.fmean(values)
     if len(values) < 2:
         return format(mean, fmt)
