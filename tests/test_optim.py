@@ -19,6 +19,10 @@ def test_without_cooldown_the_schedule_is_the_papers() -> None:
     for taken in (0, 1, 3999, 4000, 100_000):
         assert schedule(taken) == noam_lr(taken + 1, 512, 4000, 2.0)
     assert noam_lr(4000, 512, 4000) == pytest.approx(512**-0.5 * 4000**-0.5)
+    # by hand on both sides of the peak: linear warm-up, then 1/√step
+    assert noam_lr(1, 512, 4000, 2.0) == pytest.approx(2.0 * 512**-0.5 * 4000**-1.5)
+    assert noam_lr(1000, 512, 4000, 2.0) == pytest.approx(2.0 * 512**-0.5 * 1000 * 4000**-1.5)
+    assert noam_lr(16000, 512, 4000, 2.0) == pytest.approx(2.0 * 512**-0.5 * 16000**-0.5)
 
 
 def test_cooldown_falls_linearly_from_its_start_to_zero_at_its_end() -> None:

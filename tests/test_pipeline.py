@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_recipe
 
-from transformer.checkpoint import load_state
+from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
@@ -42,6 +42,19 @@ def test_training_lowers_loss_and_writes_the_run(run_dir: Path) -> None:
     tokenizer_event = records(run_dir, "tokenizer")[0]
     assert tokenizer_event["round_trip_mismatches"] == 0
     assert records(run_dir, "train")[0]["padding"] < 0.5  # length bucketing keeps padding low
+    # The end of the run: the last `average_last` validated checkpoints averaged, and `best` is that average
+    # where it validates better than the best single checkpoint, else the best single one; the test split's
+    # hypotheses are written beside it.
+    steps = ["step-0000015.safetensors", "step-0000030.safetensors"]
+    assert [r["checkpoints"] for r in records(run_dir, "average")] == [steps]
+    best = load_weights(run_dir / "best.safetensors")
+    if results["valid_averaged"] > results["valid_best_single"]:
+        expected = average_weights([run_dir / name for name in steps])
+    else:
+        best_step = max(records(run_dir, "valid"), key=lambda r: r["bleu"])["step"]
+        expected = load_weights(run_dir / f"step-{best_step:07d}.safetensors")
+    assert best.keys() == expected.keys() and all(torch.equal(best[k], expected[k]) for k in best)
+    assert len((run_dir / "test2016.hyp.en").read_text().splitlines()) == 20
 
 
 def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Path, capsys) -> None:
@@ -110,6 +123,20 @@ def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys, monkeypatch) -
         == 0
     )
     assert searched == [(2, 2.0)]
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    # Given files, and another split of the run's data, scored the same way; --source needs --reference.
+    val_de, val_en = data_dir / "val.de", data_dir / "val.en"
+    expected = score(
+        Translator.from_checkpoint(run_dir).translate(read_lines(val_de), beam=1), read_lines(val_en)
+    )
+    files = ["--source", str(val_de), "--reference", str(val_en)]
+    for given in (files, ["--split", "val"]):
+        assert main(["evaluate", "--checkpoint", str(run_dir), "--beam", "1", "--json", *given]) == 0
+        assert json.loads(capsys.readouterr().out) == expected.to_dict()
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--source", str(val_de)]) == 2
+    assert one_error_line(capsys) == "error: --source and --reference go together"
 
 
 def test_evaluate_finds_a_relative_data_dir_from_elsewhere(
@@ -148,7 +175,11 @@ def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys)
     assert len(steps) == 2
     out = tmp_path / "averaged"
     assert main(["average", "--checkpoints", *map(str, steps), "--out", str(out)]) == 0
-    assert Translator.from_checkpoint(out).translate(["Ein Hund."], beam=1)[0] is not None
+    averaged, expected = load_weights(out / "best.safetensors"), average_weights(steps)
+    assert averaged.keys() == expected.keys() and all(torch.equal(averaged[k], expected[k]) for k in averaged)
+    for name in ("config.json", "tokenizer.model"):  # what a Translator needs beside the weights
+        assert (out / name).read_bytes() == (run_dir / name).read_bytes()
+    assert Translator.from_checkpoint(out).translate(["Ein Hund."], beam=1)[0]
     assert capsys.readouterr().out == f"averaged 2 checkpoints into {out / 'best.safetensors'}\n"
     # One checkpoint is a copy, said so; one named twice would count twice, refused.
     single = tmp_path / "single.safetensors"

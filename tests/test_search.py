@@ -104,8 +104,10 @@ def test_length_limit_is_source_plus_extra(model: Transformer) -> None:
     src = sources()
     out = greedy_search(model, src, config=SearchConfig(beam=1, extra_len=3), max_len=128, **IDS)
     limits = (src != PAD).sum(1) + 3
-    # The limit counts the forced EOS, which is stripped from the output.
+    # The limit counts the forced EOS, which is stripped from the output; an untrained model runs into it.
     assert all(len(h) <= int(limit) - 1 for h, limit in zip(out, limits, strict=True))
+    assert any(len(h) == int(limit) - 1 for h, limit in zip(out, limits, strict=True))
+    assert SearchConfig().extra_len == 50  # the paper's limit: source length + 50
 
 
 class ToyModel:
