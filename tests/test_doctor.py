@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_recipe
 
 from transformer.cli import main
+from transformer.data.tokenizer import Tokenizer
 from transformer.doctor import run_checks
+from transformer.model import attention as attention_module
 from transformer.model import transformer as transformer_module
 from transformer.train import train
 
@@ -25,6 +28,38 @@ def test_a_decoder_that_sees_the_future_fails(run_dir: Path, monkeypatch: pytest
     assert {"decoder cannot see future tokens", "cached == full decoding"} <= failed
     assert main(["doctor", "--checkpoint", str(run_dir)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {len(failed)} check(s) failed")
+
+
+def test_each_broken_promise_fails_its_own_check(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three more ways to break a model, each caught by the check written for it: attention that reads
+    padding, softmax over a source with no real token (0/0), and a tokenizer that loses text."""
+
+    def failed_checks() -> set[str]:
+        return {c.name for c in run_checks(run_dir) if c.status == "FAIL"}
+
+    with monkeypatch.context() as m:
+        m.setattr(
+            transformer_module,
+            "padding_mask",
+            lambda ids, pad_id: torch.ones_like(ids, dtype=torch.bool)[:, None, None, :],
+        )
+        assert "padding does not change outputs" in failed_checks()
+
+    def naive(q, k, v, mask=None, dropout_p=0.0, is_causal=False):  # no care for a row with no key
+        if is_causal:
+            mask = attention_module._with_causal(mask, q.size(-2), k.size(-2), q.device)
+        scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, -1) @ v
+
+    with monkeypatch.context() as m:
+        m.setattr(attention_module, "fused_attention", naive)
+        assert "no NaN on fully padded input" in failed_checks()
+
+    with monkeypatch.context() as m:
+        m.setattr(Tokenizer, "decode_batch", lambda self, ids: ["" for _ in ids])
+        assert failed_checks() == {"tokenizer round-trips the validation set"}
 
 
 def test_an_attention_lstm_passes(data_dir: Path, tmp_path: Path) -> None:
