@@ -52,10 +52,10 @@ def make_batch(config: TransformerConfig, seed: int = 0) -> tuple[torch.Tensor, 
     return src, tgt
 
 
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_matches_torch_transformer(norm_first: bool) -> None:
+@pytest.mark.parametrize(("norm_first", "activation"), [(False, "relu"), (True, "relu"), (False, "gelu")])
+def test_matches_torch_transformer(norm_first: bool, activation: str) -> None:
     torch.manual_seed(0)
-    config = dataclasses.replace(TINY, norm_first=norm_first)
+    config = dataclasses.replace(TINY, norm_first=norm_first, activation=activation)
     ours = Transformer(config).eval()
     randomise(ours)
     ref = nn.Transformer(
@@ -67,6 +67,7 @@ def test_matches_torch_transformer(norm_first: bool) -> None:
         dropout=0.0,
         batch_first=True,
         norm_first=norm_first,
+        activation=activation,
     ).eval()
     for our_block, ref_block in zip(ours.encoder.layers, ref.encoder.layers, strict=True):
         copy_block(our_block, ref_block)
@@ -161,11 +162,21 @@ def test_permutation_equivariance_without_positions() -> None:
     torch.manual_seed(3)
     src = torch.randint(4, TINY.src_vocab_size, (2, 8))
     perm = torch.randperm(8)
-    for positional, equivariant in (("none", True), ("sinusoidal", False)):
+    for positional, equivariant in (("none", True), ("sinusoidal", False), ("learned", False)):
         model = Transformer(dataclasses.replace(TINY, positional=positional)).eval()
         out, _ = model.encode(src)
         out_perm, _ = model.encode(src[:, perm])
         assert torch.allclose(out_perm, out[:, perm], atol=1e-5) is equivariant
+
+
+def test_learned_positions_are_a_trained_table() -> None:
+    model = Transformer(dataclasses.replace(TINY, positional="learned"))
+    table = model.src_pos.table
+    assert isinstance(table, nn.Parameter) and table.shape == (TINY.max_len, TINY.d_model)
+    assert any(p is table for p in model.parameters())  # the optimiser sees it
+    src, tgt = make_batch(TINY)
+    model(src, tgt).sum().backward()
+    assert table.grad[: src.size(1)].abs().sum() > 0 and not table.grad[src.size(1) :].any()
 
 
 @pytest.mark.parametrize("attention", ["explicit", "fused"])
