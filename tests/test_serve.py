@@ -183,3 +183,22 @@ def test_load_on_loopback_has_no_errors(translator: Translator) -> None:
     print(report.summary())
     assert report.errors == 0 and len(report.latencies_ms) == 40
     assert report.percentile(50) <= report.percentile(90) <= report.percentile(99)
+
+
+def test_the_serve_command_hands_its_settings_to_uvicorn(run_dir: Path, monkeypatch, capsys) -> None:
+    """`transformer serve` as a user runs it: the checkpoint loaded at the precision asked for, uvicorn given
+    the host and port, and a bad checkpoint refused in one line before any server starts."""
+    import uvicorn
+
+    from transformer.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append((app, kwargs)))
+    assert main(["serve", "--checkpoint", str(run_dir), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    ((app, kwargs),) = started
+    assert kwargs["host"] == "0.0.0.0" and kwargs["port"] == 8123
+    assert TestClient(app).get("/health").status_code == 200
+    assert "serving" in capsys.readouterr().out
+    assert main(["serve", "--checkpoint", str(run_dir / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and len(started) == 1
+    assert Limits() == Limits(max_sentences=32, max_chars=1000, max_body_bytes=64 * 1024, max_beam=8)
