@@ -15,11 +15,12 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_recipe
 
+from transformer import train as train_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
 from transformer.errors import TransformerError
-from transformer.evaluate import score
+from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.rundir import run_record
 from transformer.train import MetricsLog, Progress, Window, build_tokenizer, train
@@ -246,6 +247,22 @@ def test_a_smaller_vocabulary_than_asked_for_is_announced(data_dir: Path, tmp_pa
     )
     assert tokenizer.vocab_size < 8000
     assert f"vocabulary: {tokenizer.vocab_size} pieces, fewer than vocab_size=8000" in capsys.readouterr().out
+
+
+def test_early_stopping_ends_the_run_patience_validations_after_its_best(
+    data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    bleu = iter([10.0, 12.0, 11.0, 9.0, 50.0, 50.0])  # best at the second validation, then two worse ones
+
+    def validate(*args) -> tuple[float, Scores]:
+        return 1.0, Scores(next(bleu), 0.0, 0.0, "", "", "", 20)
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    recipe = tiny_recipe(data_dir, max_steps=60, eval_every=5, patience=2, test_split="", average_last=0)
+    train(recipe, TINY_MODEL, tmp_path / "run")
+    assert [r["step"] for r in records(tmp_path / "run", "valid")] == [5, 10, 15, 20]
+    progress = load_state(tmp_path / "run" / "last.state.pt")["progress"]
+    assert (progress["step"], progress["best_bleu"], progress["stale_evals"]) == (20, 12.0, 2)
 
 
 def test_same_seed_same_losses(data_dir: Path, tmp_path: Path, capsys) -> None:
