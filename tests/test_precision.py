@@ -8,6 +8,7 @@ from conftest import TINY
 
 from transformer import Transformer, precision
 from transformer.errors import TransformerError
+from transformer.model import MultiHeadAttention
 from transformer.precision import MixedPrecision, maybe_compile
 
 
@@ -43,10 +44,38 @@ def test_loss_scaling_unscales_before_clipping_and_stepping() -> None:
 
 
 def test_bf16_autocast_runs_matmuls_in_bf16() -> None:
+    torch.manual_seed(0)
     model = Transformer(TINY)
+    src, tgt = torch.randint(4, 50, (2, 3)), torch.randint(4, 60, (2, 3))
     with MixedPrecision("bf16").autocast():
-        logits = model(torch.randint(4, 50, (2, 3)), torch.randint(4, 60, (2, 3)))
+        logits = model(src, tgt)
     assert logits.dtype == torch.bfloat16
+    # the same function, to bf16's 8 bits of mantissa
+    torch.testing.assert_close(logits.float(), model(src, tgt), atol=0.05, rtol=0.02)
+
+
+def test_bf16_gradients_point_where_the_fp32_ones_do() -> None:
+    """The backward pass under bf16 autocast: each parameter's gradient close in direction and size to
+    fp32's (the master weights, and so their gradients, stay fp32)."""
+    grads = {}
+    for kind in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        model = Transformer(TINY)
+        src, tgt = torch.randint(4, 50, (3, 5)), torch.randint(4, 60, (3, 4))
+        mixed = MixedPrecision(kind)
+        with mixed.autocast():
+            loss = model(src, tgt).float().square().mean()
+        mixed.backward(loss)
+        grads[kind] = [p.grad for p in model.parameters() if p.grad is not None]
+    skipped = 0
+    for low, exact in zip(grads["bf16"], grads["fp32"], strict=True):
+        assert low.dtype == torch.float32
+        if exact.norm() < 1e-6:  # W_K's bias: softmax ignores a shift of every score, so its gradient is 0
+            skipped += 1
+            continue
+        cos = torch.nn.functional.cosine_similarity(low.flatten(), exact.flatten(), dim=0)
+        assert cos > 0.99 and abs(low.norm() / exact.norm() - 1) < 0.05, (cos, low.norm(), exact.norm())
+    assert skipped <= sum(isinstance(m, MultiHeadAttention) for m in model.modules())  # one W_K bias each
 
 
 def test_fp16_is_refused_on_cpu() -> None:
