@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import dev_dependency
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import attention, common, decode, gpu, peers, scaling, train_step, translation
@@ -147,7 +148,7 @@ def test_our_training_step_and_the_peers_compute_the_same_gradients_on_a_padded_
 
 
 def test_marian_matches_our_configuration() -> None:
-    pytest.importorskip("transformers")
+    dev_dependency("transformers")
     c = TransformerConfig.preset("small", src_vocab_size=300, tgt_vocab_size=300, max_len=64)
     marian = peers.marian(c)
     trainable = sum(p.numel() for p in marian.parameters() if p.requires_grad)
@@ -181,7 +182,7 @@ def test_translation_benchmark_translates_a_split_three_ways(run_dir, monkeypatc
 def test_ctranslate2_benchmark_runs_the_exported_checkpoint_on_our_batches(run_dir, monkeypatch) -> None:
     """The checkpoint exported and converted: CTranslate2 translates the split as our greedy search does
     (same weights, same batches), and every search gets a row."""
-    pytest.importorskip("ctranslate2")
+    dev_dependency("ctranslate2")
     from benchmarks import ctranslate2_export
 
     threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, dev_dependency
 from safetensors.torch import load_file, save_file
 
 from transformer.checkpoint import save_checkpoint
@@ -31,7 +31,7 @@ from transformer.model.transformer import sinusoidal_table
 from transformer.search import SearchConfig, greedy_search
 from transformer.translate import Translator
 
-transformers = pytest.importorskip("transformers")
+transformers = dev_dependency("transformers")
 
 TOLERANCE = 1e-5
 # Two shapes of model: everything shared and tied, with the options Marian models use (swish, an output
@@ -254,7 +254,7 @@ def _keep_torch_threads():
 
 def ct2_translator(hf_dir: Path, out: Path):
     """The exported directory through CTranslate2's own converter, loaded for CPU."""
-    ctranslate2 = pytest.importorskip("ctranslate2")
+    ctranslate2 = dev_dependency("ctranslate2")
     ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out))
     return ctranslate2.Translator(str(out), device="cpu", intra_threads=1)
 
