@@ -207,3 +207,26 @@ def test_report_command_refuses_unknown_experiments(tmp_path: Path, capsys: pyte
     assert main(["report", "--only", "nonsense", "--out", str(tmp_path / "r")]) != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_every_other_section_of_the_report_runs_and_draws(run_dir: Path, tmp_path: Path) -> None:
+    """The sections the test above leaves out, at the tiny preset: each writes its section and its figure."""
+    out = tmp_path / "reports"
+    others = ["cost", "paths", "scaling", "positional", "heads", "masking", "warmup"]
+    args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out), "--only", *others]
+    assert main(args) == 0
+    markdown = (out / f"seed-claims-{'-'.join(others)}.md").read_text()
+    for key in others:
+        assert f"transformer report --only {key} " in markdown, key
+    figures = [
+        "cost-flops-time",
+        "cost-memory",
+        "paths",
+        "scaling",
+        "positional",
+        "heads",
+        "masking",
+        "warmup",
+    ]
+    for figure in figures:
+        assert (out / f"{figure}.png").read_bytes()[:4] == b"\x89PNG", figure
