@@ -224,7 +224,8 @@ def test_rnn_attention_trains_and_translates_through_the_pipeline(data_dir: Path
     assert losses[-1] < losses[0]
     translator = Translator.from_checkpoint(tmp_path)
     assert isinstance(translator.model, RNNSeq2Seq)
-    assert len(translator.translate(["Ein Mann.", ""], beam=2)) == 2
+    out = translator.translate(["Ein Mann.", ""], beam=2)
+    assert len(out) == 2 and out[1] == "" and out[0] == translator.translate(["Ein Mann."], beam=2)[0]
 
 
 def test_shared_and_tied_embeddings_are_one_tensor() -> None:
