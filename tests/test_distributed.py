@@ -48,10 +48,10 @@ def records(run: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str) -> None:
+def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0) -> None:
     """`transformer train` on two CPU processes, each with one thread."""
     recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
-    overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL}.items()]
+    overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL, "dropout": dropout}.items()]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -129,6 +129,18 @@ def test_each_process_saves_and_resumes_its_own_random_stream(runs) -> None:
     assert len(per_rank) == 2
     assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])  # dropout masks differ by rank
     assert torch.equal(after_two_steps["state"]["rng"]["torch"], per_rank[0]["torch"])
+
+
+def test_a_resumed_two_process_run_with_dropout_is_the_unbroken_one(data_dir: Path, tmp_path: Path) -> None:
+    """With dropout on, each process's random stream decides its masks: restored per rank on resume, the
+    stopped-and-resumed run gives the unbroken run's weights exactly."""
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    torchrun(unbroken, data_dir, 4, dropout=0.3)
+    torchrun(resumed, data_dir, 2, dropout=0.3)
+    torchrun(resumed, data_dir, 4, "--resume", dropout=0.3)
+    a, b = load_weights(unbroken / "last.safetensors"), load_weights(resumed / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(unbroken, "train")] == [r["loss"] for r in records(resumed, "train")]
 
 
 def test_alone_every_collective_is_the_identity() -> None:
