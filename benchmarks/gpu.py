@@ -45,12 +45,13 @@ def measure(
     repeats: int,
     compile_model: bool = False,
     peak_n: int = 8192,
+    vocab: int = PAPER_VOCAB,
+    warmup: int = 3,
 ) -> dict[str, Any]:
     """Step time, target tokens/s, achieved GFLOP/s, fraction of the bf16 peak, peak memory, and the WMT14
-    extrapolation, for ours (and ours under torch.compile)."""
-    config = dataclasses.replace(
-        peers.config_for(config_name), src_vocab_size=PAPER_VOCAB, tgt_vocab_size=PAPER_VOCAB
-    )
+    extrapolation, for ours (and ours under torch.compile). `vocab` and `warmup` shrink the dry run the
+    tests make on the CPU."""
+    config = dataclasses.replace(peers.config_for(config_name), src_vocab_size=vocab, tgt_vocab_size=vocab)
     batch, src_len, tgt_len = shape
     src, tgt = (t.to(device) for t in peers.random_batch(batch, src_len, tgt_len))
     tokens = batch * tgt_len  # no padding: every target position is predicted
@@ -67,7 +68,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed = common.synchronised(step, device)
-        times = common.time_interleaved({variant: timed}, repeats, warmup=3)[variant]
+        times = common.time_interleaved({variant: timed}, repeats, warmup=warmup)[variant]
         seconds = common.median(times)
         gflops = flops / seconds / 1e9
         rows[variant] = {
