@@ -14,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,16 +51,20 @@ def records(run: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0) -> None:
-    """`transformer train` on two CPU processes, each with one thread."""
-    recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
-    overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL, "dropout": dropout}.items()]
-    env = {
+def torchrun_env() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "TRANSFORMER_KEEP_ALLOCATOR": "1",  # skip the allocator re-exec: one Python start-up less per rank
     }
+
+
+def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0) -> None:
+    """`transformer train` on two CPU processes, each with one thread."""
+    recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
+    overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL, "dropout": dropout}.items()]
+    env = torchrun_env()
     command = [
         sys.executable,
         "-m",
@@ -141,6 +148,47 @@ def test_a_resumed_two_process_run_with_dropout_is_the_unbroken_one(data_dir: Pa
     a, b = load_weights(unbroken / "last.safetensors"), load_weights(resumed / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(unbroken, "train")] == [r["loss"] for r in records(resumed, "train")]
+
+
+def children(pid: int) -> list[Path]:
+    """The /proc entries of a process's children (in /proc/PID/stat the field after the command's
+    closing parenthesis is the state, then the parent's pid)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(entry)
+    return found
+
+
+def test_a_sigterm_to_one_process_stops_both_at_the_same_step_with_last_saved(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    recipe = dataclasses.asdict(tiny_recipe(data_dir, **{**RECIPE, "eval_every": 0}, max_steps=100_000))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "transformer.cli", "train", "--out", str(run)]
+    command += [f"{key}={value}" for key, value in {**recipe, **MODEL}.items()]
+    launcher = subprocess.Popen(
+        command, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or not records(run, "train"):  # both are in the loop
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    (rank_1,) = [w for w in children(launcher.pid) if b"LOCAL_RANK=1\0" in (w / "environ").read_bytes()]
+    os.kill(int(rank_1.name), signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    stopped = re.findall(r"interrupted: stopped by (SIGTERM|a signal to another process) at step (\d+)", err)
+    assert sorted(stopped) == sorted(
+        [("SIGTERM", stopped[0][1]), ("a signal to another process", stopped[0][1])]
+    )
+    step = int(stopped[0][1])
+    assert load_state(run / "last.state.pt")["progress"]["step"] == step  # written before either left
 
 
 def test_alone_every_collective_is_the_identity() -> None:

@@ -510,6 +510,9 @@ class TrainingLoop:
                     break
             if distributed.any_rank(bool(stop_signal)):
                 self.save("last")
+                # Under torchrun the first process to exit makes the launcher terminate the others: none
+                # leaves before rank 0 has written `last`.
+                distributed.barrier()
                 why = stop_signal[0] if stop_signal else "a signal to another process"
                 raise TrainingInterrupted(
                     f"stopped by {why} at step {p.step}; saved {self.run_dir}/last: "
