@@ -62,7 +62,7 @@ def run_record(
 
     `train["data_dir"]` stays as it was given, often relative to where training ran (`data/multi30k`);
     `data_dir_absolute` beside it lets the commands that read the run's data (`evaluate`, `doctor`) find
-    it from another directory (`with_reachable_data`)."""
+    it from another directory (`reachable_data_dir`)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": model,

@@ -42,15 +42,19 @@ def scaled_dot_product_attention(
     scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (batch, heads, q_len, k_len)
     if is_causal:
         mask = _with_causal(mask, q.size(-2), k.size(-2), q.device)
-    if mask is not None:
-        has_any_key = mask.any(dim=-1, keepdim=True)  # (batch, heads|1, q_len|1, 1)
-        scores = scores.masked_fill(~(mask | ~has_any_key), float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        weights = weights * has_any_key  # the rows with no key to attend to become zeros
+    weights = torch.softmax(scores, dim=-1) if mask is None else masked_softmax(scores, mask)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v, weights  # (batch, heads, q_len, d_k), (batch, heads, q_len, k_len)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax over the last dimension of the entries `mask` allows (True), exactly 0 for the others; a row
+    with no entry allowed, which would be 0/0 = NaN, attends to every entry and is then multiplied by zero.
+    Shared by this module's attention and the recurrent baselines' (`model.rnn.SourceAttention`)."""
+    has_any_key = mask.any(dim=-1, keepdim=True)  # (…, 1)
+    scores = scores.masked_fill(~(mask | ~has_any_key), float("-inf"))
+    return torch.softmax(scores, dim=-1) * has_any_key  # the rows with no key to attend to become zeros
 
 
 def fused_attention(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from transformer.config import RNNConfig
-from transformer.model.attention import AttentionRecord
+from transformer.model.attention import AttentionRecord, masked_softmax
 
 Hidden = Tensor | tuple[Tensor, Tensor]  # (layers, batch, hidden); an LSTM's is the pair (h, c)
 
@@ -78,16 +78,13 @@ class SourceAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """query (batch, query_size), mask (batch, src_len) True on real tokens -> context, weights.
 
-        A fully padded source (0/0 = NaN) attends to every key and is then multiplied by zero, as in
-        `scaled_dot_product_attention`: zero weights, zero context, and no NaN in the gradients, which
-        one such row would otherwise spread to every parameter."""
+        A fully padded source gets zero weights and a zero context (`masked_softmax`), not NaN, which
+        one such row would otherwise spread to every parameter's gradient."""
         if self.kind == "additive":
             scores = self.v(torch.tanh(self.w_query(query)[:, None, :] + projected_keys)).squeeze(-1)
         else:
             scores = (projected_keys @ query[:, :, None]).squeeze(-1)  # (batch, src_len)
-        has_any_key = mask.any(-1, keepdim=True)  # (batch, 1)
-        scores = scores.masked_fill(~(mask | ~has_any_key), float("-inf"))
-        weights = torch.softmax(scores, dim=-1) * has_any_key  # the rows with no key become zeros
+        weights = masked_softmax(scores, mask)  # (batch, src_len)
         return (weights[:, None, :] @ values).squeeze(1), weights  # (batch, key_size), (batch, src_len)
 
 
