@@ -36,7 +36,7 @@ from transformer.data.batching import collate
 from transformer.model import Transformer
 from transformer.model.attention import AttentionRecord
 from transformer.search import SearchConfig
-from transformer.translate import Translator, n_best
+from transformer.translate import Translator, n_best, source_ids
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -81,18 +81,16 @@ class Engine:
         self.model = translator.model.eval()
         self.tokenizer = translator.tokenizer
         self.train_config = translator.train_config
-        self.max_source_len = self.model.config.max_len - 1  # tokens per sentence, with room for EOS
+        self.max_source_len = translator.max_source_len
         self.has_attention = isinstance(self.model, Transformer)
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence; a sentence longer than the model takes is an error, not a truncation."""
-        encoded, limit = [], self.max_source_len
-        for n, sentence in enumerate(sentences):
-            ids = self.tokenizer.encode(sentence.strip()) if sentence.strip() else []
+        encoded, limit = source_ids(self.tokenizer, sentences), self.max_source_len
+        for n, ids in enumerate(encoded):
             if len(ids) > limit:
                 message = f"sentence {n + 1} has {len(ids)} tokens; the model takes at most {limit}"
                 raise RequestError(413, message)
-            encoded.append(ids)
         return encoded
 
     @torch.inference_mode()

@@ -183,28 +183,37 @@ class Translator:
             beam=beam, length_penalty=tc.length_penalty if length_penalty is None else length_penalty
         )
 
+    @property
+    def max_source_len(self) -> int:
+        """Tokens a source sentence may have: the model's maximum, less room for EOS."""
+        return self.model.config.max_len - 1
+
     def _encode(self, sentences: Sequence[str], strict: bool) -> list[list[int]]:
         """Token ids per sentence ([] for a blank one), cut to the model's maximum with a warning on
         stderr, or refused with `strict`."""
-        limit = self.model.config.max_len - 1  # room for EOS
-        sources = []
-        for n, sentence in enumerate(sentences):
-            ids = self.tokenizer.encode(sentence.strip()) if sentence.strip() else []
-            if len(ids) > limit:
-                if strict:
-                    raise TransformerError(
-                        f"sentence {n + 1} has {len(ids)} tokens, more than the model's maximum of {limit}; "
-                        f"--strict refuses it: split the sentence"
-                    )
-                print(
-                    f"warning: sentence {n + 1} has {len(ids)} tokens; truncated to {limit}", file=sys.stderr
+        sources, limit = source_ids(self.tokenizer, sentences), self.max_source_len
+        for n, ids in enumerate(sources):
+            if len(ids) <= limit:
+                continue
+            if strict:
+                raise TransformerError(
+                    f"sentence {n + 1} has {len(ids)} tokens, more than the model's maximum of {limit}; "
+                    f"--strict refuses it: split the sentence"
                 )
-                ids = ids[:limit]
-            sources.append(ids)
+            print(f"warning: sentence {n + 1} has {len(ids)} tokens; truncated to {limit}", file=sys.stderr)
+            sources[n] = ids[:limit]
         return sources
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def source_ids(tokenizer: Tokenizer, sentences: Sequence[str]) -> list[list[int]]:
+    """Token ids per sentence, stripped; [] for a blank one, which every search answers with an empty
+    translation. Callers decide what a sentence longer than the model takes means."""
+    stripped = [sentence.strip() for sentence in sentences]
+    encoded = tokenizer.encode_batch(stripped)
+    return [ids if text else [] for text, ids in zip(stripped, encoded, strict=True)]
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
