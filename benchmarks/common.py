@@ -8,6 +8,7 @@ from elsewhere hits them alike, and reports medians.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -155,11 +156,20 @@ def search_kind(beam: int) -> str:
     return "greedy" if beam == 1 else f"beam {beam}"
 
 
-def decoding_markdown(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> str:
-    """Searches' rows (label -> `decoding_row`) as a table, then a line per ratio: speed-ups in bold with ×,
-    anything else (counts of equal translations) as it is."""
+def decoding_markdown(
+    rows: dict[str, dict[str, Any]],
+    ratios: dict[str, Any],
+    ranges: dict[str, Sequence[float]] | None = None,
+) -> str:
+    """Searches' rows (label -> `decoding_row`) as a table, then a line per ratio: speed-ups in bold with ×
+    and, where `ranges` has them, the lowest and highest per-round speed-up; anything else (counts of
+    equal translations) as it is."""
     table = markdown_table([{"search": label, **row} for label, row in rows.items()])
-    lines = [f"- {k}: **{v}×**" if isinstance(v, float) else f"- {k}: {v}" for k, v in ratios.items()]
+    ranges = ranges or {}
+    lines = []
+    for k, v in ratios.items():
+        spread = f" (rounds {ranges[k][0]}–{ranges[k][1]}×)" if k in ranges else ""
+        lines.append(f"- {k}: **{v}×**{spread}" if isinstance(v, float) else f"- {k}: {v}")
     return table + "\n\n" + "\n".join(lines)
 
 
@@ -170,6 +180,26 @@ def paired_speedup(fast: Sequence[float], slow: Sequence[float]) -> float:
     load the machine had then; on a busy machine this is steadier than a ratio of the two medians.
     """
     return round(statistics.median(s / f for f, s in zip(fast, slow, strict=True)), 3)
+
+
+def speedup_range(fast: Sequence[float], slow: Sequence[float]) -> tuple[float, float]:
+    """The lowest and highest per-round speed-up behind `paired_speedup`: printed beside it, so that a
+    reader sees how far the rounds disagreed before trusting its third decimal."""
+    ratios = [s / f for f, s in zip(fast, slow, strict=True)]
+    return round(min(ratios), 2), round(max(ratios), 2)
+
+
+def with_range(speedup: float, spread: Sequence[float]) -> str:
+    """1.288 and (1.21, 1.35) -> "1.288 (1.21–1.35)", the way the tables print a speed-up."""
+    return f"{speedup} ({spread[0]}–{spread[1]})"
+
+
+def bf16_not_measured(what: str) -> str:
+    """The line a benchmark adds where it left bf16 out."""
+    return (
+        f"{what} not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), where "
+        f"torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
+    )
 
 
 # The operators that multiply matrices (linear layers: torch's own, MKL's and oneDNN's packed kernels;
@@ -241,13 +271,21 @@ def _max_rss_mb() -> float:
 def peak_rss_growth_mb(fn: Callable[[], object]) -> dict[str, float]:
     """Run `fn` and report how far the process's peak resident memory rose above what it held before.
 
-    Only meaningful in a fresh process whose earlier work stayed small (see `memory_in_child`): the
-    kernel keeps one high-water mark per process.
+    Only meaningful in a fresh process (see `memory_in_child`): the kernel keeps one high-water mark per
+    process, which is reset here where Linux allows it, so that a peak reached while building the model
+    or packing its weights is not taken for `fn`'s.
     """
+    _reset_peak_rss()
     before = _current_rss_mb()
     fn()
     peak = _max_rss_mb()
     return {"peak_rss_mb": round(peak, 1), "growth_mb": round(max(peak - before, 0.0), 1)}
+
+
+def _reset_peak_rss() -> None:
+    """Set VmHWM back to the current RSS (Linux 4.0+: writing 5 to clear_refs); elsewhere nothing."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def memory_in_child(script: str, args: Sequence[str]) -> dict[str, float]:

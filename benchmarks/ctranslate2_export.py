@@ -33,9 +33,8 @@ from benchmarks import common
 from transformer.data.corpus import read_split
 from transformer.export import export_marian
 from transformer.search import SearchConfig
-from transformer.translate import Translator, source_batches, translate_ids
+from transformer.translate import MAX_TOKENS, Translator, source_batches, translate_ids
 
-MAX_TOKENS = 6000  # translate_ids' token budget per batch
 EXTRA_LEN = SearchConfig().extra_len
 
 

@@ -9,8 +9,11 @@ The step is our trainer's (benchmarks/peers.py): projected label-smoothed loss, 
 vocabulary 37,000 as the paper's shared BPE. Its matmul FLOPs (peers.step_flops) over the median step time
 give the achieved rate; the peak is the fastest of several square bf16 products on the same device. The
 paper trained base for 100,000 steps of ~25,000 target tokens each (12 hours on 8 P100s): the extrapolation
-is those tokens at the measured rate on this one GPU, and on 8 of it with perfect scaling. Prints JSON and,
-without --json, updates benchmarks/RESULTS.md.
+is those tokens at the measured rate on this one GPU, and on 8 of it with perfect scaling. It is a lower
+bound on the time: the batch is random, unpadded and of one shape, where real batches carry some padding
+(7 % in Multi30k's) and vary in shape, and no time goes to reading data, validating or saving.
+
+Prints JSON and, without --json, updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

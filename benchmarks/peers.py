@@ -30,7 +30,9 @@ def config_for(name: str, max_len: int = 1024) -> TransformerConfig:
 
 
 class TorchPeer(nn.Module):
-    """nn.Transformer with shared √d_model-scaled embeddings, sinusoidal positions, a tied output layer."""
+    """nn.Transformer with shared √d_model-scaled embeddings, sinusoidal positions and dropout on their sum,
+    a tied output layer: the same model as ours. nn.Transformer also ends its encoder and its decoder with
+    a LayerNorm, which a post-LN model does not have (the paper's, ours, Marian's): removed."""
 
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
@@ -38,13 +40,15 @@ class TorchPeer(nn.Module):
         self.core = nn.Transformer(
             c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff, c.dropout, batch_first=True
         )
+        self.core.encoder.norm = self.core.decoder.norm = None
+        self.dropout = nn.Dropout(c.dropout)
         self.register_buffer("pe", sinusoidal_table(c.max_len, c.d_model))
         self.scale = c.d_model**0.5
         self.pad_id = c.pad_id
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        x = self.embed(src) * self.scale + self.pe[: src.size(1)]
-        y = self.embed(tgt) * self.scale + self.pe[: tgt.size(1)]
+        x = self.dropout(self.embed(src) * self.scale + self.pe[: src.size(1)])
+        y = self.dropout(self.embed(tgt) * self.scale + self.pe[: tgt.size(1)])
         causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
         pad = src == self.pad_id
         hidden = self.core(x, y, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
@@ -120,11 +124,11 @@ def training_step(
     target token, backward, Adam (β₂ 0.98). `tgt` holds BOS … EOS: the model reads tgt[:, :-1] and
     predicts tgt[:, 1:]; padding is ignored by the loss.
 
-    `projected` and `fused_adam` make it the step our trainer takes (transformer/train.py): only the
-    non-padding positions are projected onto the vocabulary, the loss is ours (transformer/loss.py, its
-    gradient written out), and Adam is torch's fused one. The peers get `F.cross_entropy` over all their
-    logits and torch.optim.Adam as constructed by default (the for-loop implementation on the CPU), as
-    their users would write it."""
+    With `projected` it is the step our trainer takes (transformer/train.py): only the non-padding
+    positions are projected onto the vocabulary, and the loss is ours (transformer/loss.py, its gradient
+    written out). Without it, `F.cross_entropy` over all the logits, as the peers' users would write it.
+    `fused_adam` is torch's fused Adam, which our trainer uses and any user can ask for; without it, the
+    for-loop implementation torch.optim.Adam defaults to on the CPU."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused_adam)
     prepared = [(src, tgt[:, :-1], tgt[:, 1:], int((tgt[:, 1:] != PAD_ID).sum())) for src, tgt in batches]

@@ -41,7 +41,8 @@ def runs_for(
     `length`; MarianMTModel is left out where `transformers` is missing."""
     models = models or MODELS[kind]
     max_len = max(length, new_tokens) + 2
-    src, tgt = peers.random_batch(batch, length - 1, length)  # `length` tokens with EOS; BOS + length - 1
+    # sources of `length` tokens (EOS included); the decoder reads `length` positions, BOS first
+    src, tgt = peers.random_batch(batch, length - 1, length)
     if kind == "train":
         return train_step.steps_for(models, "small", [(src, tgt)], max_len)
     c = peers.config_for("small", max_len)

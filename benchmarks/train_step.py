@@ -4,15 +4,18 @@
     python benchmarks/train_step.py --configs small --compile   # adds ours under torch.compile
     python benchmarks/train_step.py --allocator           # ours, with and without GLIBC_TUNABLES
 
-Every model gets the same embeddings (×√d_model, sinusoidal positions), tied output projection,
-label-smoothed loss and Adam (benchmarks/peers.py); ours gets the fused Adam our trainer uses, the peers
-torch.optim.Adam's default. Variants of ours measure our speed choices: the self-attention projections
-fused into one matmul, nn.Dropout instead of our cheaper mask, the for-loop Adam the peers get, bf16
-autocast (included where the CPU has bf16 instructions, or with --bf16) and torch.compile (--compile). Ours
-multiplies fp32 in oneDNN where `transformer train` does (AMD CPUs, transformer/onednn.py); there the
-variant `ours, MKL linear layers` is ours with torch's nn.Linear, as the peers run. The variants take a
-step in turn, round after round (benchmarks/common.py). Peak memory is measured per variant in a fresh
-child process. Prints JSON and updates benchmarks/RESULTS.md.
+Every model gets the same embeddings (×√d_model, sinusoidal positions, dropout), tied output projection,
+label-smoothed loss and fused Adam (benchmarks/peers.py). The loss is where ours differs as a toolkit:
+ours projects only the non-padding positions and writes out the loss's gradient (transformer/loss.py),
+the peers take `F.cross_entropy` over all their logits, as their users would. Variants of ours measure our
+speed choices: the self-attention projections fused into one matmul, nn.Dropout instead of our cheaper
+mask, torch's for-loop Adam (its default on the CPU), bf16 autocast (included where the CPU has bf16
+instructions, or with --bf16) and torch.compile (--compile; as `transformer train compile=true`, with the
+kernels compile picks). Ours multiplies fp32 in oneDNN where `transformer train` does (AMD CPUs whose
+oneDNN beats MKL, transformer/onednn.py); there the variant `ours, MKL linear layers` is ours with torch's
+nn.Linear, as the peers run. The variants take a step in turn, round after round (benchmarks/common.py).
+Peak memory is measured per variant in a fresh child process. Prints JSON and updates
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,23 +44,22 @@ from transformer.runtime import ALLOCATOR_TUNABLES
 SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def build(variant: str, config_name: str, max_len: int = 1024) -> tuple[torch.nn.Module, bool, bool] | None:
-    """The model of a variant, whether it runs under bf16 autocast and whether it gets the fused Adam our
-    trainer uses; None if it cannot be built here."""
+def build(variant: str, config_name: str, max_len: int = 1024) -> torch.nn.Module | None:
+    """The model of a variant; None if it cannot be built here."""
     c = peers.config_for(config_name, max_len)
     torch.manual_seed(0)
     if variant == "nn.Transformer":
-        return peers.TorchPeer(c), False, False
+        return peers.TorchPeer(c)
     if variant == "MarianMTModel":
         model = peers.marian(c)
-        return (peers.MarianLogits(model), False, False) if model is not None else None
-    if variant == "ours, torch.compile":
-        return torch.compile(peers.ours(c)), False, True
+        return peers.MarianLogits(model) if model is not None else None
     if variant == "ours, MKL linear layers":
-        return peers.ours(c), False, True
+        return peers.ours(c)
+    if variant == "ours, torch.compile":  # as `transformer train compile=true`: compile picks the kernels
+        return torch.compile(peers.ours(c))
     model = peers.ours(c, fuse_qkv=variant == "ours, fused QKV", torch_dropout=variant == "ours, nn.Dropout")
     use_onednn_linears(model)  # the kernels `transformer train` chooses
-    return model, variant == "ours, bf16 autocast", variant != "ours, for-loop Adam"
+    return model
 
 
 def steps_for(
@@ -65,10 +67,15 @@ def steps_for(
 ) -> dict[str, Callable]:
     steps = {}
     for variant in variants:
-        built = build(variant, config_name, max_len)
-        if built is not None:
-            model, bf16, ours = built
-            steps[variant] = peers.training_step(model, batches, bf16=bf16, fused_adam=ours, projected=ours)
+        model = build(variant, config_name, max_len)
+        if model is not None:
+            steps[variant] = peers.training_step(
+                model,
+                batches,
+                bf16=variant == "ours, bf16 autocast",
+                fused_adam=variant != "ours, for-loop Adam",
+                projected=variant.startswith("ours"),
+            )
     return steps
 
 
@@ -82,32 +89,36 @@ def measure(
     shape of a bf16 matmul (on the AMX Xeon a bf16 step over 12 new Multi30k batches took 0.66 s, over
     the same batches again 0.54 s; fp32 0.93 and 0.90 s)."""
     steps = steps_for(variants, config_name, batches)
-    warmup = len(batches) + (1 if "ours, torch.compile" in steps else 0)
+    warmup = len(batches)
     compile_s = None
     if "ours, torch.compile" in steps:
+        # compiled on its first batch, then a whole turn more, so that it steps through the batches in
+        # the same order as the others (each step function cycles through them)
         start = time.perf_counter()
         steps["ours, torch.compile"]()
         compile_s = round(time.perf_counter() - start, 1)
+        for _ in range(len(batches) - 1):
+            steps["ours, torch.compile"]()
     times = common.time_interleaved(steps, repeats, warmup)
-    # What the timed rounds ran (one batch each, after the warm-up ones): the target tokens (not padding)
-    # and the padded shapes' FLOPs over all of them, the same for every variant.
+    # What each timed round ran (one batch, after the warm-up ones, the same for every variant): the
+    # target tokens (not padding) and the padded shapes' FLOPs
     round_batches = [batches[i % len(batches)] for i in range(warmup, warmup + repeats)]
     config = peers.config_for(config_name)
-    tokens = target_tokens(round_batches)
-    flops = sum(
-        peers.step_flops(config, src.size(0), src.size(1), tgt.size(1) - 1) for src, tgt in round_batches
-    )
+    tokens = [target_tokens([batch]) for batch in round_batches]
+    flops = [peers.step_flops(config, s.size(0), s.size(1), t.size(1) - 1) for s, t in round_batches]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "batches.pt"  # for the memory children, written once
         if memory:
             torch.save(batches, saved)
         for variant, ts in times.items():
+            # rates per round, then their median: like the speed-ups, robust to a round that was slowed
+            rounds = list(zip(tokens, flops, ts, strict=True))
             rows[variant] = {
                 "s_per_step": round(common.median(ts), 3),
                 "all_s": [round(t, 3) for t in ts],  # the spread shows how noisy the machine was
-                "tgt_tokens_per_s": round(tokens / sum(ts)),
-                "gflops": round(common.gflops(flops, sum(ts)), 1),
+                "tgt_tokens_per_s": round(common.median([n / t for n, _, t in rounds])),
+                "gflops": round(common.median([common.gflops(f, t) for _, f, t in rounds]), 1),
             }
             if memory:
                 args = ["--memory-of", variant, "--configs", config_name, "--batches-file", str(saved)]
@@ -115,6 +126,7 @@ def measure(
             for peer in ("nn.Transformer", "MarianMTModel", "ours"):
                 if peer in times:
                     rows[variant][f"vs_{peer}"] = common.paired_speedup(ts, times[peer])
+                    rows[variant][f"vs_{peer}_range"] = common.speedup_range(ts, times[peer])
     return rows, compile_s
 
 
@@ -204,10 +216,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     if not bf16:
-        body.append(
-            "bf16 autocast not measured: this CPU has no bf16 matmul instructions (avx512_bf16/amx_bf16), "
-            "where torch's bf16 matmuls run far below fp32 speed (`--bf16` measures it anyway)."
-        )
+        body.append(common.bf16_not_measured("bf16 autocast"))
     header = f"fp32 matmul peak measured in the run: {result['fp32_matmul_peak_gflops']:.1f} GFLOP/s"
     if bf16:
         header += f"; bf16: {result['bf16_matmul_peak_gflops']:.1f} GFLOP/s"
@@ -243,9 +252,7 @@ def _markdown(name: str, described: str, rows: dict, compile_s: float | None) ->
             "target tok/s": row["tgt_tokens_per_s"],
             "GFLOP/s": row["gflops"],
             "of fp32 peak": row["fraction_of_fp32_peak"],
-            "× nn.Transformer": row.get("vs_nn.Transformer", "–"),
-            "× Marian": row.get("vs_MarianMTModel", "–"),
-            "× ours": row.get("vs_ours", "–"),
+            **{f"× {short}": _speedup(row, peer) for peer, short in _PEERS.items()},
         }
         if "memory" in row:
             entry["memory growth, 2 steps (MB)"] = row["memory"]["growth_mb"]
@@ -253,8 +260,19 @@ def _markdown(name: str, described: str, rows: dict, compile_s: float | None) ->
     note = f" torch.compile took {compile_s} s to compile." if compile_s else ""
     return (
         f"**{name}** ({described}; vocabulary {peers.VOCAB}, dropout 0.1); × columns: median over rounds "
-        f"of the per-round speed-up.{note}\n\n" + common.markdown_table(table)
+        f"of the per-round speed-up (lowest–highest round). Rates: median over rounds of each round's "
+        f"rate. GFLOP/s counts every model's padded positions, which ours does not project onto the "
+        f"vocabulary.{note}\n\n" + common.markdown_table(table)
     )
+
+
+_PEERS = {"nn.Transformer": "nn.Transformer", "MarianMTModel": "Marian", "ours": "ours"}
+
+
+def _speedup(row: dict, peer: str) -> str:
+    if f"vs_{peer}" not in row:
+        return "–"
+    return common.with_range(row[f"vs_{peer}"], row[f"vs_{peer}_range"])
 
 
 if __name__ == "__main__":

@@ -35,9 +35,7 @@ from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 from transformer.export import marian_config, marian_vocab_order, to_marian_state_dict
 from transformer.search import SearchConfig
-from transformer.translate import Translator, source_batches, translate_ids
-
-MAX_TOKENS = 6000  # translate_ids' token budget per batch
+from transformer.translate import MAX_TOKENS, Translator, source_batches, translate_ids
 
 
 def searches(

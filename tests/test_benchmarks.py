@@ -97,6 +97,23 @@ def test_time_translations_warms_up_once_and_counts_each_eos() -> None:
     assert rows["b"]["tokens_per_s"] == round((3 + 2) / b) and rows["b"]["sentences_per_s"] == round(2 / b, 1)
 
 
+def test_speedups_print_with_the_range_of_their_rounds() -> None:
+    fast, slow = [1.0, 2.0, 8.0], [2.0, 4.0, 10.0]  # per-round ratios 2, 2, 1.25
+    assert common.speedup_range(fast, slow) == (1.25, 2.0)
+    assert common.with_range(2.0, (1.25, 2.0)) == "2.0 (1.25–2.0)"
+    rows = {"a": common.decoding_row(fast, 2, 4), "b": common.decoding_row(slow, 2, 4)}
+    text = common.decoding_markdown(rows, {"a vs b": 2.0, "equal": "2 of 2"}, {"a vs b": (1.25, 2.0)})
+    assert "- a vs b: **2.0×** (rounds 1.25–2.0×)" in text and "- equal: 2 of 2" in text
+
+
+def test_peak_memory_growth_is_the_functions_not_an_earlier_peak() -> None:
+    """A peak reached before the measured call (here a 200 MB buffer, freed) is not counted in its growth."""
+    buffer = torch.ones(50 * 2**20)  # 200 MB, touched
+    del buffer
+    growth = common.peak_rss_growth_mb(lambda: torch.ones(2**20))["growth_mb"]  # 4 MB
+    assert growth < 100
+
+
 def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
     machine = common.machine_info()
@@ -145,6 +162,38 @@ def test_our_training_step_and_the_peers_compute_the_same_gradients_on_a_padded_
     peers.training_step(models[1], [(src, tgt)])()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_peer_is_our_model_in_nn_transformer() -> None:
+    """The nn.Transformer peer, our weights copied in: the same logits in eval mode, so the benchmark
+    compares implementations of one model (its extra final LayerNorms would change them)."""
+    from test_model import copy_block, randomise
+
+    c = TransformerConfig.preset(
+        "small",
+        src_vocab_size=50,
+        tgt_vocab_size=50,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        max_len=32,
+    )  # fmt: skip  (the benchmarks' sharing: one embedding for source, target and output)
+    torch.manual_seed(0)
+    ours, peer = peers.ours(c).eval(), peers.TorchPeer(c).eval()
+    randomise(ours)  # LayerNorms not at 1 and 0, so that an extra final one would show
+    for ours_stack, peer_stack in ((ours.encoder, peer.core.encoder), (ours.decoder, peer.core.decoder)):
+        for block, ref_block in zip(ours_stack.layers, peer_stack.layers, strict=True):
+            copy_block(block, ref_block)
+    with torch.no_grad():
+        peer.embed.weight.copy_(ours.src_embed.weight)
+    src, tgt = peers.random_batch(3, 6, 5)
+    src, tgt = src.clamp(max=49), tgt.clamp(max=49)
+    src[0, 4:] = PAD_ID
+    with torch.no_grad():
+        torch.testing.assert_close(peer(src, tgt), ours(src, tgt), rtol=1e-4, atol=1e-5)
+    assert peer.dropout.p == c.dropout > 0  # and dropout on the embeddings in training, as ours
 
 
 def test_marian_matches_our_configuration() -> None:
