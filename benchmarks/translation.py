@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,15 @@ from transformer.translate import MAX_TOKENS, Translator, source_batches, transl
 
 
 def searches(
-    translator: Translator, sources: list[list[int]], beams: list[int], marian: nn.Module | None
+    translator: Translator,
+    sources: list[list[int]],
+    beams: list[int],
+    marian: nn.Module | None,
+    marian_budgets: Sequence[int] = (),
 ) -> dict[str, Callable[[], list[list[int]]]]:
-    """Per beam size: ours dropping finished sentences, ours keeping them, and Marian's generate."""
+    """Per beam size: ours dropping finished sentences, ours keeping them, and Marian's generate on the
+    same batches and, for each of `marian_budgets`, on batches of that many tokens (smaller batches
+    lose less to sentences that have finished, which `generate` keeps decoding)."""
     runs = {}
     penalty = translator.train_config.length_penalty
     for beam in beams:
@@ -52,6 +58,10 @@ def searches(
         runs[f"{kind}, keeping finished"] = _translate(translator, sources, keeping)
         if marian is not None:
             runs[f"{kind}, MarianMTModel"] = _generate(marian, sources, beam, penalty, config.extra_len)
+            for budget in marian_budgets:
+                runs[f"{kind}, MarianMTModel, {budget}-token batches"] = _generate(
+                    marian, sources, beam, penalty, config.extra_len, budget
+                )
     return runs
 
 
@@ -81,8 +91,16 @@ def marian_twin(model: nn.Module) -> nn.Module | None:
     return twin.eval()
 
 
-def _generate(marian: nn.Module, sources: list[list[int]], beam: int, penalty: float, extra: int) -> Callable:
-    """`generate` on the batches `translate_ids` makes, the ids mapped there and back."""
+def _generate(
+    marian: nn.Module,
+    sources: list[list[int]],
+    beam: int,
+    penalty: float,
+    extra: int,
+    max_tokens: int = MAX_TOKENS,
+) -> Callable:
+    """`generate` on the batches `translate_ids` makes (with `max_tokens`: of that budget), the ids mapped
+    there and back."""
     order = marian_vocab_order(marian.config.vocab_size)  # the exported model's id -> ours
     to_marian = torch.argsort(order)
     pad = marian.config.pad_token_id
@@ -90,7 +108,7 @@ def _generate(marian: nn.Module, sources: list[list[int]], beam: int, penalty: f
     @torch.inference_mode()
     def run() -> list[list[int]]:
         results: list[list[int]] = [[] for _ in sources]
-        for chunk, src in source_batches(sources, beam, MAX_TOKENS):
+        for chunk, src in source_batches(sources, beam, max_tokens):
             src = torch.where(src == PAD_ID, pad, to_marian[src])
             out = marian.generate(
                 input_ids=src,
@@ -116,9 +134,11 @@ def measure(
     repeats: int,
     limit: int | None = None,
     with_marian: bool = True,
+    marian_budgets: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Rows of seconds and sentences/s per search, and per beam size the speed-ups of dropping finished
-    sentences and the counts of translations equal to the dropping search's."""
+    """Rows of seconds and sentences/s per search; per beam size the speed-ups of dropping finished
+    sentences, the counts of translations equal to the dropping search's, and the speed-up of the same
+    search as Marian's (keeping finished sentences, the same batches) over Marian's."""
     translator = Translator.from_checkpoint(checkpoint, precision=precision)
     tc = translator.train_config
     split = split or tc.test_split
@@ -127,18 +147,29 @@ def measure(
     marian = marian_twin(translator.model) if with_marian else None
     if marian is not None:
         marian.to(next(translator.model.parameters()).dtype)
-    runs = searches(translator, sources, beams, marian)
+    runs = searches(translator, sources, beams, marian, marian_budgets)
     outputs, times, rows = common.time_translations(runs, repeats)
     ratios: dict[str, Any] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def speedup(fast: str, slow: str) -> None:
+        label = f"{fast} vs {slow.removeprefix(f'{kind}, ')}"
+        ratios[label] = common.paired_speedup(times[fast], times[slow])
+        ranges[label] = common.speedup_range(times[fast], times[slow])
+
     for beam in beams:
         kind = common.search_kind(beam)
         ours = f"{kind}, dropping finished"
         for way in ("keeping finished", "MarianMTModel"):
             other = f"{kind}, {way}"
             if other in times:
-                ratios[f"{ours} vs {way}"] = common.paired_speedup(times[ours], times[other])
+                speedup(ours, other)
                 same = sum(a == b for a, b in zip(outputs[ours], outputs[other], strict=True))
                 ratios[f"{kind}: translations equal, {way}"] = f"{same} of {len(sources)}"
+        if f"{kind}, MarianMTModel" in times:
+            speedup(f"{kind}, keeping finished", f"{kind}, MarianMTModel")  # the same search as Marian's
+            for budget in marian_budgets:
+                speedup(ours, f"{kind}, MarianMTModel, {budget}-token batches")
     return {
         "direction": f"{tc.src_lang}→{tc.tgt_lang}",
         "split": split,
@@ -146,6 +177,7 @@ def measure(
         "precision": precision,
         "rows": rows,
         "ratios": ratios,
+        "ratio_ranges": ranges,
     }
 
 
@@ -158,14 +190,28 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-marian", action="store_true", help="leave MarianMTModel out")
+    parser.add_argument(
+        "--marian-max-tokens",
+        type=int,
+        nargs="*",
+        default=[1000],
+        help=f"also run generate on batches of these token budgets (ours: {MAX_TOKENS})",
+    )
     args = parser.parse_args()
     measured = measure(
-        args.checkpoint, args.split, args.precision, args.beams, args.repeats, with_marian=not args.no_marian
+        args.checkpoint,
+        args.split,
+        args.precision,
+        args.beams,
+        args.repeats,
+        with_marian=not args.no_marian,
+        marian_budgets=args.marian_max_tokens,
     )
     result = {"machine": common.machine_info(), "checkpoint": args.checkpoint, **measured}
+    table = common.decoding_markdown(measured["rows"], measured["ratios"], measured["ratio_ranges"])
     body = (
         f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}` "
-        f"({measured['precision']}):\n\n{common.decoding_markdown(measured['rows'], measured['ratios'])}"
+        f"({measured['precision']}):\n\n{table}"
     )
     common.report(f"Translation of real text, {measured['direction']}, {measured['precision']}", result, body)
 

@@ -219,10 +219,14 @@ def test_translation_benchmark_translates_a_split_three_ways(run_dir, monkeypatc
     """Real sentences through a trained (tiny) run: our search dropping and keeping finished sentences, and
     MarianMTModel running the same weights."""
     monkeypatch.chdir(run_dir.parent)  # the run's data_dir is absolute; nothing relative may matter
-    measured = translation.measure(str(run_dir), None, "fp32", [1, 2], repeats=1, limit=12)
+    measured = translation.measure(
+        str(run_dir), None, "fp32", [1, 2], repeats=1, limit=12, marian_budgets=[100]
+    )
     assert measured["split"] == "test2016" and measured["sentences"] == 12
-    ways = ("dropping finished", "keeping finished", "MarianMTModel")
+    ways = ("dropping finished", "keeping finished", "MarianMTModel", "MarianMTModel, 100-token batches")
     assert set(measured["rows"]) == {f"{kind}, {way}" for kind in ("greedy", "beam 2") for way in ways}
+    assert "greedy, keeping finished vs MarianMTModel" in measured["ratios"]  # the same search as Marian's
+    assert set(measured["ratio_ranges"]) <= set(measured["ratios"])
     assert measured["ratios"]["greedy: translations equal, keeping finished"] == "12 of 12"
     assert measured["ratios"]["beam 2: translations equal, keeping finished"] == "12 of 12"
     assert all(row["sentences_per_s"] > 0 for row in measured["rows"].values())
