@@ -10,7 +10,7 @@ import torch
 from conftest import dev_dependency
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import attention, common, decode, gpu, peers, scaling, train_step, translation
+from benchmarks import attention, common, decode, gpu, peers, scaling, serve_load, train_step, translation
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.search import SearchConfig
@@ -381,3 +381,16 @@ def test_the_fp32_peak_is_the_faster_of_mkl_and_onednn(monkeypatch: pytest.Monke
     # The faster kernel sets the peak: one that sleeps 50 ms a call cannot.
     monkeypatch.setattr(common, "onednn_linear", lambda a, b: time.sleep(0.05) or a @ b.T)
     assert common.matmul_peak_gflops(torch.float32, n=64, repeats=3) > 2 * 64**3 / 0.05 / 1e9
+
+
+def test_serve_load_takes_turns_on_both_servers(run_dir) -> None:
+    """Both servers (batched, one request per call) answer every request in every round; the summary has
+    each one's percentiles and the batched server's speed-up with its range."""
+    dev_dependency("httpx")
+    translator = Translator.from_checkpoint(run_dir)
+    reports = serve_load.measure(translator, ["ein Hund", "zwei Katzen"], 4, 2, beam=1, repeats=2)
+    assert {name: len(rounds) for name, rounds in reports.items()} == dict.fromkeys(serve_load.SERVERS, 2)
+    assert all(r.requests == 4 and r.errors == 0 for rounds in reports.values() for r in rounds)
+    summary = serve_load.summarise(reports)
+    assert summary["batched_speedup"] > 0 and len(summary["batched_speedup_range"]) == 2
+    assert all(row["p50_ms"] <= row["p99_ms"] for row in summary["rows"].values())
