@@ -5,6 +5,11 @@ which for unrelated vectors is of order ‖x‖·‖y‖/√d: the diagonal domi
 to itself. Separate W_Q and W_K make the score xW_Q·(yW_K), which need not favour y = x. Measured as the
 attention mass on the diagonal (mean weight of a query on its own position), on random vectors and on the
 embeddings (+ positions) of real sentences fed to the trained translator's first encoder layer.
+
+The two sides are compared like with like: the projected side runs h heads of d_k = d/h, so the Q=K=V=X
+baseline is split into the same h slices of width d_k, each with its own softmax over xᵢ·yᵢ/√d_k. Its
+self-score is then ‖xᵢ‖²/√d_k ≈ √d_k, not √d as for one head over the whole vector, and the diagonal
+dominates less; one head over the whole vector is shown beside it.
 """
 
 from __future__ import annotations
@@ -46,12 +51,18 @@ def diagonal_mass(weights: Tensor, mask: Tensor | None = None) -> float:
     return float(diagonal[keep].mean())
 
 
-def identity_attention(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(X·Xᵀ/√d): attention with Q = K = V = X; (batch, n, d) -> (batch, 1, n, n)."""
-    scores = x @ x.transpose(-2, -1) / math.sqrt(x.size(-1))
+def identity_attention(x: Tensor, mask: Tensor | None = None, heads: int = 1) -> Tensor:
+    """Attention with Q = K = V = X split into `heads` slices of d_k = d/heads, as multi-head attention
+    splits its projections: per head softmax(XᵢXᵢᵀ/√d_k); (batch, n, d) -> (batch, heads, n, n)."""
+    batch, n, d = x.shape
+    if d % heads:
+        raise ValueError(f"d={d} is not divisible by heads={heads}")
+    d_k = d // heads
+    slices = x.view(batch, n, heads, d_k).transpose(1, 2)  # (batch, heads, n, d_k)
+    scores = slices @ slices.transpose(-2, -1) / math.sqrt(d_k)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)[:, None]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def projected_attention(module: MultiHeadAttention, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -83,12 +94,25 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     seeded(0)
     n = size["n"]
     rows, random_numbers = [], {}
+    heads = size["heads"]
     for d in size["d"]:
         x = torch.randn(size["batch"], n, d)
-        none = diagonal_mass(identity_attention(x))
-        projected = diagonal_mass(projected_attention(random_projections(d, size["heads"]), x))
-        random_numbers[d] = {"no_projections": none, "random_projections": projected}
-        rows.append([f"random N(0, 1), d={d}", none, projected, "-", 1 / n])
+        random_numbers[d] = {
+            "no_projections_one_head": diagonal_mass(identity_attention(x)),
+            "no_projections": diagonal_mass(identity_attention(x, heads=heads)),
+            "random_projections": diagonal_mass(projected_attention(random_projections(d, heads), x)),
+        }
+        v = random_numbers[d]
+        rows.append(
+            [
+                f"random N(0, 1), d={d}, d_k={d // heads}",
+                v["no_projections_one_head"],
+                v["no_projections"],
+                v["random_projections"],
+                "-",
+                1 / n,
+            ]
+        )
 
     translator = trained_translator(context, preset)
     model = translator.model
@@ -98,18 +122,20 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     with torch.no_grad():
         x = model.src_pos(model.src_embed(src))  # the first encoder layer's input (eval: no dropout)
     first_layer = model.encoder.layers[0].self_attn
-    d_model, heads = model.config.d_model, model.config.n_heads
+    d_model, model_heads = model.config.d_model, model.config.n_heads
     trained = {
-        "no_projections": diagonal_mass(identity_attention(x, mask), mask),
+        "no_projections_one_head": diagonal_mass(identity_attention(x, mask), mask),
+        "no_projections": diagonal_mass(identity_attention(x, mask, model_heads), mask),
         "random_projections": diagonal_mass(
-            projected_attention(random_projections(d_model, heads), x, mask), mask
+            projected_attention(random_projections(d_model, model_heads), x, mask), mask
         ),
         "trained_projections": diagonal_mass(projected_attention(first_layer, x, mask), mask),
         "uniform": float((1 / mask.sum(1).float()).mean()),
     }
     rows.append(
         [
-            f"trained embeddings, d={d_model}",
+            f"trained embeddings, d={d_model}, d_k={d_model // model_heads}",
+            trained["no_projections_one_head"],
             trained["no_projections"],
             trained["random_projections"],
             trained["trained_projections"],
@@ -119,11 +145,19 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.numbers = {"random": random_numbers, "trained": trained}
     result.tables.append(
         Table(
-            ["inputs", "Q=K=V=X", "random W_Q, W_K", "trained W_Q, W_K (encoder layer 1)", "uniform 1/n"],
+            [
+                "inputs",
+                "Q=K=V=X, one head of width d",
+                "Q=K=V=X, h heads of d_k",
+                "random W_Q, W_K, h heads",
+                "trained W_Q, W_K (encoder layer 1)",
+                "uniform 1/n",
+            ],
             rows,
-            f"Mean attention weight of a token on itself. Random: {size['batch']}×{n} tokens. Trained: "
-            f"embeddings·√d_model + positions of {len(sentences)} test2016 sentences, from "
-            f"{translator.description}, {heads} heads.",
+            f"Mean attention weight of a token on itself. Random: {size['batch']}×{n} tokens, h={heads} "
+            f"heads. Trained: embeddings·√d_model + positions of {len(sentences)} test2016 sentences, from "
+            f"{translator.description}, h={model_heads} heads. The columns with h heads split the vectors "
+            "the same way (d_k = d/h), so they compare like with like.",
         )
     )
 
@@ -132,7 +166,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     with torch.no_grad():
         x0 = model.src_pos(model.src_embed(example))
     maps = [
-        ("Q = K = V = X", identity_attention(x0)[0, 0]),
+        ("Q = K = V = X (head 1)", identity_attention(x0, heads=model_heads)[0, 0]),
         ("trained W_Q, W_K (head 1)", projected_attention(first_layer, x0)[0, 0]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -145,7 +179,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         trained["trained_projections"]
     ]
     positions = range(len(labels))
-    axes[2].bar([p - 0.2 for p in positions], none_values, 0.4, label="Q=K=V=X")
+    axes[2].bar([p - 0.2 for p in positions], none_values, 0.4, label="Q=K=V=X, same heads")
     axes[2].bar([p + 0.2 for p in positions], proj_values, 0.4, label="projections (random / trained)")
     axes[2].set_xticks(list(positions), labels, rotation=20, fontsize=8)
     axes[2].set(title="attention mass on the diagonal", ylim=(0, 1))
@@ -153,12 +187,15 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.figures.append(save_figure(fig, out_dir, "projections.png"))
 
     d0 = size["d"][0]
+    r0 = random_numbers[d0]
     result.findings += [
-        f"Random vectors (d={d0}, n={n}): diagonal mass {random_numbers[d0]['no_projections']:.3f} with "
-        f"Q=K=V=X vs {random_numbers[d0]['random_projections']:.3f} with random projections "
-        f"(uniform: {1 / n:.3f}).",
-        f"Trained translator, real sentences: {trained['no_projections']:.3f} with Q=K=V=X, "
-        f"{trained['random_projections']:.3f} with random projections, {trained['trained_projections']:.3f} "
-        f"with the first encoder layer's trained projections (uniform: {trained['uniform']:.3f}).",
+        f"Random vectors (d={d0}, n={n}, {heads} heads of d_k={d0 // heads}): diagonal mass "
+        f"{r0['no_projections']:.3f} with Q=K=V=X split into the same heads vs "
+        f"{r0['random_projections']:.3f} with random projections (uniform: {1 / n:.3f}; one Q=K=V=X "
+        f"head over all {d0} dimensions: {r0['no_projections_one_head']:.3f}).",
+        f"Trained translator, real sentences ({model_heads} heads of d_k={d_model // model_heads}): "
+        f"{trained['no_projections']:.3f} with Q=K=V=X, {trained['random_projections']:.3f} with random "
+        f"projections, {trained['trained_projections']:.3f} with the first encoder layer's trained "
+        f"projections (uniform: {trained['uniform']:.3f}).",
     ]
     return result
