@@ -4,6 +4,7 @@ report command itself."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,15 @@ from transformer.experiments import (
     scaling,
     warmup,
 )
-from transformer.experiments.common import Table
-from transformer.experiments.training import remove_causal_mask, remove_scaling
+from transformer.experiments.common import (
+    Context,
+    Table,
+    TrainedModel,
+    difference,
+    mean_sd,
+    small_transformer,
+)
+from transformer.experiments.training import remove_causal_mask, remove_scaling, task_for
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.transformer import sinusoidal_table
 
@@ -95,6 +103,17 @@ def test_unscaled_dot_products_have_variance_d_k() -> None:
     assert raw["entropy"] < 0.5 * scaled["entropy"]
 
 
+def test_scalar_readout_gradient_is_flat_in_d_k_only_when_scaled() -> None:
+    """With one scalar per key the gradient measures the softmax alone: the scaled logits keep it at the
+    d_k=4 size whatever d_k is, the unscaled ones saturate and lose it."""
+    generator = torch.Generator().manual_seed(0)
+    scaled = {d: scaling.softmax_statistics(d, 32, True, generator)["grad_norm"] for d in (4, 16, 64, 256)}
+    unscaled = scaling.softmax_statistics(256, 32, False, generator)["grad_norm"]
+    for d_k, value in scaled.items():
+        assert scaled[4] / 2 < value < 2 * scaled[4], d_k
+    assert unscaled < scaled[256] / 2
+
+
 def test_remove_scaling_gives_softmax_of_raw_dot_products() -> None:
     torch.manual_seed(0)
     module = MultiHeadAttention(16, 2)
@@ -117,6 +136,22 @@ def test_diagonal_dominates_without_projections() -> None:
     assert with_projections < 3 / 16  # near uniform (1/16)
 
 
+def test_identity_baseline_splits_into_the_same_heads() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 64)
+    per_head = projections.identity_attention(x, heads=4)
+    slices = x.view(8, 16, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(per_head, torch.softmax(slices @ slices.transpose(-2, -1) / 4.0, dim=-1))
+    torch.testing.assert_close(
+        projections.identity_attention(x)[:, 0], torch.softmax(x @ x.transpose(-2, -1) / 8.0, dim=-1)
+    )
+    # self-score ≈ √d_k per head instead of √d: the diagonal still dominates, but less
+    one_head, four_heads = (
+        projections.diagonal_mass(w) for w in (projections.identity_attention(x), per_head)
+    )
+    assert 3 / 16 < four_heads < one_head - 0.1
+
+
 def test_encoder_is_permutation_equivariant_only_without_positions() -> None:
     torch.manual_seed(0)
     src = torch.randint(4, 50, (2, 9))
@@ -127,6 +162,30 @@ def test_encoder_is_permutation_equivariant_only_without_positions() -> None:
         errors[kind] = positional.permutation_error(model, src, permutation)
     assert errors["none"] < 1e-5
     assert errors["sinusoidal"] > 1e-2
+
+
+def test_shuffled_sources_cannot_change_a_translator_without_positions() -> None:
+    """The direct test of a bag-of-words encoder: the no-PE model translates shuffled sources exactly as
+    the originals (same strings, same BLEU); the same model with positions does not."""
+    task = task_for(Context(), "tiny")
+    shuffled = positional.shuffled_sources(task)
+    assert shuffled.test.src != task.test.src
+    assert [sorted(s) for s in shuffled.test.src] == [sorted(s) for s in task.test.src]
+    model = {"d_model": 32, "n_heads": 4, "d_ff": 64, "n_encoder_layers": 1, "n_decoder_layers": 1}
+    scores = {}
+    for kind in ("none", "sinusoidal"):
+        torch.manual_seed(0)
+        config = small_transformer(task, model, positional=kind, dropout=0.0)
+        trained = as_trained(Transformer(config).eval())
+        scores[kind] = positional.order_test(trained, task, shuffled)
+    assert scores["none"]["unchanged"] == 1.0
+    assert scores["none"]["shuffled_bleu"] == scores["none"]["bleu"]
+    assert scores["sinusoidal"]["unchanged"] < 1.0
+
+
+def as_trained(model: nn.Module) -> TrainedModel:
+    """A model wrapped as a training result (no training needed for what is tested on it)."""
+    return TrainedModel(model, [(0, math.nan)], 0.0, False)
 
 
 def test_sinusoidal_similarity_depends_on_offset_only() -> None:
@@ -181,6 +240,46 @@ def test_unigram_entropy() -> None:
 def test_diagonal_correlation() -> None:
     assert alignment.diagonal_correlation(torch.eye(6), 6, 6) == pytest.approx(1.0)
     assert alignment.diagonal_correlation(torch.eye(6).flip(0), 6, 6) == pytest.approx(-1.0)
+    column = torch.zeros(6, 6)
+    column[:, 2] = 1.0  # every target position on one source position: undefined, not 0
+    assert math.isnan(alignment.diagonal_correlation(column, 6, 6))
+
+
+def test_mean_correlation_leaves_undefined_sentences_out() -> None:
+    column = torch.zeros(4, 4)
+    column[:, 1] = 1.0
+    weights = torch.stack([torch.eye(4), column])[:, None]  # (batch 2, 1 head, 4, 4)
+    [(mean, defined)] = alignment.mean_correlations([weights], [5, 5], [[7] * 4, [7] * 4])
+    assert (mean, defined) == (pytest.approx(1.0), 1)
+
+
+def test_longest_recalled_distance_stops_at_the_first_failure() -> None:
+    def grid(*accuracies: float) -> dict[int, dict[str, float]]:
+        return {L: {"accuracy": a} for L, a in zip((4, 16, 64, 128), accuracies, strict=True)}
+
+    assert paths.longest_recalled(grid(1.0, 0.95, 0.3, 0.92)) == 16
+    assert paths.longest_recalled(grid(1.0, 1.0, 1.0, 1.0)) == 128
+    assert paths.longest_recalled(grid(0.5, 1.0, 1.0, 1.0)) is None
+
+
+def test_largest_learning_rate_and_verdict() -> None:
+    floor = 5.0
+    finals = {1e-3: [4.0, 4.2], 3e-3: [4.5, 4.6], 1e-2: [4.9, 5.1]}
+    assert warmup.largest_learning_rate(finals, floor) == 3e-3
+    assert warmup.largest_learning_rate({1e-3: [4.0, math.inf]}, floor) is None  # one seed diverged
+    text = warmup.verdict({"post-LN, warm-up": 3e-3, "post-LN, no warm-up": 1e-3, "pre-LN, no warm-up": 1e-2})
+    assert "Warm-up lets post-LN take a larger learning rate." in text
+    assert "Pre-LN learns without warm-up at a rate where post-LN does not." in text
+    text = warmup.verdict({"post-LN, warm-up": None, "post-LN, no warm-up": None, "pre-LN, no warm-up": None})
+    assert "does not change" in text and "does not learn at a larger rate" in text
+
+
+def test_mean_sd_and_difference() -> None:
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([4.0]) == (4.0, 0.0)
+    gap, error = difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert gap == pytest.approx(1.0)
+    assert error == pytest.approx(math.sqrt(2 / 3))
 
 
 def test_table_escapes_pipes() -> None:
@@ -216,6 +315,7 @@ def test_every_other_section_of_the_report_runs_and_draws(run_dir: Path, tmp_pat
     args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out), "--only", *others]
     assert main(args) == 0
     markdown = (out / f"seed-claims-{'-'.join(others)}.md").read_text()
+    assert not re.search(r"\{[a-z_]+\}", markdown)  # no caption left with an unformatted placeholder
     for key in others:
         assert f"transformer report --only {key} " in markdown, key
     figures = [

@@ -13,7 +13,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,27 @@ class Context:
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for a single value) of a few runs' results."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """'mean ± sd' of several seeds' results, so a difference can be read against the seed-to-seed noise."""
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """mean(a) − mean(b) and its standard error √(sd_a²/n_a + sd_b²/n_b) (Welch): a difference of one or
+    two standard errors is what different seeds alone produce."""
+    (mean_a, sd_a), (mean_b, sd_b) = mean_sd(a), mean_sd(b)
+    return mean_a - mean_b, math.sqrt(sd_a**2 / len(a) + sd_b**2 / len(b))
 
 
 def pick(preset: str, sizes: dict[str, Any]) -> Any:
@@ -267,12 +288,17 @@ def teacher_forced_loss(model: nn.Module, corpus: Corpus, max_tokens: int = 4000
     return train.teacher_forced_loss(model, corpus, max_tokens)
 
 
-def greedy_bleu(model: nn.Module, task: Task) -> float:
-    """Corpus BLEU of greedy translations of the task's test sentences."""
+def greedy_translations(model: nn.Module, task: Task) -> tuple[list[str], float]:
+    """Greedy translations of the task's test sentences and their corpus BLEU."""
     from transformer.search import SearchConfig
 
-    _, scores = translate_and_score(model, task.tokenizer, task.test, SearchConfig(beam=1))
-    return scores.bleu
+    hypotheses, scores = translate_and_score(model, task.tokenizer, task.test, SearchConfig(beam=1))
+    return hypotheses, scores.bleu
+
+
+def greedy_bleu(model: nn.Module, task: Task) -> float:
+    """Corpus BLEU of greedy translations of the task's test sentences."""
+    return greedy_translations(model, task)[1]
 
 
 def small_transformer(task: Task, size: dict[str, int], **changes: Any) -> TransformerConfig:

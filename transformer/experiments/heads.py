@@ -21,22 +21,40 @@ from transformer.experiments.common import (
     Context,
     Result,
     Table,
+    TrainedModel,
+    difference,
     pick,
     pyplot,
     save_figure,
     seeded,
     sentence_batch,
+    spread,
     teacher_forced_loss,
     test_sentences,
     trained_translator,
 )
-from transformer.experiments.training import recipe_note, variant
+from transformer.experiments.training import recipe_note, variant_runs, variant_size
 from transformer.model import Transformer
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"sentences": 4},
     "report": {"sentences": 50},
 }
+HEAD_COUNTS = (1, 4, 8)
+
+
+def head_comparison(losses: dict[int, dict[str, list[float]]]) -> str:
+    """Which head counts differ by more than the seeds do: each against the best, in standard errors."""
+    means = {h: sum(v["test_loss"]) / len(v["test_loss"]) for h, v in losses.items()}
+    best = min(means, key=means.__getitem__)
+    parts = []
+    for h in losses:
+        if h == best:
+            continue
+        gap, se = difference(losses[h]["test_loss"], losses[best]["test_loss"])
+        errors = f"{gap / se:.1f} standard errors" if se else "one seed: no error estimate"
+        parts.append(f"{h} head(s) {gap:+.3f} ({errors})")
+    return f"Against {best} heads, the lowest: " + ", ".join(parts) + "."
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -97,30 +115,37 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         )
     )
 
-    losses = {}
-    for heads in (1, 4, 8):
-        trained, task = (
-            variant(context, preset, "baseline")
-            if heads == 4
-            else variant(context, preset, f"heads-{heads}", n_heads=heads)
-        )
-        losses[heads] = {
-            "train_loss": trained.curve[-1][1],
-            "test_loss": teacher_forced_loss(trained.model, task.test),
-            "curve": trained.curve,
+    runs: dict[int, list[TrainedModel]] = {}
+    for heads in HEAD_COUNTS:
+        # the baseline's head count is the baseline run itself, shared with the other items
+        name = "baseline" if heads == variant_size(preset)["n_heads"] else f"heads-{heads}"
+        runs[heads], task = variant_runs(context, preset, name, n_heads=heads)
+    losses = {
+        heads: {
+            "train_loss": [trained.curve[-1][1] for trained in trained_runs],
+            "test_loss": [teacher_forced_loss(trained.model, task.test) for trained in trained_runs],
         }
-    d_model = trained.model.config.d_model
+        for heads, trained_runs in runs.items()
+    }
+    d_model = variant_size(preset)["d_model"]  # of the trainings, not of the translator studied above
     result.tables.append(
         Table(
-            ["heads", "d_k", "final training loss", "test loss (teacher-forced)"],
-            [[h, d_model // h, v["train_loss"], v["test_loss"]] for h, v in losses.items()],
-            f"Short trainings at d_model={d_model}, identical except for n_heads.",
+            ["heads", "d_k", "final training loss", "test loss (teacher-forced)", "test loss per seed"],
+            [
+                [
+                    h,
+                    d_model // h,
+                    spread(v["train_loss"], 3),
+                    spread(v["test_loss"], 3),
+                    ", ".join(f"{x:.3f}" for x in v["test_loss"]),
+                ]
+                for h, v in losses.items()
+            ],
+            f"Short trainings at d_model={d_model}, identical except for n_heads; mean ± sd over "
+            f"{len(runs[HEAD_COUNTS[0]])} seeds.",
         )
     )
-    result.numbers = {
-        "diversity": diversity,
-        "heads": {h: {k: v[k] for k in ("train_loss", "test_loss")} for h, v in losses.items()},
-    }
+    result.numbers = {"diversity": diversity, "heads": losses}
 
     plt = pyplot()
     example = src[:1, : int(mask[0].sum())]
@@ -133,10 +158,17 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         axes[h].set_title(f"head {h + 1}", fontsize=9)
         axes[h].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
         axes[h].set_yticks(range(len(tokens)), tokens if h == 0 else [], fontsize=6)
-    for h, values in losses.items():
-        axes[-1].plot(
-            [s for s, _ in values["curve"]], [loss for _, loss in values["curve"]], label=f"{h} head(s)"
-        )
+    for h, trained_runs in runs.items():
+        colour = None
+        for i, trained in enumerate(trained_runs):
+            (line,) = axes[-1].plot(
+                [s for s, _ in trained.curve],
+                [loss for _, loss in trained.curve],
+                color=colour,
+                alpha=0.8,
+                label=f"{h} head(s)" if i == 0 else None,
+            )
+            colour = line.get_color()
     axes[-1].set(title="training loss", xlabel="step")
     axes[-1].legend(fontsize=8)
     fig.suptitle(f"last encoder layer, per head: {sentences[0][:60]}", fontsize=9)
@@ -148,9 +180,10 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         + " vs at initialisation "
         + ", ".join(f"{v[1]:.3f}" for v in diversity.values())
         + " nats.",
-        "Equal d_model, short training, test loss: "
-        + ", ".join(f"{h} head(s) {v['test_loss']:.3f}" for h, v in losses.items())
-        + ".",
+        "Equal d_model, short trainings, test loss (mean ± sd over seeds): "
+        + ", ".join(f"{h} head(s) {spread(v['test_loss'], 3)}" for h, v in losses.items())
+        + ". "
+        + head_comparison(losses),
     ]
     result.notes.append(recipe_note(preset, task))
     return result

@@ -119,5 +119,5 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         f"(vs {with_mask['test_loss']:.3f} "
         f"with it), but greedy BLEU {without['bleu']:.1f} (vs {with_mask['bleu']:.1f}).",
     ]
-    result.notes.append(recipe_note(preset, task))
+    result.notes.append(recipe_note(preset, task, single_seed=True))
     return result

@@ -4,7 +4,11 @@ For q and k with independent unit-variance components, q·k = Σᵢ qᵢkᵢ is 
 so var(q·k) = d_k. Unscaled, the logits of a softmax over n keys then have a spread of √d_k: the softmax
 saturates (low entropy, one weight near 1) and its Jacobian diag(p) − ppᵀ, hence the gradient flowing to
 the logits, vanishes. Dividing by √d_k restores unit variance whatever d_k is. Measured on random vectors,
-then on two short trainings that differ only in the scaling (see `training.remove_scaling`).
+then on short trainings (several seeds) that differ only in the scaling (see `training.remove_scaling`).
+
+The gradient is read out through one random scalar per key, L = Σⱼ wⱼuⱼ, so ∂L/∂logits = (diag(p) − ppᵀ)u
+measures the softmax's Jacobian alone. A read-out through d_k-dimensional values would multiply it by a
+norm that itself grows as √d_k and hide the effect.
 """
 
 from __future__ import annotations
@@ -15,8 +19,18 @@ from typing import Any
 
 import torch
 
-from transformer.experiments.common import Context, Result, Table, pick, pyplot, save_figure
-from transformer.experiments.training import recipe_note, variant
+from transformer.experiments.common import (
+    Context,
+    Result,
+    Table,
+    difference,
+    pick,
+    pyplot,
+    save_figure,
+    spread,
+    teacher_forced_loss,
+)
+from transformer.experiments.training import recipe_note, variant_runs
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"d_k": [4, 16, 64], "samples": 4000, "keys": 32},
@@ -33,14 +47,15 @@ def dot_product_variance(d_k: int, samples: int, generator: torch.Generator) -> 
 
 def softmax_statistics(d_k: int, n_keys: int, scaled: bool, generator: torch.Generator) -> dict[str, float]:
     """Entropy (nats), largest weight, and ‖∂L/∂logits‖ of softmax(q·K/√d_k or q·K) for 256 random
-    queries over n_keys random keys, with L = Σ (weights · V) for random unit-variance values V."""
+    queries over n_keys random keys, with L = Σⱼ wⱼuⱼ for one N(0, 1) scalar uⱼ per key: a read-out whose
+    size does not depend on d_k, so the gradient shows the softmax's Jacobian alone."""
     q = torch.randn(256, 1, d_k, generator=generator, dtype=torch.float64)
     k = torch.randn(256, n_keys, d_k, generator=generator, dtype=torch.float64)
-    v = torch.randn(256, n_keys, d_k, generator=generator, dtype=torch.float64)
+    u = torch.randn(256, n_keys, generator=generator, dtype=torch.float64)
     logits = (q @ k.transpose(1, 2)).squeeze(1) / (math.sqrt(d_k) if scaled else 1.0)  # (256, n_keys)
     logits.requires_grad_(True)
     weights = torch.softmax(logits, dim=-1)
-    (weights[:, None, :] @ v).sum().backward()
+    (weights * u).sum().backward()
     with torch.no_grad():
         entropy = -(weights * weights.clamp_min(1e-300).log()).sum(-1)
         return {
@@ -95,16 +110,40 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
             ],
             rows,
             f"{size['samples']} random pairs for the variance; softmax over {size['keys']} random keys for "
-            f"256 queries (uniform attention has entropy ln {size['keys']} = {math.log(size['keys']):.2f}).",
+            f"256 queries (uniform attention has entropy ln {size['keys']} = {math.log(size['keys']):.2f}); "
+            "L = Σⱼ wⱼuⱼ with one N(0, 1) scalar uⱼ per key.",
         )
     )
 
-    with_scaling, task = variant(context, preset, "heads-1", n_heads=1)
-    without, _ = variant(context, preset, "heads-1-unscaled", "unscaled", n_heads=1)
-    d_model = with_scaling.model.config.d_model
-    curves = {"scaled (q·k/√d_k)": with_scaling.curve, "unscaled (q·k)": without.curve}
-    result.numbers["curves"] = curves
-    final = {name: curve[-1][1] for name, curve in curves.items()}
+    with_scaling, task = variant_runs(context, preset, "heads-1", n_heads=1)
+    without, _ = variant_runs(context, preset, "heads-1-unscaled", "unscaled", n_heads=1)
+    d_model = with_scaling[0].model.config.d_model
+    runs = {"scaled (q·k/√d_k)": with_scaling, "unscaled (q·k)": without}
+    training = {
+        name: {
+            "train_loss": [trained.curve[-1][1] for trained in trained_runs],
+            "test_loss": [teacher_forced_loss(trained.model, task.test) for trained in trained_runs],
+        }
+        for name, trained_runs in runs.items()
+    }
+    result.numbers["training"] = training
+    result.numbers["curves"] = {name: [t.curve for t in trained_runs] for name, trained_runs in runs.items()}
+    result.tables.append(
+        Table(
+            ["logits", "final training loss", "test loss (teacher-forced)", "test loss per seed"],
+            [
+                [
+                    name,
+                    spread(v["train_loss"], 3),
+                    spread(v["test_loss"], 3),
+                    ", ".join(f"{x:.3f}" for x in v["test_loss"]),
+                ]
+                for name, v in training.items()
+            ],
+            f"Short trainings with one head of d_k={d_model}, identical except for the scaling; mean ± sd "
+            f"over {len(with_scaling)} seeds.",
+        )
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -121,14 +160,24 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
             ds, [stats[d][key]["grad_norm"] for d in ds], "s" + style, label=f"‖∂L/∂logits‖, {key}"
         )
     axes[1].set(title=f"softmax over {size['keys']} keys", xlabel="d_k")
-    for name, curve in curves.items():
-        axes[2].plot([s for s, _ in curve], [loss for _, loss in curve], label=name)
+    for (name, trained_runs), colour in zip(runs.items(), ("tab:blue", "tab:red"), strict=True):
+        for i, trained in enumerate(trained_runs):
+            axes[2].plot(
+                [s for s, _ in trained.curve],
+                [loss for _, loss in trained.curve],
+                color=colour,
+                alpha=0.8,
+                label=name if i == 0 else None,
+            )
     axes[2].set(title=f"training loss, 1 head, d_k={d_model}", xlabel="step", ylabel="cross-entropy")
     for ax in axes:
         ax.legend(fontsize=7)
     result.figures.append(save_figure(fig, out_dir, "scaling.png"))
 
     largest = ds[-1]
+    scaled_test = training["scaled (q·k/√d_k)"]["test_loss"]
+    unscaled_test = training["unscaled (q·k)"]["test_loss"]
+    gap, gap_se = difference(unscaled_test, scaled_test)
     result.findings += [
         "var(q·k) / d_k = "
         + ", ".join(f"{stats[d]['scaled_variance']:.3f} (d_k={d})" for d in ds)
@@ -139,8 +188,16 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         f"{stats[largest]['unscaled']['grad_norm']:.2e}; "
         f"scaled: {stats[largest]['scaled']['max_weight']:.2f}, "
         f"{stats[largest]['scaled']['entropy']:.2f} nats, {stats[largest]['scaled']['grad_norm']:.2e}.",
-        f"Training with one head of d_k={d_model}: final training loss {final['scaled (q·k/√d_k)']:.3f} "
-        f"scaled vs {final['unscaled (q·k)']:.3f} unscaled.",
+        "With the read-out L = Σⱼ wⱼuⱼ, ‖∂L/∂logits‖ scaled stays at "
+        + ", ".join(f"{stats[d]['scaled']['grad_norm']:.3f}" for d in ds)
+        + f" for d_k = {', '.join(map(str, ds))}; unscaled it falls to "
+        + ", ".join(f"{stats[d]['unscaled']['grad_norm']:.3f}" for d in ds)
+        + ".",
+        f"Training with one head of d_k={d_model} ({len(with_scaling)} seeds): test loss "
+        f"{spread(scaled_test, 3)} scaled vs {spread(unscaled_test, 3)} unscaled (difference "
+        f"{gap:+.3f}, {abs(gap) / gap_se if gap_se else float('inf'):.1f} standard errors); final training "
+        f"loss {spread(training['scaled (q·k/√d_k)']['train_loss'], 3)} vs "
+        f"{spread(training['unscaled (q·k)']['train_loss'], 3)}.",
     ]
     result.notes.append(recipe_note(preset, task))
     return result
