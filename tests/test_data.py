@@ -191,6 +191,13 @@ def test_tokenizer_vocabulary_and_special_ids(tokenizer: Tokenizer) -> None:
     assert tokenizer.decode(torch.tensor([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID])) == "Ein Mann fährt Fahrrad."
 
 
+def test_a_blank_sentence_has_no_tokens(small_tokenizer: Tokenizer) -> None:
+    """Not SentencePiece's lone "▁": an empty line must not pass for a sentence of one token."""
+    words = small_tokenizer.encode("ein Hund")
+    assert small_tokenizer.encode("") == small_tokenizer.encode(" \t ") == []
+    assert small_tokenizer.encode_batch(["", "ein Hund", "  "]) == [[], words, []]
+
+
 def test_tokenizer_round_trips_odd_text_with_byte_fallback(tokenizer: Tokenizer) -> None:
     for text in ODD_TEXTS:
         ids = tokenizer.encode(text)

@@ -414,3 +414,40 @@ def test_decoding_precision(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert ("without bf16 instructions" in captured.err) == (not has_native_bf16("cpu"))
     assert main([*args, "fp16"]) == 2
     assert "fp16 needs a CUDA device" in one_error_line(capsys)
+
+
+def test_blank_lines_are_dropped_as_empty_pairs(data_dir: Path, tmp_path: Path) -> None:
+    """A blank or whitespace-only side has no tokens, so its pair is dropped and counted as empty (the
+    tokenizer used to give it SentencePiece's lone word-boundary piece, and it was trained on)."""
+    pairs = list(zip(read_lines(data_dir / "val.de"), read_lines(data_dir / "val.en"), strict=True))
+    tokenizer = train_module.build_tokenizer(
+        pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m")
+    )
+    corpus, stats = train_module.encode_corpus(
+        [("", "Two dogs."), ("Zwei Hunde.", "  "), pairs[0]], tokenizer, 64
+    )
+    assert stats == {"pairs": 3, "kept": 1, "empty": 2, "too_long": 0} and len(corpus) == 1
+
+
+def test_an_over_long_validation_line_is_left_out_of_validation(
+    data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Training filters its own split by max_len; a validation line longer than the model takes would
+    crash the first validation, after the steps before it were trained: it is left out, with a warning."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    with open(data / "val.de", "a") as f:
+        f.write(" ".join(["Hund"] * 400) + "\n")
+    with open(data / "val.en", "a") as f:
+        f.write("A dog.\n")
+    train(tiny_recipe(data, max_steps=15), {**TINY_MODEL, "max_len": 128}, tmp_path / "run")
+    assert "warning: 1 val pairs have more than the model's 127 tokens a side" in capsys.readouterr().out
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_a_max_len_beyond_the_models_is_refused_before_anything_is_written(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(TransformerError, match=r"max_len=64 lets through .* \(model.max_len=32,"):
+        train(tiny_recipe(data_dir), {**TINY_MODEL, "max_len": 32}, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -317,6 +317,13 @@ def train(
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
     model_config = model_config_for(tc, model_overrides, tokenizer.vocab_size)
+    longest = model_config.max_len - 1  # tokens a sentence may have beside its BOS or EOS
+    if tc.max_len > longest:
+        raise TransformerError(
+            f"max_len={tc.max_len} lets through training sentences the model cannot take "
+            f"(model.max_len={model_config.max_len}, less one position for BOS/EOS): lower max_len or "
+            f"raise model.max_len"
+        )
     run_config = rundir.run_record(
         config_to_dict(model_config),
         config_to_dict(tc),
@@ -329,7 +336,12 @@ def train(
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
     train_data, train_stats = encode_corpus(train_pairs, tokenizer, tc.max_len)
-    valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, None)
+    valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, longest)
+    if valid_stats["too_long"]:
+        tqdm.write(
+            f"warning: {valid_stats['too_long']} {tc.valid_split} pairs have more than the model's {longest} "
+            f"tokens a side: validation leaves them out"
+        )
     log.write(event="data", train=train_stats, valid=valid_stats)
     log.write(event="precision", precision=mixed.precision, device=device.type)  # what `auto` chose
     if len(train_data) == 0:

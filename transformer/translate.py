@@ -211,9 +211,7 @@ class Translator:
 def source_ids(tokenizer: Tokenizer, sentences: Sequence[str]) -> list[list[int]]:
     """Token ids per sentence, stripped; [] for a blank one, which every search answers with an empty
     translation. Callers decide what a sentence longer than the model takes means."""
-    stripped = [sentence.strip() for sentence in sentences]
-    encoded = tokenizer.encode_batch(stripped)
-    return [ids if text else [] for text, ids in zip(stripped, encoded, strict=True)]
+    return tokenizer.encode_batch([sentence.strip() for sentence in sentences])
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:

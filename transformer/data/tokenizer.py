@@ -154,8 +154,11 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def encode(self, text: str) -> list[int]:
-        """Subword ids of one sentence, without BOS/EOS."""
+        """Subword ids of one sentence, without BOS/EOS; none for a blank one (SentencePiece would give
+        the lone word-boundary piece, and an empty line would pass for a sentence)."""
         text = _valid_unicode(text)
+        if not text.strip():
+            return []
         if _PIECE_SPACE not in text:
             return self._sp.encode(" " + text)
         first, *rest = text.split(_PIECE_SPACE)
@@ -169,7 +172,7 @@ class Tokenizer:
         texts = [_valid_unicode(text) for text in texts]
         encoded = self._sp.encode([" " + text for text in texts])
         for i, text in enumerate(texts):
-            if _PIECE_SPACE in text:
+            if _PIECE_SPACE in text or not text.strip():
                 encoded[i] = self.encode(text)
         return encoded
 
