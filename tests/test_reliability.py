@@ -543,6 +543,10 @@ def test_empty_training_or_validation_data_writes_nothing(
         ("max_len=-5", "max_len must be positive, got -5"),
         ("max_tokens=-1", "max_tokens must be positive, got -1"),
         ("d_model=-32", "d_model must be positive, got -32"),
+        ("n_heads=0", "n_heads must be positive, got 0"),
+        ("d_model=-3", "d_model must be positive, got -3"),
+        ("length_penalty=nan", "the length penalty α must be in [0, 5]"),
+        ("beam=1000", "beam size must be 1 to 128, got 1000"),
         ("max_steps=-3", "max_steps must be 0 or more, got -3"),
         ("log_every=0", "log_every must be positive, got 0"),
         ("label_smoothing=1.5", "label_smoothing must be in [0, 1), got 1.5"),
@@ -567,6 +571,9 @@ def test_bad_settings_are_one_line_and_write_nothing(
         ("max_tokens: lots\n", "max_tokens must be of type int, got 'lots'"),
         ("model:\n  n_layers_typo: 2\n", "model=transformer has no setting(s) n_layers_typo"),
         ("- a list\n", "must hold a mapping of settings"),
+        ("model: 3\n", "must hold a mapping of settings (and `model:` one of its own)"),
+        ("model: [1]\n", "must hold a mapping of settings (and `model:` one of its own)"),
+        ("lr_factor: 1\n# \udcff\n", "is not valid YAML: 'utf-8' codec can't decode byte 0xff"),
         ("max_tokens: [1\n", "is not valid YAML"),
     ],
 )
@@ -574,7 +581,7 @@ def test_bad_recipe_files_are_one_line(
     recipe: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "recipe.yaml"
-    path.write_text(recipe)
+    path.write_text(recipe, encoding="utf-8", errors="surrogateescape")  # \udcff: the byte 0xff
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -592,7 +599,12 @@ def test_bad_checkpoints_and_run_directories_are_one_line(
         "--checkpoint", str(run / "nope.safetensors")
     )
     assert "no checkpoint named 'nope'" in translate("--checkpoint", str(run), "--name", "nope")
-    assert "beam size must be at least 1, got -1" in translate("--checkpoint", str(run), "--beam", "-1")
+    assert "beam size must be 1 to 128, got -1" in translate("--checkpoint", str(run), "--beam", "-1")
+    assert "beam size must be 1 to 128, got 100000" in translate("--checkpoint", str(run), "--beam", "100000")
+    for alpha in ("nan", "inf", "40"):  # scores overflowed to NaN, and --nbest printed nothing
+        assert "the length penalty α must be in [0, 5]" in translate(
+            "--checkpoint", str(run), "--nbest", "2", "--length-penalty", alpha
+        )
 
     (run / "best.safetensors").write_bytes(os.urandom(4096))  # foreign bytes
     assert "not a readable safetensors checkpoint" in translate("--checkpoint", str(run))

@@ -56,11 +56,11 @@ def load_train_settings(
         if not path.is_file():
             raise TransformerError(f"no config file at {path}")
         try:
-            recipe = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
+            recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise TransformerError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(recipe, dict):
-            raise TransformerError(f"{path} must hold a mapping of settings")
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("model") or {}, dict):
+            raise TransformerError(f"{path} must hold a mapping of settings (and `model:` one of its own)")
         model_values.update(recipe.pop("model", None) or {})
         train_values.update(recipe)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -43,6 +43,9 @@ class TransformerConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads", "d_ff", "max_len", "src_vocab_size", "tgt_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise TransformerError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -51,9 +54,6 @@ class TransformerConfig:
             )
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise TransformerError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        for name in ("d_model", "n_heads", "d_ff", "max_len", "src_vocab_size", "tgt_vocab_size"):
-            if getattr(self, name) <= 0:
-                raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise TransformerError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -248,10 +248,12 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup", "beam", "valid_beam")
+        positive = ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup")
         for name in (*positive, "max_epochs", "log_every", "lr_factor"):
             if getattr(self, name) <= 0:
                 raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")
+        check_search(self.beam, self.length_penalty)
+        check_search(self.valid_beam, self.length_penalty)
         counts = ("max_steps", "eval_every", "patience", "average_last", "threads")
         for name in (*counts, "time_budget_minutes", "clip_norm", "weight_decay"):
             if getattr(self, name) < 0:
@@ -262,3 +264,21 @@ class TrainConfig:
             raise TransformerError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.src_lang == self.tgt_lang:
             raise TransformerError(f"src_lang and tgt_lang are both {self.src_lang!r}")
+
+
+# Bounds that stop a typo, not a choice: translation quality peaks at beams of about 4-10 and falls
+# beyond (Koehn & Knowles 2017), while a beam of 100,000 exhausts memory without a word; and ((5 + |Y|)/6)^α
+# overflows float32 for long outputs once α passes ~17, which leaves every hypothesis scored NaN.
+MAX_BEAM = 128
+MAX_LENGTH_PENALTY = 5.0
+
+
+def check_search(beam: int, length_penalty: float) -> None:
+    """Refuse a beam size or length penalty α that no search can use (α NaN fails too)."""
+    if not 1 <= beam <= MAX_BEAM:
+        raise TransformerError(f"beam size must be 1 to {MAX_BEAM}, got {beam}")
+    if not 0.0 <= length_penalty <= MAX_LENGTH_PENALTY:
+        raise TransformerError(
+            f"the length penalty α must be in [0, {MAX_LENGTH_PENALTY:g}] (0: none; the paper's 0.6), "
+            f"got {length_penalty}"
+        )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from transformer.checkpoint import checkpoint_path, load_weights
-from transformer.config import ModelConfig, TrainConfig, config_from_dict, model_config_class
+from transformer.config import ModelConfig, TrainConfig, check_search, config_from_dict, model_config_class
 from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
@@ -177,11 +177,9 @@ class Translator:
         """The search asked for, the run's beam size and length penalty where not given."""
         tc = self.train_config
         beam = tc.beam if beam is None else beam
-        if beam < 1:
-            raise TransformerError(f"beam size must be at least 1, got {beam}")
-        return SearchConfig(
-            beam=beam, length_penalty=tc.length_penalty if length_penalty is None else length_penalty
-        )
+        length_penalty = tc.length_penalty if length_penalty is None else length_penalty
+        check_search(beam, length_penalty)
+        return SearchConfig(beam=beam, length_penalty=length_penalty)
 
     @property
     def max_source_len(self) -> int:
