@@ -635,3 +635,20 @@ def test_resume_with_every_training_state_truncated_is_one_line(
     line = one_error_line(capsys)
     assert "holds no complete checkpoint with training state" in line and "not a readable" in line
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_translate_to_a_full_disk_is_an_error_not_a_cut_file(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stdout redirected to a file on a full disk: Python buffers the write and only the flush fails,
+    which at exit would leave a cut file behind exit status 0."""
+
+    class FullDisk(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    source = tmp_path / "in.de"
+    source.write_text("Ein Hund.\nZwei Katzen.\n")
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert main(["translate", "--checkpoint", str(reference), "--input", str(source), "--beam", "1"]) == 1
+    assert "No space left on device" in one_error_line(capsys)

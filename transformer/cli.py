@@ -137,6 +137,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
             f"{i}\t{score:.4f}\t{single_line(text)}" for i, best in enumerate(n_best) for text, score in best
         ]
     sys.stdout.write("".join(line + "\n" for line in out))  # all or nothing
+    sys.stdout.flush()  # now, so that a full disk is an error here, not a cut file and exit status 0
     return 0
 
 
