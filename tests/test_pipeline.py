@@ -451,3 +451,14 @@ def test_a_max_len_beyond_the_models_is_refused_before_anything_is_written(
     with pytest.raises(TransformerError, match=r"max_len=64 lets through .* \(model.max_len=32,"):
         train(tiny_recipe(data_dir), {**TINY_MODEL, "max_len": 32}, tmp_path / "run")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_settings_may_follow_the_options() -> None:
+    from transformer.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["train", "max_steps=5", "--out", "x", "data_dir=d", "lr_factor=1"])
+    assert args.overrides == ["max_steps=5", "data_dir=d", "lr_factor=1"] and args.out == "x"
+    with pytest.raises(SystemExit):  # what is not a setting is still argparse's error
+        _parse(build_parser(), ["train", "--out", "x", "--bogus"])
+    with pytest.raises(SystemExit):  # and a command without settings takes none
+        _parse(build_parser(), ["average", "--checkpoints", "a", "--out", "b", "k=v"])

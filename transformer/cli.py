@@ -418,12 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with KEY=VALUE settings allowed on both sides of the options (`train max_steps=5 --out x
+    lr_factor=1`): a positional list ends at the first option, so argparse alone would call the later
+    settings unrecognised arguments."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for the arguments that are truly unknown
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command, not called from Python: the allocator setting can still be made
         from transformer.runtime import reexec_with_allocator_tunables
 
         reexec_with_allocator_tunables()
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except TransformerError as error:
