@@ -355,3 +355,13 @@ def test_collate_shapes_special_tokens_and_padding() -> None:
     assert isinstance(moved, Batch) and torch.equal(moved.tgt_out, batch.tgt_out)
     custom = collate([([4], [])], pad_id=9, bos_id=7, eos_id=8)
     assert (custom.src.tolist(), custom.tgt_in.tolist(), custom.tgt_out.tolist()) == ([[4, 8]], [[7]], [[8]])
+
+
+def test_corpus_files_lose_their_bom_and_report_bytes_that_are_not_utf8(tmp_path: Path, capsys) -> None:
+    """As translate reads its input: a BOM would stay glued to the first sentence, and replaced bytes
+    would go unreported."""
+    (tmp_path / "a.de").write_bytes(b"\xef\xbb\xbfEin Hund.\r\nZwei \xff Katzen.\n")
+    (tmp_path / "a.en").write_bytes(b"A dog.\nTwo cats.\n")
+    pairs = read_parallel(tmp_path / "a.de", tmp_path / "a.en")
+    assert pairs == [("Ein Hund.", "A dog."), ("Zwei \ufffd Katzen.", "Two cats.")]
+    assert "a.de is not valid UTF-8 (first at line 2)" in capsys.readouterr().err

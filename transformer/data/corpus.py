@@ -6,26 +6,29 @@ import gzip
 from pathlib import Path
 
 from transformer.errors import TransformerError
+from transformer.textio import decode_lines
 
 
 def _read_raw(path: str | Path) -> list[str]:
-    """Lines without their newline, split on LF only.
+    """Lines without their newline, split on LF only, as `transformer translate` reads its input
+    (transformer/textio.py): a leading BOM dropped, bytes that are not UTF-8 replaced with a warning.
 
     Splitting only on "\\n" (not on \\r, \\x0b, \\u2028, ... as universal newlines and str.splitlines do)
     keeps a stray control character inside a sentence from breaking the line alignment of a parallel
-    corpus; the "\\r" of CRLF files is removed later by strip().
+    corpus; the "\\r" of CRLF files is removed.
     """
     path = Path(path)
     if not path.is_file():
         raise TransformerError(f"{path}: no such file")
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
-                return [line.removesuffix("\n") for line in f]
-        with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
-            return [line.removesuffix("\n") for line in f]
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
         raise TransformerError(f"cannot read {path}: {e}") from e
+    return decode_lines(raw, source=str(path))
 
 
 def read_lines(path: str | Path) -> list[str]:
