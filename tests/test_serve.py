@@ -202,3 +202,20 @@ def test_the_serve_command_hands_its_settings_to_uvicorn(run_dir: Path, monkeypa
     assert main(["serve", "--checkpoint", str(run_dir / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ") and len(started) == 1
     assert Limits() == Limits(max_sentences=32, max_chars=1000, max_body_bytes=64 * 1024, max_beam=8)
+
+
+def test_an_address_the_server_cannot_take_is_one_line_before_serving(run_dir: Path, capsys) -> None:
+    """uvicorn reported these after "serving …" was printed: a port in use as a log line, a port out of
+    range as a 74-line traceback."""
+    import socket
+
+    from transformer.cli import main
+
+    assert main(["serve", "--checkpoint", str(run_dir), "--port", "99999"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --port must be 0 to 65535, got 99999"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(run_dir), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: cannot serve on 127.0.0.1:{port}: Address already in use"
+    assert "serving" not in captured.out

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import statistics
 import threading
 import time
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from transformer.data.batching import collate
+from transformer.errors import TransformerError
 from transformer.model import Transformer
 from transformer.model.attention import AttentionRecord
 from transformer.search import SearchConfig
@@ -387,9 +389,25 @@ def serve(
     """`transformer serve`: load the checkpoint and serve it until interrupted."""
     import uvicorn
 
+    _check_address(host, port)
     app = create_app(Translator.from_checkpoint(checkpoint, name, precision=precision))
     print(f"serving {checkpoint} on http://{host}:{port}/ (the page) and /translate (the API)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_address(host: str, port: int) -> None:
+    """One line now for an address uvicorn could not bind, which it reports after "serving …" was printed,
+    as a log line (a port in use) or a 74-line traceback (a port out of range)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise TransformerError(f"--port must be 0 to 65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        why = os.strerror(error.errno) if error.errno else str(error)
+        raise TransformerError(f"cannot serve on {host}:{port}: {why}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
