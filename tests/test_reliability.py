@@ -652,3 +652,16 @@ def test_translate_to_a_full_disk_is_an_error_not_a_cut_file(
     monkeypatch.setattr(sys, "stdout", FullDisk())
     assert main(["translate", "--checkpoint", str(reference), "--input", str(source), "--beam", "1"]) == 1
     assert "No space left on device" in one_error_line(capsys)
+
+
+def test_report_refuses_a_run_of_another_family_in_one_line(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An RNN run failed halfway through the report with an AttributeError (no d_model)."""
+    run = copy_run(reference, tmp_path)
+    record = json.loads((run / "config.json").read_text())
+    record["train"]["model"] = "rnn"
+    (run / "config.json").write_text(json.dumps(record))
+    argv = ["report", "--checkpoint", str(run), "--only", "heads", "--out", str(tmp_path / "report")]
+    assert main(argv) == 2
+    assert "is a model=rnn run: the report studies a Transformer's attention" in one_error_line(capsys)

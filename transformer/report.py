@@ -27,6 +27,20 @@ DEFAULT_CHECKPOINT = Path("runs/multi30k-de-en")
 REPORT_NAME = "seed-claims"
 
 
+def _check_transformer_run(checkpoint: Path) -> None:
+    """The experiments study attention heads, positions and projections, which only a Transformer has:
+    refuse another family's run now, not halfway through the report."""
+    from transformer.rundir import read_run_record
+
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    family = read_run_record(run_dir)["train"].get("model", "transformer")
+    if family != "transformer":
+        raise TransformerError(
+            f"{checkpoint} is a model={family} run: the report studies a Transformer's attention, give "
+            f"a Transformer run (or none, and the report trains its own)"
+        )
+
+
 def report_name(only: Sequence[str] | None) -> str:
     return REPORT_NAME if not only else f"{REPORT_NAME}-{'-'.join(only)}"
 
@@ -136,6 +150,8 @@ def run_report(
         )
     if checkpoint is not None and not checkpoint.exists():
         raise TransformerError(f"no checkpoint at {checkpoint}")
+    if checkpoint is not None:
+        _check_transformer_run(checkpoint)
     given = checkpoint
     if checkpoint is None and (DEFAULT_CHECKPOINT / "config.json").is_file():
         checkpoint = DEFAULT_CHECKPOINT
