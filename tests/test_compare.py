@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,3 +104,45 @@ def test_a_figure_some_run_did_not_measure_shows_as_a_dash() -> None:
     assert _mean_std([2100.0, math.nan], ".0f") == "—"
     assert _mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.4"
     assert _mean_std([2100.0], ".0f") == "2100"
+
+
+def test_a_kept_run_of_other_settings_or_data_is_refused_not_reused(
+    data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A finished run was reused whatever the new settings, and the card then stated the new command."""
+    recipe = tiny_recipe(data_dir, max_steps=2, eval_every=2, average_last=1, beam=1, threads=1)
+    overrides = [f"{key}={value}" for key, value in recipe.__dict__.items() if key != "time_budget_minutes"]
+    overrides += [f"{key}={value}" for key, value in TINY_MODEL.items()]
+    runs, card = tmp_path / "runs", tmp_path / "card.md"
+    options = ["--models", "transformer", "--seeds", "1", "--minutes", "0", "--out", str(runs)]
+    assert main(["compare", *overrides, *options, "--card", str(card)]) == 0
+    run = runs / "transformer-seed1"
+    # What only the training speed or its log depends on may differ: the run and its measurement are reused.
+    again = tmp_path / "again.md"
+    assert main(["compare", *overrides, "threads=2", "log_every=1", *options, "--card", str(again)]) == 0
+    assert again.with_suffix(".json").read_text() == card.with_suffix(".json").read_text()
+
+    changed_data = tmp_path / "data"
+    shutil.copytree(data_dir, changed_data)
+    for lang, line in (("de", "Noch eine Zeile."), ("en", "One more line.")):
+        with (changed_data / f"val.{lang}").open("a") as f:
+            f.write(line + "\n")
+    cases = [
+        ("lr_factor=1.0", "the train config differs (lr_factor: 2.0 -> 1.0)"),
+        ("d_ff=128", "the model config differs (d_ff: 64 -> 128)"),
+        ("max_steps=3", "the train config differs (max_steps: 2 -> 3)"),  # a finished run trains no further
+        (f"data_dir={changed_data}", f"the valid data in {changed_data} differs from the data"),
+    ]
+    files = {p: p.read_bytes() for p in [*run.iterdir(), card]}
+    capsys.readouterr()
+    for finished in (True, False):
+        if not finished:
+            (run / "results.json").unlink()  # a stopped run, which compare would resume
+            files.pop(run / "results.json")
+        for change, differs in cases:
+            assert main(["compare", *overrides, change, *options, "--card", str(card)]) == 2, change
+            out, err = capsys.readouterr()
+            assert err.startswith(f"error: cannot reuse {run} for this card: {differs}"), err
+            assert "choose another --out, or delete that run" in err
+            assert err.count("\n") == 1 and out == ""
+    assert {p: p.read_bytes() for p in [*run.iterdir(), card]} == files, "nothing trained or rewritten"

@@ -9,7 +9,8 @@ perplexity and test BLEU/chrF, beside the published figures of a well-known tuto
     transformer compare --minutes 10 --out runs/compare --card reports/comparison.md
 
 A finished run (its results.json exists) is reused and a stopped one resumed, so an interrupted card
-continues where it stopped.
+continues where it stopped; but only when it was trained with the settings the card will state: a run of
+other settings or data is refused before anything trains, as `train --resume` refuses a changed run.
 """
 
 from __future__ import annotations
@@ -31,16 +32,18 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from transformer import rundir
 from transformer.checkpoint import load_state
-from transformer.config import RNNConfig, TrainConfig, TransformerConfig
+from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_to_dict
 from transformer.data.batching import collate
 from transformer.data.corpus import corpus_paths, read_split
 from transformer.data.tokenizer import Tokenizer
+from transformer.errors import TransformerError
 from transformer.evaluate import score
 from transformer.loss import label_smoothed_loss
 from transformer.model import build_model
 from transformer.runtime import cpu_name
-from transformer.train import encode_corpus, teacher_forced_loss, train
+from transformer.train import encode_corpus, model_config_for, teacher_forced_loss, train
 from transformer.translate import Translator
 
 MODELS = ("transformer", "rnn", "birnn", "rnn-attention")
@@ -121,12 +124,66 @@ def model_overrides(settings: CompareSettings, kind: str) -> dict[str, Any]:
     return {"emb_dim": emb_dim, "hidden_size": hidden, **SHARING}
 
 
+# What a reused run may have been trained with otherwise: only the speed of training and its log depend on
+# these (a card run with --jobs 2 trains on fewer threads per run), not what the card reports it trained.
+MAY_DIFFER = frozenset({"threads", "compile", "log_every"})
+
+
+def _run_dir(out: Path, kind: str, seed: int) -> Path:
+    return out / f"{kind}-seed{seed}"
+
+
+def _cell_config(settings: CompareSettings, kind: str, seed: int) -> TrainConfig:
+    return replace(settings.base, model=kind, seed=seed)
+
+
+def _reused_or_resumed(run_dir: Path) -> bool:
+    """Whether `run_one` would reuse or resume the run rather than train it from the start."""
+    return (run_dir / "results.json").is_file() or (run_dir / "last.safetensors").is_file()
+
+
+def _data_digests(tc: TrainConfig) -> dict[str, str]:
+    """The digests `train` records for the data it reads (`rundir.run_record`)."""
+    return {
+        split: rundir.data_sha256(read_split(tc.data_dir, name, tc.src_lang, tc.tgt_lang))
+        for split, name in (("train", tc.train_split), ("valid", tc.valid_split))
+    }
+
+
+def check_reusable(settings: CompareSettings, out: Path) -> None:
+    """Refuse the card when a run it would reuse or resume was trained with other settings or data than
+    this card's (the card would state settings its runs did not use), naming the first difference.
+
+    Unlike `train --resume`, a budget may not differ either: a finished run is not trained further. The
+    tokenizer is the run's own, trained from the data and the settings compared here."""
+    digests: dict[str, str] | None = None  # read once, and only when some run is kept
+    for kind in settings.models:
+        for seed in settings.seeds:
+            run_dir = _run_dir(out, kind, seed)
+            if not _reused_or_resumed(run_dir):
+                continue
+            saved = rundir.read_run_record(run_dir)
+            tc = _cell_config(settings, kind, seed)
+            digests = digests or _data_digests(tc)
+            model = model_config_for(tc, model_overrides(settings, kind), _vocab_size(run_dir))
+            current = rundir.run_record(
+                config_to_dict(model), config_to_dict(tc), saved.get("tokenizer_sha256", ""), digests
+            )
+            why = rundir.run_difference(saved, json.loads(json.dumps(current)), MAY_DIFFER)
+            if why:
+                raise TransformerError(
+                    f"cannot reuse {run_dir} for this card: {why}; choose another --out, or delete that run "
+                    f"to train it anew"
+                )
+
+
 def run_one(settings: CompareSettings, kind: str, seed: int, out: Path) -> Path:
-    """Train (or resume, or reuse) one model and seed; returns its run directory."""
-    run_dir = out / f"{kind}-seed{seed}"
+    """Train (or resume, or reuse) one model and seed; returns its run directory. `compare` has checked
+    first that a run reused or resumed was trained with these settings (`check_reusable`)."""
+    run_dir = _run_dir(out, kind, seed)
     if (run_dir / "results.json").is_file():
         return run_dir
-    tc = replace(settings.base, model=kind, seed=seed)
+    tc = _cell_config(settings, kind, seed)
     train(tc, model_overrides(settings, kind), run_dir, resume=(run_dir / "last.safetensors").is_file())
     return run_dir
 
@@ -389,6 +446,7 @@ def compare(settings: CompareSettings, out: Path, card: Path, command: str) -> s
     products do not split well), and every run still sees the same conditions as the others.
     """
     cells = [(kind, seed) for kind in settings.models for seed in settings.seeds]
+    check_reusable(settings, out)
     if settings.jobs <= 1:
         measured = [train_and_measure(settings, kind, seed, out) for kind, seed in cells]
         return write_card(measured, settings, command, card)

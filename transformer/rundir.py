@@ -107,37 +107,51 @@ def _short(digest: object) -> str:
     return f"{digest}"[:12]
 
 
-def check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a run under a different tokenizer, data or settings, naming what differs (the
-    tokenizer first: a new one changes the vocabulary size too, but the tokenizer is the cause).
+def _settings_differ(saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str]) -> list[str]:
+    """The settings of `current` that differ from `saved`, as `key: old -> new`, in `current`'s order; keys
+    in `may_change` are not compared."""
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in current.items()
+        if key not in may_change and saved.get(key) != value
+    ]
+
+
+def run_difference(
+    saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str] = MAY_CHANGE
+) -> str | None:
+    """Why `current` (a `run_record`) is not the run `saved` records, or None when it is: the tokenizer
+    first (a new one changes the vocabulary size too, but the tokenizer is the cause), then the data, then
+    the model and training settings outside `may_change`.
 
     Records written before a field existed (no data digests, say) are not held to that field. The data
     directory may move when the data digests show the text itself is unchanged.
     """
     if saved.get("tokenizer_sha256", current["tokenizer_sha256"]) != current["tokenizer_sha256"]:
-        raise TransformerError(
-            f"cannot resume {run_dir}: tokenizer.model is not the one the run started with (sha256 "
+        return (
+            f"tokenizer.model is not the one the run started with (sha256 "
             f"{_short(saved['tokenizer_sha256'])}… -> {_short(current['tokenizer_sha256'])}…)"
         )
     for split, digest in (saved.get("data_sha256") or {}).items():
         now = current["data_sha256"].get(split)
         if now != digest:
-            raise TransformerError(
-                f"cannot resume {run_dir}: the {split} data in {current['train']['data_dir']} differs from "
-                f"the data the run started with (sha256 {_short(digest)}… -> {_short(now)}…); train a new "
-                f"run for new data"
+            return (
+                f"the {split} data in {current['train']['data_dir']} differs from the data the run started "
+                f"with (sha256 {_short(digest)}… -> {_short(now)}…); train a new run for new data"
             )
-    may_change = MAY_CHANGE | ({"data_dir"} if saved.get("data_sha256") else set())
+    may_change = may_change | ({"data_dir"} if saved.get("data_sha256") else set())
     for section in ("model", "train"):
-        differ = [
-            f"{key}: {saved[section].get(key)!r} -> {value!r}"
-            for key, value in current[section].items()
-            if key not in may_change and saved[section].get(key) != value
-        ]
+        differ = _settings_differ(saved[section], current[section], may_change)
         if differ:
-            raise TransformerError(
-                f"cannot resume {run_dir}: the {section} config differs ({'; '.join(differ)})"
-            )
+            return f"the {section} config differs ({'; '.join(differ)})"
+    return None
+
+
+def check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a run under a different tokenizer, data or settings, naming what differs."""
+    why = run_difference(saved, current)
+    if why:
+        raise TransformerError(f"cannot resume {run_dir}: {why}")
 
 
 def resume_point(run_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]]:
