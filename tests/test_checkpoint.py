@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from transformer import checkpoint
 from transformer.checkpoint import (
     atomic_write,
     atomic_write_text,
@@ -223,3 +224,37 @@ def test_prune_keeps_newest_steps(tmp_path: Path) -> None:
     assert not (tmp_path / "step-000100.state.pt").exists()
     assert (tmp_path / "step-000300.state.pt").exists()
     assert prune_checkpoints(tmp_path, keep=5) == []
+
+
+# ---------------------------------------------------------------------------------- full disk, average
+
+
+# How the writing libraries report a full disk: in their own exception types, not as OSError.
+FULL_DISK = {
+    "save_file": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+}
+
+
+@pytest.mark.parametrize(("module", "writer"), [(checkpoint, "save_file"), (torch, "save")])
+def test_a_full_disk_inside_the_writing_library_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: object, writer: str
+) -> None:
+    """safetensors writes the weights, torch.save the training state; either may fail half-way."""
+    save_checkpoint(tmp_path, "last", _fresh(0), {"step": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_then_fail(obj: object, path: object, **kwargs: object) -> None:
+        Path(str(path)).write_bytes(b"\0" * 100)
+        raise FULL_DISK[writer]
+
+    monkeypatch.setattr(module, writer, half_then_fail)
+    with pytest.raises(TransformerError, match="could not write checkpoint") as raised:
+        save_checkpoint(tmp_path, "last", _fresh(1), {"step": 2})
+    reason = str(FULL_DISK[writer])
+    assert f"{tmp_path / 'last.safetensors'} ({reason}): check free disk space" in str(raised.value)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys(), "the temp file is removed"
+    # The old weights stay; a state file replaced already is told apart by its checkpoint id
+    # (test_torn_pair_is_detected).
+    assert after["last.safetensors"] == before["last.safetensors"]

@@ -222,7 +222,7 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, state: dic
                 "state": state,
             }
             atomic_write(state_path, lambda tmp: torch.save(envelope, tmp))
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a full disk as RuntimeError
         raise _unwritable(weights_path, error) from error
     save_weights(weights_path, model.state_dict(), checkpoint_id)
 
@@ -241,14 +241,17 @@ def save_weights(
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(weights_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as SafetensorError
         raise _unwritable(weights_path, error) from error
 
 
-def _unwritable(path: Path, error: OSError) -> TransformerError:
+def _unwritable(path: Path, error: Exception) -> TransformerError:
+    """One line for a failed write: the OS's reason, or the first line of the library's message (torch
+    and safetensors wrap the OS error in their own exception types)."""
+    reason = getattr(error, "strerror", None) or str(error).strip().split("\n")[0] or type(error).__name__
     return TransformerError(
-        f"could not write checkpoint {path} ({error.strerror or error}): check free disk space and "
-        f"permissions; the previous checkpoint files are intact"
+        f"could not write checkpoint {path} ({reason}): check free disk space and permissions; the "
+        f"previous checkpoint files are intact"
     )
 
 
