@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +28,9 @@ from transformer.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from transformer.cli import main
 from transformer.errors import TransformerError
+from transformer.rundir import create_run_dir, run_record
 
 
 class Tied(nn.Module):
@@ -258,3 +263,132 @@ def test_a_full_disk_inside_the_writing_library_is_one_clear_error(
     # The old weights stay; a state file replaced already is told apart by its checkpoint id
     # (test_torn_pair_is_detected).
     assert after["last.safetensors"] == before["last.safetensors"]
+
+
+def _run(directory: Path, tokenizer: bytes = b"pieces", **model: int) -> Path:
+    """A run directory as `train` leaves one, without training: two step checkpoints, a best, a tokenizer
+    and config.json recording the tokenizer's sha256 and the model settings."""
+    for seed, name in enumerate(("step-1", "step-2", "best")):
+        save_checkpoint(directory, name, _fresh(seed))
+    (directory / "tokenizer.model").write_bytes(tokenizer)
+    record = run_record(
+        {"d_model": 4, **model}, {"data_dir": "data"}, hashlib.sha256(tokenizer).hexdigest(), {}
+    )
+    atomic_write_text(directory / "config.json", json.dumps(record))
+    return directory
+
+
+def _average(capsys: pytest.CaptureFixture[str], *checkpoints: Path, out: Path) -> str:
+    """`transformer average`'s one stderr line, or '' when it succeeded."""
+    status = main(["average", "--checkpoints", *map(str, checkpoints), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (status == 0) == (err == []) and len(err) <= 1, (status, err)
+    return err[0] if err else ""
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_average_refuses_checkpoints_of_other_tokenizers_or_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Of the same shapes, checkpoints of runs with another tokenizer averaged silently into nonsense."""
+    run = _run(tmp_path / "run")
+    retokenized = _run(tmp_path / "retokenized", tokenizer=b"other pieces")
+    resized = _run(tmp_path / "resized", d_model=8)
+    twin = _run(tmp_path / "twin")  # another run of the same tokenizer and model: may be averaged
+    out = tmp_path / "avg"
+    line = _average(capsys, run / "step-1.safetensors", retokenized / "step-2.safetensors", out=out)
+    assert f"cannot average checkpoints of {run} and {retokenized}: their tokenizers differ" in line
+    line = _average(capsys, run / "step-1.safetensors", resized / "step-2.safetensors", out=out)
+    assert "their model settings differ (d_model: 4 -> 8)" in line
+    assert not out.exists()
+    assert _average(capsys, run / "step-1.safetensors", run / "step-2.safetensors", out=out) == ""
+    assert (
+        _average(capsys, run / "step-1.safetensors", twin / "step-2.safetensors", out=tmp_path / "a2") == ""
+    )
+
+
+def test_average_writes_only_into_a_new_directory_or_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run(tmp_path / "run")
+    steps = (run / "step-1.safetensors", run / "step-2.safetensors")
+    other = _run(tmp_path / "other", tokenizer=b"other pieces")
+    kept = {path: _contents(path) for path in (run, other)}
+
+    line = _average(capsys, *steps, out=other)  # another run: its best was silently replaced
+    assert f"{other} already exists and is not an empty directory: choose a new --out" in line
+    line = _average(capsys, *steps, out=run)  # the checkpoints' own run: its trained best was replaced
+    assert f"{run} is the run directory the checkpoints come from" in line
+    assert f"--out {run / 'average.safetensors'}" in line
+    line = _average(capsys, *steps, out=other / "average.safetensors")  # a file into another model's run
+    assert f"cannot write the average into {other}, another model's run directory: their tokenizers" in line
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert f"--out {notes} is an existing file" in _average(capsys, *steps, out=notes)
+    assert notes.read_text() == "mine"
+    assert "is a file, not a directory" in _average(capsys, *steps, out=notes / "avg")
+    if Path("/proc/self").is_dir():  # a place no directory can be made
+        assert "cannot create the run directory /proc/avg (No such file" in _average(
+            capsys, *steps, out=Path("/proc/avg")
+        )
+    assert {path: _contents(path) for path in (run, other)} == kept
+
+    # What may be written: a file beside the checkpoints, a new or an empty directory.
+    assert _average(capsys, *steps, out=run / "average.safetensors") == ""
+    expected = average_weights(steps)
+    for key, value in load_weights(run / "average.safetensors").items():
+        assert torch.equal(value, expected[key]), key
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "avg", tmp_path / "empty"):
+        assert _average(capsys, *steps, out=out) == ""
+        assert sorted(_contents(out)) == ["best.safetensors", "config.json", "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["avg"], "no temporary directory left"
+
+
+def test_average_into_a_full_disk_leaves_no_half_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A half-written --out directory would be refused as not empty when the average is tried again."""
+    run = _run(tmp_path / "run")
+
+    def full_disk(tensors: object, path: str, **kwargs: object) -> None:
+        raise FULL_DISK["save_file"]
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    line = _average(
+        capsys, run / "step-1.safetensors", run / "step-2.safetensors", out=tmp_path / "out" / "avg"
+    )
+    assert "(Error while serializing: I/O error: No space left on device (os error 28))" in line
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_checkpoint_named_twice_in_any_spelling_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run(tmp_path / "run")
+    (tmp_path / "link.safetensors").symlink_to(run / "best.safetensors")
+    for again in (run / ".." / "run" / "best.safetensors", tmp_path / "link.safetensors", run):
+        line = _average(capsys, run, again, out=tmp_path / "avg")
+        assert f"the checkpoint {run / 'best.safetensors'} is named twice" in line
+        assert "it would count twice in the average" in line
+    assert not (tmp_path / "avg").exists()
+
+
+def test_an_out_directory_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    """`train --out FILE` said `[Errno 17] File exists`."""
+    existing = tmp_path / "in.txt"
+    existing.write_text("text")
+    refusal = f"cannot create the run directory {existing}: {existing} is a file, not a directory"
+    with pytest.raises(TransformerError, match=re.escape(refusal)):
+        create_run_dir(existing)
+    with pytest.raises(TransformerError, match=re.escape(f"{existing} is a file, not a directory; choose")):
+        create_run_dir(existing / "run")
+    if Path("/proc/self").is_dir():  # a place no directory can be made
+        with pytest.raises(TransformerError, match=r"create the run directory /proc/run \(No such file"):
+            create_run_dir(Path("/proc/run"))
+    create_run_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert existing.read_text() == "text"

@@ -159,6 +159,23 @@ def checkpoint_path(run_dir_or_file: Path, name: str = "best") -> Path:
     raise TransformerError(f"no run directory or checkpoint file at {target}: check the path")
 
 
+def distinct_checkpoints(targets: Sequence[Path | str]) -> list[Path]:
+    """The weights files of `targets` (run directories or files), refusing a checkpoint named twice in any
+    spelling (`run` and `run/../run/best.safetensors`, a symlink): an average would count it twice."""
+    seen: dict[Path, Path] = {}
+    for target in targets:
+        path = checkpoint_path(Path(target))
+        first = seen.get(path.resolve())
+        if first is not None:
+            also = "" if first == path else f" (also as {path})"
+            raise TransformerError(
+                f"the checkpoint {first} is named twice{also}: it would count twice in the average; name "
+                f"each checkpoint once"
+            )
+        seen[path.resolve()] = path
+    return list(seen.values())
+
+
 # --------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------

@@ -170,24 +170,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    import shutil
+    from transformer.checkpoint import distinct_checkpoints
+    from transformer.rundir import average_into
 
-    from transformer import checkpoint
-
-    paths = [checkpoint.checkpoint_path(Path(p)) for p in args.checkpoints]
-    if len(set(paths)) < len(paths):
-        raise TransformerError("a checkpoint is named twice: each would count twice in the average")
+    paths = distinct_checkpoints(args.checkpoints)
     if len(paths) == 1:
         print(f"warning: one checkpoint given, {paths[0]}: the result is a copy of it", file=sys.stderr)
-    weights = checkpoint.average_weights(paths)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":  # a run directory: copy what a Translator needs beside the weights
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "tokenizer.model"):
-            if (paths[0].parent / name).is_file() and not (out / name).exists():
-                shutil.copy2(paths[0].parent / name, out / name)
-        out = out / "best.safetensors"
-    checkpoint.save_weights(out, weights)
+    out = average_into(paths, Path(args.out))
     print(f"averaged {len(paths)} checkpoint{'s' if len(paths) > 1 else ''} into {out}")
     return 0
 

@@ -6,7 +6,8 @@ renames leaves `last` torn: new training state beside old weights. `resume_point
 newest complete checkpoint, which the evaluation save order (`step-N`, then `best`, then `last`) makes the
 same step. A resumed run must also be the run it claims to continue: `config.json` records the model and
 training settings, the tokenizer's and the data's sha256 and the format version, and `check_resumable`
-refuses a resume under which any of those changed, saying what changed.
+refuses a resume under which any of those changed, saying what changed. For the same reason
+`average_into` averages only checkpoints of one tokenizer and model, and writes only into a new directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,12 @@ import torch
 
 from transformer.checkpoint import (
     FORMAT_VERSION,
+    WEIGHTS_SUFFIX,
+    average_weights,
     check_format_version,
     list_checkpoints,
     load_checkpoint,
+    save_weights,
     step_of,
 )
 from transformer.errors import TransformerError
@@ -154,6 +159,29 @@ def check_resumable(run_dir: Path, saved: dict[str, Any], current: dict[str, Any
         raise TransformerError(f"cannot resume {run_dir}: {why}")
 
 
+def create_run_dir(run_dir: Path) -> None:
+    """Create the run directory given as --out (and its parents), saying what is wrong with it where it
+    cannot be one, rather than the OS's bare `[Errno 17] File exists`."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # run_dir, or a directory above it, is a file
+        blocking = next(p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir())
+        raise TransformerError(
+            f"cannot create the run directory {run_dir}: {blocking} is a file, not a directory; choose "
+            f"another --out"
+        ) from None
+    except OSError as error:
+        raise _uncreatable(run_dir, error) from error
+
+
+def _uncreatable(run_dir: Path, error: OSError) -> TransformerError:
+    return TransformerError(
+        f"cannot create the run directory {run_dir} ({error.strerror or error}): choose an --out where you "
+        f"can write"
+    )
+
+
 def resume_point(run_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """The newest complete checkpoint with training state: (name, weights, state, notes on skipped ones).
 
@@ -215,3 +243,126 @@ def drop_partial_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Averaging checkpoints into a new file or run directory
+# --------------------------------------------------------------------------------------------------------
+
+
+def _model_identity(run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """What must agree for checkpoints of two runs to be averaged, beyond their shapes: the sha256 of the
+    tokenizer (the file where there is one, else what config.json records), as another tokenizer of the
+    same size gives the same ids other pieces, and the model settings. None where the run does not say."""
+    record = read_run_record(run_dir) if (run_dir / "config.json").is_file() else None
+    tokenizer = run_dir / "tokenizer.model"
+    if tokenizer.is_file():
+        digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    else:
+        digest = (record or {}).get("tokenizer_sha256")
+    return digest, record["model"] if record else None
+
+
+def _model_mismatch(run_a: Path, run_b: Path) -> str | None:
+    """How the runs `run_a` and `run_b` hold different models, or None when nothing they record says so."""
+    (tokenizer_a, model_a), (tokenizer_b, model_b) = _model_identity(run_a), _model_identity(run_b)
+    if tokenizer_a and tokenizer_b and tokenizer_a != tokenizer_b:
+        digests = f"{_short(tokenizer_a)}… vs {_short(tokenizer_b)}…"
+        return f"their tokenizers differ (tokenizer.model sha256 {digests})"
+    differ = _settings_differ(model_a, model_b, frozenset()) if model_a and model_b else []
+    return f"their model settings differ ({'; '.join(differ)})" if differ else None
+
+
+def _runs_of(paths: Sequence[Path]) -> dict[Path, Path]:
+    """The run directories the checkpoint files `paths` lie in, resolved -> as given, in order."""
+    runs: dict[Path, Path] = {}
+    for path in paths:
+        runs.setdefault(Path(path).resolve().parent, Path(path).parent)
+    return runs
+
+
+def _check_one_model(runs: dict[Path, Path]) -> None:
+    """Refuse checkpoints from runs with another tokenizer or model settings than the first's: of the same
+    shapes, their average is a valid file of a meaningless model."""
+    first, *others = runs.values()
+    for run in others:
+        why = _model_mismatch(first, run)
+        if why:
+            raise TransformerError(
+                f"cannot average checkpoints of {first} and {run}: {why}; average only checkpoints of one "
+                f"model"
+            )
+
+
+def _check_destination(out: Path, runs: dict[Path, Path]) -> None:
+    """Refuse an --out that would replace another run's weights, or the checkpoints' own run's `best`.
+
+    A weights file may go anywhere but into the directory of a run of another model. A run directory must
+    be new (or empty), like `export`'s: averaging into the checkpoints' own run would silently replace
+    the `best` it trained, so that takes a file path, as fairseq's and OpenNMT's averaging scripts do."""
+    first = next(iter(runs.values()))
+    if out.suffix == WEIGHTS_SUFFIX:
+        parent = out.parent
+        if parent.resolve() not in runs and parent.is_dir():
+            why = _model_mismatch(first, parent)
+            if why:
+                raise TransformerError(
+                    f"cannot write the average into {parent}, another model's run directory: {why}; choose "
+                    f"another --out"
+                )
+        return
+    if out.exists() and not out.is_dir():
+        raise TransformerError(
+            f"--out {out} is an existing file: give a new directory, or a path ending in {WEIGHTS_SUFFIX} "
+            f"for the weights alone"
+        )
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if out.resolve() in runs:
+        beside = out / f"average{WEIGHTS_SUFFIX}"
+        raise TransformerError(
+            f"{out} is the run directory the checkpoints come from, and its best{WEIGHTS_SUFFIX} would be "
+            f"replaced: write the average beside it as a file, e.g. --out {beside} (then translate with "
+            f"--name average)"
+        )
+    raise TransformerError(
+        f"{out} already exists and is not an empty directory: choose a new --out (a directory, or a path "
+        f"ending in {WEIGHTS_SUFFIX})"
+    )
+
+
+def _write_run_dir(out: Path, source: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """Make `out` a run directory of the averaged weights as `best`, with `source`'s config.json and
+    tokenizer.model (what a Translator needs). It is built under a temporary name and renamed into place,
+    so a failure leaves no half-written directory behind (which a retry would refuse as not empty)."""
+    made = not out.exists()
+    create_run_dir(out)  # an --out that cannot be a directory fails here, before any work
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        for name in ("config.json", "tokenizer.model"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+        save_weights(tmp / f"best{WEIGHTS_SUFFIX}", weights)
+        os.replace(tmp, out)  # replaces the empty directory
+    except OSError as error:
+        raise _uncreatable(out, error) from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
+        if made and not any(out.iterdir()):  # the rename did not happen: no empty directory left either
+            out.rmdir()
+    return out / f"best{WEIGHTS_SUFFIX}"
+
+
+def average_into(paths: Sequence[Path], out: Path) -> Path:
+    """Average the checkpoint files `paths` into `out`, a `.safetensors` file or a new run directory, and
+    return the weights file written. Everything is checked before the (slow) averaging starts."""
+    out = Path(out)
+    runs = _runs_of(paths)
+    _check_one_model(runs)
+    _check_destination(out, runs)
+    weights = average_weights(paths)
+    if out.suffix == WEIGHTS_SUFFIX:
+        save_weights(out, weights)
+        return out
+    return _write_run_dir(out, next(iter(runs.values())), weights)
