@@ -307,6 +307,19 @@ def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path
     assert [r["step"] for r in records(run, "train")][-1] == 30
     assert main(["train", "--out", str(run), "--resume", "max_steps=40", "eval_every=5"]) == 0
     assert [r["step"] for r in records(run, "valid")] == [15, 30, 35, 40]
+    # the step size too, as the message of a run stopped on a non-finite loss tells its user to change it
+    argv = [
+        "train",
+        "--out",
+        str(run),
+        "--resume",
+        "max_steps=45",
+        "lr_factor=0.5",
+        "warmup=20",
+        "clip_norm=1",
+    ]
+    assert main(argv) == 0
+    assert [r["step"] for r in records(run, "valid")][-1] == 45
 
 
 def test_the_command_re_executes_before_it_imports_torch() -> None:

@@ -665,3 +665,12 @@ def test_report_refuses_a_run_of_another_family_in_one_line(
     argv = ["report", "--checkpoint", str(run), "--only", "heads", "--out", str(tmp_path / "report")]
     assert main(argv) == 2
     assert "is a model=rnn run: the report studies a Transformer's attention" in one_error_line(capsys)
+
+
+def test_an_out_that_is_a_file_is_one_line(quick_data: Path, tmp_path: Path, capsys) -> None:
+    """The OS's bare "[Errno 17] File exists" said nothing about --out."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    assert main(train_argv(quick_recipe(quick_data), taken)) == 2
+    assert "is a file, not a directory; choose another --out" in one_error_line(capsys)
+    assert taken.read_text() == "mine\n"

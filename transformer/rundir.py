@@ -35,8 +35,8 @@ from transformer.checkpoint import (
 )
 from transformer.errors import TransformerError
 
-# Settings a resume may change: budgets, how often to validate and log, threads and compilation; not
-# what is trained or how.
+# Settings a resume may change: budgets, how often to validate and log, threads and compilation, and the
+# step size, which a run that diverged must lower to go on (train's message says so); not what is trained.
 MAY_CHANGE = frozenset(
     {
         "max_epochs",
@@ -47,6 +47,9 @@ MAY_CHANGE = frozenset(
         "log_every",
         "threads",
         "compile",
+        "lr_factor",
+        "warmup",
+        "clip_norm",
     }
 )
 

@@ -301,7 +301,7 @@ def train(
         # A kill leaves at most a fragment of a metrics line and dead temp files: tidy both.
         rundir.drop_partial_line(run_dir / "metrics.jsonl")
         rundir.remove_stale_temp_files(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.create_run_dir(run_dir)
     log = MetricsLog(run_dir / "metrics.jsonl")
     if resume:
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
