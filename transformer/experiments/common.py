@@ -104,6 +104,13 @@ def spread(values: Sequence[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def loss_cells(losses: dict[str, list[float]]) -> list[str]:
+    """A trained variant's cells in a table: final training and test loss as mean ± sd over its seeds,
+    then each seed's test loss."""
+    test = losses["test_loss"]
+    return [spread(losses["train_loss"], 3), spread(test, 3), ", ".join(f"{x:.3f}" for x in test)]
+
+
 def difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """mean(a) − mean(b) and its standard error √(sd_a²/n_a + sd_b²/n_b) (Welch): a difference of one or
     two standard errors is what different seeds alone produce."""

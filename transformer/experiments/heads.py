@@ -23,6 +23,7 @@ from transformer.experiments.common import (
     Table,
     TrainedModel,
     difference,
+    loss_cells,
     pick,
     pyplot,
     save_figure,
@@ -131,16 +132,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.tables.append(
         Table(
             ["heads", "d_k", "final training loss", "test loss (teacher-forced)", "test loss per seed"],
-            [
-                [
-                    h,
-                    d_model // h,
-                    spread(v["train_loss"], 3),
-                    spread(v["test_loss"], 3),
-                    ", ".join(f"{x:.3f}" for x in v["test_loss"]),
-                ]
-                for h, v in losses.items()
-            ],
+            [[h, d_model // h, *loss_cells(v)] for h, v in losses.items()],
             f"Short trainings at d_model={d_model}, identical except for n_heads; mean ± sd over "
             f"{len(runs[HEAD_COUNTS[0]])} seeds.",
         )

@@ -24,6 +24,7 @@ from transformer.experiments.common import (
     Result,
     Table,
     difference,
+    loss_cells,
     pick,
     pyplot,
     save_figure,
@@ -131,15 +132,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.tables.append(
         Table(
             ["logits", "final training loss", "test loss (teacher-forced)", "test loss per seed"],
-            [
-                [
-                    name,
-                    spread(v["train_loss"], 3),
-                    spread(v["test_loss"], 3),
-                    ", ".join(f"{x:.3f}" for x in v["test_loss"]),
-                ]
-                for name, v in training.items()
-            ],
+            [[name, *loss_cells(v)] for name, v in training.items()],
             f"Short trainings with one head of d_k={d_model}, identical except for the scaling; mean ± sd "
             f"over {len(with_scaling)} seeds.",
         )
