@@ -188,7 +188,7 @@ def test_average_cli_makes_a_loadable_run(run_dir: Path, tmp_path: Path, capsys)
     captured = capsys.readouterr()
     assert "the result is a copy of it" in captured.err and "averaged 1 checkpoint into" in captured.out
     assert main(["average", "--checkpoints", str(steps[0]), str(steps[0]), "--out", str(single)]) == 2
-    assert "a checkpoint is named twice" in capsys.readouterr().err
+    assert "is named twice: it would count twice in the average" in capsys.readouterr().err
 
 
 def test_resume_continues_from_the_saved_step(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
