@@ -151,11 +151,6 @@ def time_translations(
     return outputs, times, rows
 
 
-def search_kind(beam: int) -> str:
-    """A search's name in the tables: "greedy", or "beam k"."""
-    return "greedy" if beam == 1 else f"beam {beam}"
-
-
 def decoding_markdown(
     rows: dict[str, dict[str, Any]],
     ratios: dict[str, Any],

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
 from transformer.data.corpus import read_split
 from transformer.export import export_marian
-from transformer.search import SearchConfig
+from transformer.search import SearchConfig, search_name
 from transformer.translate import MAX_TOKENS, Translator, source_batches, translate_ids
 
 EXTRA_LEN = SearchConfig().extra_len
@@ -54,7 +54,7 @@ def searches(
             out = translate_ids(translator.model, sources, search, max_tokens=MAX_TOKENS)
             return [[tokenizer.piece(i) for i in ids] for ids in out]
 
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         runs[f"{kind}, ours"] = ours
         for compute_type, engine in engines.items():
             runs[f"{kind}, CTranslate2 {compute_type}"] = _engine_run(engine, translator, sources, beam)
@@ -121,7 +121,7 @@ def measure(
     outputs, times, rows = common.time_translations(runs, repeats)
     ratios: dict[str, Any] = {}
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         ours = f"{kind}, ours"
         for compute_type in compute_types:
             engine = f"CTranslate2 {compute_type}"

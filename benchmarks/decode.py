@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.precision import has_native_bf16
-from transformer.search import SearchConfig, generate
+from transformer.search import SearchConfig, generate, search_name
 from transformer.translate import ready_for_decoding
 
 
@@ -101,7 +101,7 @@ def searches(
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
     runs = {}
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         runs[f"ours {kind}, cached"] = our_search(ours, src, beam, new_tokens, cached=True)
         if beam == 1 or uncached_beam:
             runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
@@ -161,7 +161,7 @@ def _profile(
     and for ours the `bound`: the peer's median time over the time of our products and attention."""
     out = {}
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         for suffix in ("", ", bf16"):
             ours, marian = f"ours {kind}, cached{suffix}", f"Marian {kind}{suffix}"
             if ours not in runs or marian not in runs:
@@ -195,7 +195,7 @@ def _ratios(
     the lowest and highest per-round speed-up of each."""
     pairs = {}  # label -> (faster search, slower search)
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         ours, ours_bf16 = f"ours {kind}, cached", f"ours {kind}, cached, bf16"
         for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, unpacked"):
             pairs[f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"] = (ours, other)

@@ -34,7 +34,7 @@ from transformer.data.corpus import read_split
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 from transformer.export import marian_config, marian_vocab_order, to_marian_state_dict
-from transformer.search import SearchConfig
+from transformer.search import SearchConfig, search_name
 from transformer.translate import MAX_TOKENS, Translator, source_batches, translate_ids
 
 
@@ -51,7 +51,7 @@ def searches(
     runs = {}
     penalty = translator.train_config.length_penalty
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         config = SearchConfig(beam=beam, length_penalty=penalty)
         runs[f"{kind}, dropping finished"] = _translate(translator, sources, config)
         keeping = dataclasses.replace(config, drop_finished=False)
@@ -158,7 +158,7 @@ def measure(
         ranges[label] = common.speedup_range(times[fast], times[slow])
 
     for beam in beams:
-        kind = common.search_kind(beam)
+        kind = search_name(beam)
         ours = f"{kind}, dropping finished"
         for way in ("keeping finished", "MarianMTModel"):
             other = f"{kind}, {way}"

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import attention, common, decode, gpu, peers, scaling, serve_load, train_step, translation
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from transformer.search import SearchConfig
+from transformer.search import SearchConfig, search_name
 from transformer.translate import Translator
 
 
@@ -79,7 +79,7 @@ def test_decoding_markdown_tables_rows_and_bolds_only_speedups() -> None:
         "- greedy, ours vs peer: **1.25×**",
         "- greedy: translations equal: 9 of 10",
     ]
-    assert [common.search_kind(b) for b in (1, 4)] == ["greedy", "beam 4"]
+    assert [search_name(b) for b in (1, 4)] == ["greedy", "beam 4"]
 
 
 def test_time_translations_warms_up_once_and_counts_each_eos() -> None:

@@ -144,6 +144,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from transformer.data.corpus import read_parallel, read_split
     from transformer.evaluate import score
+    from transformer.search import search_name
     from transformer.translate import Translator
 
     warn_if_emulated(args.precision)
@@ -163,8 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(scores.to_dict(), indent=2))
     else:  # what was scored, as training's own report names it
-        beam = tc.beam if args.beam is None else args.beam
-        search = "greedy" if beam == 1 else f"beam {beam}"
+        search = search_name(tc.beam if args.beam is None else args.beam)
         print(f"{args.checkpoint} ({args.name}), {scored}, {search}:\n{scores}")
     return 0
 

@@ -49,7 +49,7 @@ def run_checks(checkpoint: Path, name: str = "best") -> list[Check]:
         pairs = read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang)
     except TransformerError as error:
         raise TransformerError(f"doctor needs the run's validation data: {error}") from None
-    limit = model.config.max_len - 1  # room for EOS (source) and BOS (target)
+    limit = translator.max_source_len  # a target has the same room, for BOS
     encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in pairs[:SAMPLE]]
     sample = [(s, t) for s, t in encoded if 0 < len(s) <= limit and 0 < len(t) <= limit]
     batch = collate(sample)

@@ -39,6 +39,11 @@ class Decodable(Protocol):
     def new_cache(self, max_len: int | None = None) -> Any: ...
 
 
+def search_name(beam: int) -> str:
+    """What a search is called in reports and tables: "greedy", or "beam k"."""
+    return "greedy" if beam == 1 else f"beam {beam}"
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     beam: int = 4
