@@ -104,6 +104,14 @@ def spread(values: Sequence[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
+def in_standard_errors(gap: float, standard_error: float) -> str:
+    """A difference in standard errors of the difference (`difference`), the measure of whether the seeds
+    alone could explain it."""
+    if standard_error == 0:
+        return "one seed: no error estimate"
+    return f"{abs(gap) / standard_error:.1f} standard errors"
+
+
 def loss_cells(losses: dict[str, list[float]]) -> list[str]:
     """A trained variant's cells in a table: final training and test loss as mean ± sd over its seeds,
     then each seed's test loss."""

@@ -23,6 +23,7 @@ from transformer.experiments.common import (
     Table,
     TrainedModel,
     difference,
+    in_standard_errors,
     loss_cells,
     pick,
     pyplot,
@@ -53,8 +54,7 @@ def head_comparison(losses: dict[int, dict[str, list[float]]]) -> str:
         if h == best:
             continue
         gap, se = difference(losses[h]["test_loss"], losses[best]["test_loss"])
-        errors = f"{gap / se:.1f} standard errors" if se else "one seed: no error estimate"
-        parts.append(f"{h} head(s) {gap:+.3f} ({errors})")
+        parts.append(f"{h} head(s) {gap:+.3f} ({in_standard_errors(gap, se)})")
     return f"Against {best} heads, the lowest: " + ", ".join(parts) + "."
 
 

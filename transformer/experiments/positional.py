@@ -30,6 +30,7 @@ from transformer.experiments.common import (
     TrainedModel,
     difference,
     greedy_translations,
+    in_standard_errors,
     mean_sd,
     pick,
     pyplot,
@@ -218,9 +219,10 @@ def training_findings(scores: dict[str, list[dict[str, float]]]) -> list[str]:
     return [
         f"Short trainings ({seeds} seeds, mean ± sd): greedy BLEU {spread(column('sinusoidal', 'bleu'), 1)} "
         f"with sinusoidal positions vs {spread(column('none', 'bleu'), 1)} without (difference "
-        f"{bleu_gap:+.1f}, {_in_errors(bleu_gap, bleu_se)}); test loss "
+        f"{bleu_gap:+.1f}, {in_standard_errors(bleu_gap, bleu_se)}); test loss "
         f"{spread(column('sinusoidal', 'test_loss'))} vs {spread(column('none', 'test_loss'))} "
-        f"(the model {ahead} positions lower by {abs(loss_gap):.2f}, {_in_errors(loss_gap, loss_se)}).",
+        f"(the model {ahead} positions lower by {abs(loss_gap):.2f}, "
+        f"{in_standard_errors(loss_gap, loss_se)}).",
         f"Shuffling the source pieces: the no-PE model's BLEU {spread(column('none', 'bleu'), 1)} → "
         f"{spread(column('none', 'shuffled_bleu'), 1)} (change {-drop_none:+.1f}; "
         f"{mean_sd(column('none', 'unchanged'))[0]:.0%} of its translations identical): it cannot see the "
@@ -233,10 +235,3 @@ def training_findings(scores: dict[str, list[dict[str, float]]]) -> list[str]:
         + " against one that sees their order: the order matters to the model with positions (its BLEU "
         "falls when the order is destroyed) more than it adds to its score here.",
     ]
-
-
-def _in_errors(gap: float, standard_error: float) -> str:
-    """A difference in standard errors of the difference, the measure of whether seeds could explain it."""
-    if standard_error == 0:
-        return "one seed: no error estimate"
-    return f"{abs(gap) / standard_error:.1f} standard errors"

@@ -24,6 +24,7 @@ from transformer.experiments.common import (
     Result,
     Table,
     difference,
+    in_standard_errors,
     loss_cells,
     pick,
     pyplot,
@@ -188,7 +189,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         + ".",
         f"Training with one head of d_k={d_model} ({len(with_scaling)} seeds): test loss "
         f"{spread(scaled_test, 3)} scaled vs {spread(unscaled_test, 3)} unscaled (difference "
-        f"{gap:+.3f}, {abs(gap) / gap_se if gap_se else float('inf'):.1f} standard errors); final training "
+        f"{gap:+.3f}, {in_standard_errors(gap, gap_se)}); final training "
         f"loss {spread(training['scaled (q·k/√d_k)']['train_loss'], 3)} vs "
         f"{spread(training['unscaled (q·k)']['train_loss'], 3)}.",
     ]
