@@ -3,6 +3,7 @@ report command itself."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -295,9 +296,9 @@ def test_report_command_writes_markdown_html_and_figures(run_dir: Path, tmp_path
     out = tmp_path / "reports"
     args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out)]
     assert main([*args, "--only", "projections", "alignment"]) == 0
-    markdown = (out / "seed-claims-projections-alignment.md").read_text()
+    markdown = (out / "seed-claims.md").read_text()
     assert "transformer report --only projections" in markdown and "![" in markdown
-    assert "<table>" in (out / "seed-claims-projections-alignment.html").read_text()
+    assert "<table>" in (out / "seed-claims.html").read_text()
     assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".partial-*"))
 
@@ -314,7 +315,7 @@ def test_every_other_section_of_the_report_runs_and_draws(run_dir: Path, tmp_pat
     others = ["cost", "paths", "scaling", "positional", "heads", "masking", "warmup"]
     args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out), "--only", *others]
     assert main(args) == 0
-    markdown = (out / f"seed-claims-{'-'.join(others)}.md").read_text()
+    markdown = (out / "seed-claims.md").read_text()
     assert not re.search(r"\{[a-z_]+\}", markdown)  # no caption left with an unformatted placeholder
     for key in others:
         assert f"transformer report --only {key} " in markdown, key
@@ -330,3 +331,50 @@ def test_every_other_section_of_the_report_runs_and_draws(run_dir: Path, tmp_pat
     ]
     for figure in figures:
         assert (out / f"{figure}.png").read_bytes()[:4] == b"\x89PNG", figure
+
+
+def _section(markdown: str, title: str) -> str:
+    """A section's text below its numbered heading, up to the next section."""
+    start = re.search(rf"^## \d+\. {re.escape(title)}$", markdown, re.MULTILINE).end()
+    following = re.search(r"^## ", markdown[start:], re.MULTILINE)
+    return markdown[start : start + following.start() if following else len(markdown)]
+
+
+def test_report_only_refreshes_its_sections_and_keeps_the_others(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "reports"
+    args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out)]
+    assert main([*args, "--only", "masking"]) == 0
+    first_markdown = (out / "seed-claims.md").read_text()
+    first = json.loads((out / "seed-claims.json").read_text())
+    assert "earlier run" not in first_markdown
+    assert main([*args, "--only", "cost"]) == 0
+    markdown = (out / "seed-claims.md").read_text()
+    record = json.loads((out / "seed-claims.json").read_text())
+    # numbered in the report's order, the kept section word for word, and named as the earlier run's
+    assert markdown.index("## 1. Cost per layer") < markdown.index("## 2. Masking in the decoder")
+    assert _section(markdown, "Masking in the decoder") == _section(first_markdown, "Masking in the decoder")
+    assert f"- Section 2 from an earlier run: `{first['header']['command']}` on" in markdown
+    assert "| 2 | Masking in the decoder | Future positions receive weight 0" in markdown
+    assert record["runs"] == {"cost": record["header"], "masking": first["header"]}
+    assert record["results"]["masking"] == first["results"]["masking"] and "cost" in record["results"]
+    assert "Masking in the decoder" in (out / "seed-claims.html").read_text()
+
+    # a report of another preset (one written before the preset was recorded counts as `report`) is
+    # refused in one line and left as it was
+    del record["runs"], record["header"]["preset"]
+    (out / "seed-claims.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main([*args, "--only", "masking"]) != 0
+    assert "--preset report" in capsys.readouterr().err.strip()
+    assert (out / "seed-claims.md").read_text() == markdown
+
+    # a section the record does not know (an edited report) is refused rather than dropped
+    del record["results"]["masking"]
+    record["runs"] = {"cost": record["header"]}
+    (out / "seed-claims.json").write_text(json.dumps(record))
+    assert main([*args, "--only", "cost"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Masking in the decoder" in error
+    assert (out / "seed-claims.md").read_text() == markdown
