@@ -309,12 +309,19 @@ def test_report_command_refuses_unknown_experiments(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "r").exists()
 
 
-def test_every_other_section_of_the_report_runs_and_draws(run_dir: Path, tmp_path: Path) -> None:
-    """The sections the test above leaves out, at the tiny preset: each writes its section and its figure."""
+def test_every_other_section_of_the_report_runs_and_draws(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The sections the test above leaves out, at the tiny preset: each writes its section and its figure,
+    and says as it goes which models it has trained."""
     out = tmp_path / "reports"
     others = ["cost", "paths", "scaling", "positional", "heads", "masking", "warmup"]
     args = ["report", "--preset", "tiny", "--checkpoint", str(run_dir), "--out", str(out), "--only", *others]
     assert main(args) == 0
+    log = capsys.readouterr().err
+    assert re.search(r"s\]     trained transformer at L=8: held-out accuracy \d\.\d\d$", log, re.MULTILINE)
+    assert re.search(r"trained no-pe, seed 2: loss \d+\.\d{3}$", log, re.MULTILINE)
+    assert re.search(r"trained pre-LN, no warm-up, peak lr [\d.e-]+, seed \d: loss", log)
     markdown = (out / "seed-claims.md").read_text()
     assert not re.search(r"\{[a-z_]+\}", markdown)  # no caption left with an unformatted placeholder
     for key in others:

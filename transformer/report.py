@@ -231,8 +231,10 @@ def run_report(
     kept_sections, kept_numbers = earlier_report(out, preset) if only else ([], {})
     configure_torch()
     keys = list(only) if only else list(EXPERIMENTS)
-    context = Context(checkpoint=checkpoint)
     started = time.monotonic()
+    context = Context(
+        checkpoint=checkpoint, progress=lambda line: log(f"[{time.monotonic() - started:6.0f} s]     {line}")
+    )
     out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as scratch:

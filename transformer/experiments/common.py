@@ -83,6 +83,8 @@ class Context:
     checkpoint: Path | None = None
     data_dir: Path = BUNDLED_DATA
     cache: dict[str, Any] = field(default_factory=dict)
+    # one line per model trained, so that a section's minutes of training show they are moving
+    progress: Callable[[str], None] = lambda _line: None
 
     def memo(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self.cache:

@@ -212,6 +212,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     for L in size["L"]:
         for kind in MODELS:
             recall[kind][L] = train_recall(kind, L, size)
+            context.progress(f"trained {kind} at L={L}: held-out accuracy {recall[kind][L]['accuracy']:.2f}")
     result.numbers["recall"] = recall
     result.numbers["longest_recalled"] = {kind: longest_recalled(recall[kind]) for kind in MODELS}
     result.tables.append(

@@ -102,7 +102,9 @@ def variant(
         model = Transformer(config)
         if change is not None:
             CHANGES[change](model)
-        return train_model(model, task.train, recipe, config.d_model)
+        trained = train_model(model, task.train, recipe, config.d_model)
+        context.progress(f"trained {name}, seed {recipe.seed}: loss {trained.curve[-1][1]:.3f}")
+        return trained
 
     return context.memo(f"variant:{preset}:{name}:{recipe.seed}", make), task
 

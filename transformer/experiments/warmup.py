@@ -141,6 +141,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
                     Transformer(config), task.train, recipe, config.d_model, lr_schedule=schedule
                 )
                 final = math.inf if trained.diverged else trained.curve[-1][1]
+                context.progress(f"trained {name}, peak lr {peak_lr:g}, seed {seed}: loss {final:.3f}")
                 runs[name][peak_lr].append({"seed": seed, "curve": trained.curve, "final": final})
     finals = {
         name: {lr: [r["final"] for r in rs] for lr, rs in by_lr.items()} for name, by_lr in runs.items()
