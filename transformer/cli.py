@@ -399,7 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="measure the paper's claims and write reports/seed-claims.md (+ HTML)")
     p.add_argument("--checkpoint", help="trained run to study (default: runs/multi30k-de-en if present)")
     p.add_argument("--out", default="reports", help="output directory (default: reports)")
-    p.add_argument("--only", nargs="+", metavar="KEY", help="run only these experiments (e.g. cost masking)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KEY",
+        help="re-measure only these sections (e.g. cost masking), keeping the report's others",
+    )
     p.add_argument(
         "--preset", default="report", choices=("report", "tiny"), help="tiny: a seconds-long smoke run"
     )
