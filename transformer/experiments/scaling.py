@@ -184,9 +184,10 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         f"{stats[largest]['scaled']['entropy']:.2f} nats, {stats[largest]['scaled']['grad_norm']:.2e}.",
         "With the read-out L = Σⱼ wⱼuⱼ, ‖∂L/∂logits‖ scaled stays at "
         + ", ".join(f"{stats[d]['scaled']['grad_norm']:.3f}" for d in ds)
-        + f" for d_k = {', '.join(map(str, ds))}; unscaled it falls to "
+        + f" for d_k = {', '.join(map(str, ds))}; unscaled it is "
         + ", ".join(f"{stats[d]['unscaled']['grad_norm']:.3f}" for d in ds)
-        + ".",
+        + f", {stats[largest]['unscaled']['grad_norm'] / stats[largest]['scaled']['grad_norm']:.2f} of the "
+        f"scaled gradient at d_k={largest}.",
         f"Training with one head of d_k={d_model} ({len(with_scaling)} seeds): test loss "
         f"{spread(scaled_test, 3)} scaled vs {spread(unscaled_test, 3)} unscaled (difference "
         f"{gap:+.3f}, {in_standard_errors(gap, gap_se)}); final training "
