@@ -254,6 +254,30 @@ def test_mean_correlation_leaves_undefined_sentences_out() -> None:
     assert (mean, defined) == (pytest.approx(1.0), 1)
 
 
+def test_shared_piece_attention_counts_attention_on_the_same_piece() -> None:
+    # source pieces 5 6 7 6 (EOS dropped); the translation 6 9 7: 6 occurs twice, 9 never, 7 once
+    weights = torch.zeros(1, 1, 3, 5)
+    weights[0, 0, 0, 3] = 1.0  # predicting 6: on the second 6, a hit
+    weights[0, 0, 1, 0] = 1.0  # predicting 9: not in the source, not counted
+    weights[0, 0, 2, 1] = 1.0  # predicting 7: on a 6, a miss
+    [(rate, chance, count)] = alignment.shared_piece_attention(
+        [weights], [[5, 6, 7, 6]], [[6, 9, 7]], lambda piece: True
+    )
+    assert (rate, count) == (0.5, 2)
+    assert chance == pytest.approx((2 / 4 + 1 / 4) / 2)
+    [(_, _, count)] = alignment.shared_piece_attention(
+        [weights], [[5, 6, 7, 6]], [[6, 9, 7]], lambda piece: piece != 6
+    )
+    assert count == 1
+    [(rate, _, count)] = alignment.shared_piece_attention([weights], [[5, 8]], [[6, 9, 7]], lambda p: True)
+    assert math.isnan(rate) and count == 0
+
+
+def test_position_verdict_follows_the_mispaired_control() -> None:
+    assert "more than attention to the words" in alignment.position_verdict(0.75, 0.70, 2)
+    assert "follows the words" in alignment.position_verdict(0.75, 0.30, 2)
+
+
 def test_longest_recalled_distance_stops_at_the_first_failure() -> None:
     def grid(*accuracies: float) -> dict[int, dict[str, float]]:
         return {L: {"accuracy": a} for L, a in zip((4, 16, 64, 128), accuracies, strict=True)}
