@@ -386,7 +386,7 @@ def test_report_only_refreshes_its_sections_and_keeps_the_others(
     # numbered in the report's order, the kept section word for word, and named as the earlier run's
     assert markdown.index("## 1. Cost per layer") < markdown.index("## 2. Masking in the decoder")
     assert _section(markdown, "Masking in the decoder") == _section(first_markdown, "Masking in the decoder")
-    assert f"- Section 2 from an earlier run: `{first['header']['command']}` on" in markdown
+    assert f"  - section 2: `{first['header']['command']}` on {first['header']['date']}" in markdown
     assert "| 2 | Masking in the decoder | Future positions receive weight 0" in markdown
     assert record["runs"] == {"cost": record["header"], "masking": first["header"]}
     assert record["results"]["masking"] == first["results"]["masking"] and "cost" in record["results"]

@@ -121,11 +121,14 @@ def render_markdown(sections: list[Section], header: dict[str, str]) -> str:
         f"- Preset: `{header['preset']}`; total time {header['minutes']} minutes",
         f"- Trained model: {header['translator']}",
     ]
+    if earlier:
+        lines.append("- Measured by earlier runs (on the machine above unless named):")
     for run, numbers in earlier.values():
-        listed = ", ".join(str(n) for n in numbers)
+        where = "" if run["machine"] == header["machine"] else f", {run['machine']}"
+        model = "" if run["translator"] == "not used" else f"; trained model: {run['translator']}"
         lines.append(
-            f"- Section{'s' if len(numbers) > 1 else ''} {listed} from an earlier run: `{run['command']}` on "
-            f"{run['date']}, {run['machine']}; trained model: {run['translator']}"
+            f"  - section{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: "
+            f"`{run['command']}` on {run['date']}{where}{model}"
         )
     lines += ["", "## Summary", "", "| # | claim | measured |", "|---|---|---|"]
     for i, section in enumerate(sections, 1):
