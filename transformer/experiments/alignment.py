@@ -135,13 +135,16 @@ def position_verdict(trained: float, mismatched: float, layer: int) -> str:
     )
 
 
-def shared_verdict(shared: list[tuple[float, float, int]], untrained: list[tuple[float, float, int]]) -> str:
+def shared_verdict(
+    shared: list[tuple[float, float, int]], untrained: list[tuple[float, float, int]], pieces: Counter[str]
+) -> str:
     count = shared[0][2]
     if count == 0:
         return "No target piece of these translations occurs in their source, so none tests the words."
+    [(commonest, times)] = pieces.most_common(1)
     return (
         f"At the {count} target positions whose piece also occurs in the source (words the two languages "
-        f"write alike; the table names the commonest), the most-attended source position is that piece in "
+        f"write alike, {times} of them {commonest}), the most-attended source position is that piece in "
         + ", ".join(f"{rate:.0%} (layer {i + 1})" for i, (rate, _, _) in enumerate(shared))
         + f" of them, against {shared[0][1]:.0%} for a random source position and "
         + ", ".join(f"{rate:.0%}" for rate, _, _ in untrained)
@@ -202,6 +205,12 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
 
     shared = shared_piece_attention(layers, sources, hypotheses, is_word)
     shared_untrained = shared_piece_attention(untrained_layers, sources, hypotheses, is_word)
+    pieces = Counter(  # the pieces those positions predict
+        translator.tokenizer.piece(piece)
+        for source, hypothesis in zip(sources, hypotheses, strict=True)
+        for piece in hypothesis
+        if piece in source and is_word(piece)
+    )
     rows = [
         [i + 1, *(f"{runs[i][0]:.3f} ({runs[i][1]})" for runs in (trained, untrained, mismatched))]
         for i in range(len(layers))
@@ -222,12 +231,6 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         )
     )
     if shared[0][2]:
-        pieces = Counter(
-            translator.tokenizer.piece(piece)
-            for source, hypothesis in zip(sources, hypotheses, strict=True)
-            for piece in hypothesis
-            if piece in source and is_word(piece)
-        )
         result.tables.append(shared_table(shared, shared_untrained, pieces))
     result.numbers = {
         "shared_piece_hit_rate": [rate for rate, _, _ in shared],
@@ -256,6 +259,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.figures.append(save_figure(fig, out_dir, "alignment.png"))
 
     result.findings += (
+        shared_verdict(shared, shared_untrained, pieces),
         "Mean correlation between target position and most-attended source position, per decoder layer: "
         + ", ".join(
             f"layer {i + 1} {c:.2f} (untrained {untrained[i][0]:.2f}, with another sentence's source "
@@ -264,7 +268,6 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         )
         + f"; layer {best + 1} shown.",
         position_verdict(correlations[best], mismatched[best][0], best + 1),
-        shared_verdict(shared, shared_untrained),
     )
     result.notes.append(
         "Heatmaps: cross-attention averaged over heads; rows are target tokens, columns source tokens."

@@ -214,14 +214,14 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.figures.append(save_figure(fig, out_dir, "warmup.png"))
 
     result.findings += [
-        "The schedule peaks exactly at step = warmup for every (d_model, warmup) above, at "
-        "d_model^-0.5 · warmup^-0.5.",
+        verdict(largest),
         "Final loss per peak lr ("
         + ", ".join(f"{lr:g}" for lr in lrs)
         + f"; {len(size['seeds'])} seeds, {size['steps']} steps): "
         + "; ".join(f"{name} " + ", ".join(cell(finals[name][lr]) for lr in lrs) for name in runs)
         + f" (unigram entropy {floor:.2f}).",
-        verdict(largest),
+        "The schedule peaks exactly at step = warmup for every (d_model, warmup) above, at "
+        "d_model^-0.5 · warmup^-0.5.",
     ]
     return result
 
