@@ -102,6 +102,14 @@ def test_read_parallel_mismatched_counts_names_both_files(tmp_path: Path) -> Non
     assert "aligned line by line" in message
 
 
+def test_corpus_paths_names_a_split_that_is_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "train.de").mkdir()  # e.g. an archive unpacked under the file's name
+    write(tmp_path / "train.en", "x\n")
+    with pytest.raises(TransformerError) as info:
+        corpus_paths(tmp_path, "train", "de", "en")
+    assert str(info.value) == f"{tmp_path / 'train.de'} is not a file: the train split's text must be one"
+
+
 def test_corpus_paths_finds_plain_or_gz(tmp_path: Path) -> None:
     write(tmp_path / "val.de", "x\n")
     write(tmp_path / "val.en.gz", "x\n")

@@ -71,7 +71,11 @@ def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str)
         raise TransformerError(f"data directory {data_dir} does not exist{where}")
 
     def find(lang: str) -> Path:
-        found = [p for p in (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz") if p.is_file()]
+        names = (data_dir / f"{split}.{lang}", data_dir / f"{split}.{lang}.gz")
+        found = [p for p in names if p.is_file()]
+        not_files = [p for p in names if p.exists() and not p.is_file()]
+        if not found and not_files:
+            raise TransformerError(f"{not_files[0]} is not a file: the {split} split's text must be one")
         if not found:
             raise TransformerError(
                 f"neither {split}.{lang}[.gz] nor {split}.{src_lang}-{tgt_lang}.tsv[.gz] found in {data_dir}"
