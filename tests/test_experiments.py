@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -260,16 +261,17 @@ def test_shared_piece_attention_counts_attention_on_the_same_piece() -> None:
     weights[0, 0, 0, 3] = 1.0  # predicting 6: on the second 6, a hit
     weights[0, 0, 1, 0] = 1.0  # predicting 9: not in the source, not counted
     weights[0, 0, 2, 1] = 1.0  # predicting 7: on a 6, a miss
-    [(rate, chance, count)] = alignment.shared_piece_attention(
-        [weights], [[5, 6, 7, 6]], [[6, 9, 7]], lambda piece: True
-    )
+
+    def measure(sources: list[list[int]], is_word: Callable[[int], bool]) -> list[tuple[float, float, int]]:
+        positions = alignment.shared_positions(sources, [[6, 9, 7]], is_word)
+        return alignment.shared_piece_attention([weights], positions, sources)
+
+    [(rate, chance, count)] = measure([[5, 6, 7, 6]], lambda piece: True)
     assert (rate, count) == (0.5, 2)
     assert chance == pytest.approx((2 / 4 + 1 / 4) / 2)
-    [(_, _, count)] = alignment.shared_piece_attention(
-        [weights], [[5, 6, 7, 6]], [[6, 9, 7]], lambda piece: piece != 6
-    )
+    [(_, _, count)] = measure([[5, 6, 7, 6]], lambda piece: piece != 6)
     assert count == 1
-    [(rate, _, count)] = alignment.shared_piece_attention([weights], [[5, 8]], [[6, 9, 7]], lambda p: True)
+    [(rate, _, count)] = measure([[5, 8]], lambda piece: True)
     assert math.isnan(rate) and count == 0
 
 

@@ -96,28 +96,33 @@ def mean_correlations(
     return means
 
 
+def shared_positions(
+    sources: list[list[int]], hypotheses: list[list[int]], is_word: Callable[[int], bool]
+) -> list[tuple[int, int, list[int]]]:
+    """The target positions whose piece (`is_word`) also occurs in the source (`sources` without EOS), as
+    (sentence, target position, the source positions holding that piece)."""
+    return [
+        (b, t, places)
+        for b, (source, hypothesis) in enumerate(zip(sources, hypotheses, strict=True))
+        for t, piece in enumerate(hypothesis)
+        if is_word(piece) and (places := [j for j, s in enumerate(source) if s == piece])
+    ]
+
+
 def shared_piece_attention(
-    layers: list[Tensor],
-    sources: list[list[int]],
-    hypotheses: list[list[int]],
-    is_word: Callable[[int], bool],
+    layers: list[Tensor], positions: list[tuple[int, int, list[int]]], sources: list[list[int]]
 ) -> list[tuple[float, float, int]]:
-    """Per decoder layer, over the target positions whose piece (`is_word`) also occurs in the source
-    (`sources` without EOS): how often the head-averaged attention's most-attended source position, at the
-    position that predicts the piece, is an occurrence of it; the rate a uniformly random source position
-    would give; and how many such positions there are."""
+    """Per decoder layer, over the `shared_positions`: how often the head-averaged attention's
+    most-attended source position, at the position that predicts the piece, is an occurrence of it; the
+    rate a uniformly random source position would give; and how many such positions there are."""
+    if not positions:
+        return [(math.nan, math.nan, 0)] * len(layers)
+    chance = sum(len(places) / len(sources[b]) for b, _, places in positions) / len(positions)
     out = []
     for weights in layers:
         focus = weights.mean(1).argmax(-1)  # (batch, tgt_len): row t predicts hypotheses[b][t]
-        hits, chance, count = 0, 0.0, 0
-        for b, (source, hypothesis) in enumerate(zip(sources, hypotheses, strict=True)):
-            for t, piece in enumerate(hypothesis):
-                places = [j for j, s in enumerate(source) if s == piece]
-                if places and is_word(piece):
-                    count += 1
-                    hits += int(focus[b, t]) in places
-                    chance += len(places) / len(source)
-        out.append((hits / count, chance / count, count) if count else (math.nan, math.nan, 0))
+        hits = sum(int(focus[b, t]) in places for b, t, places in positions)
+        out.append((hits / len(positions), chance, len(positions)))
     return out
 
 
@@ -203,14 +208,10 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         text = translator.tokenizer.piece(piece).lstrip("▁")
         return len(text) >= 2 and any(c.isalpha() for c in text)
 
-    shared = shared_piece_attention(layers, sources, hypotheses, is_word)
-    shared_untrained = shared_piece_attention(untrained_layers, sources, hypotheses, is_word)
-    pieces = Counter(  # the pieces those positions predict
-        translator.tokenizer.piece(piece)
-        for source, hypothesis in zip(sources, hypotheses, strict=True)
-        for piece in hypothesis
-        if piece in source and is_word(piece)
-    )
+    positions = shared_positions(sources, hypotheses, is_word)
+    shared = shared_piece_attention(layers, positions, sources)
+    shared_untrained = shared_piece_attention(untrained_layers, positions, sources)
+    pieces = Counter(translator.tokenizer.piece(hypotheses[b][t]) for b, t, _ in positions)
     rows = [
         [i + 1, *(f"{runs[i][0]:.3f} ({runs[i][1]})" for runs in (trained, untrained, mismatched))]
         for i in range(len(layers))
