@@ -397,6 +397,23 @@ def test_sigterm_saves_and_exits_cleanly(data_dir: Path, tmp_path: Path) -> None
     assert load_state(out / "last.state.pt")["progress"]["step"] == state["progress"]["step"] + 5
 
 
+def test_training_outlives_the_reader_of_its_stdout(data_dir: Path, tmp_path: Path) -> None:
+    """`transformer train | head -1`: the run goes on to its end and says so once on stderr."""
+    out = tmp_path / "run"
+    settings = {**dataclasses.asdict(tiny_recipe(data_dir, log_every=1)), **TINY_MODEL}
+    command = [sys.executable, "-m", "transformer.cli", "train", "--out", str(out)]
+    command += [f"{key}={value}" for key, value in settings.items() if key != "test_split"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("train: ")
+    process.stdout.close()  # the reader exits, as head does
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0, err
+    assert err.count("stdout's reader has gone: training goes on") == 1, err
+    assert "Traceback" not in err and "Broken pipe" not in err
+    assert load_state(out / "last.state.pt")["progress"]["step"] == settings["max_steps"]
+    assert (out / "best.safetensors").is_file()
+
+
 def test_the_default_recipe_file_spells_out_the_defaults() -> None:
     """`transformer train` and `transformer train --config experiments/multi30k-de-en.yaml` are one run."""
     from transformer.cli import load_train_settings

@@ -95,6 +95,7 @@ def load_train_settings(
 
 def cmd_train(args: argparse.Namespace) -> int:
     from transformer.rundir import read_run_record
+    from transformer.runtime import outlive_stdout_reader
     from transformer.train import parse_overrides, train
 
     overrides = parse_overrides(args.overrides)
@@ -102,10 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or DEFAULT_OUT.format(src_lang=tc.src_lang, tgt_lang=tc.tgt_lang))
     if args.resume and (out / "config.json").is_file():  # go on with the run's own settings
         tc, model_overrides = load_train_settings(args.config, overrides, read_run_record(out))
-    results = train(tc, model_overrides, out, resume=args.resume)
-    print(f"wrote {out} (best weights: {out / 'best.safetensors'})")
-    if args.json:
-        print(json.dumps(results, indent=2))
+    gone = f"stdout's reader has gone: training goes on; its log goes on in {out / 'metrics.jsonl'}"
+    with outlive_stdout_reader(gone):
+        results = train(tc, model_overrides, out, resume=args.resume)
+        print(f"wrote {out} (best weights: {out / 'best.safetensors'})")
+        if args.json:
+            print(json.dumps(results, indent=2))
     return 0
 
 

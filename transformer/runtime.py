@@ -78,6 +78,53 @@ def reexec_with_allocator_tunables(argv: list[str] | None = None) -> None:
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 
+class _ReaderGoneGuard:
+    """sys.stdout that, once its reader has gone, sends the rest to /dev/null instead of raising."""
+
+    def __init__(self, stream, note: str) -> None:
+        self._stream = stream
+        self._note = note
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        # The descriptor itself now points at /dev/null, so the text still buffered, and the flush at exit,
+        # go there rather than raising again (as Python's documentation advises for SIGPIPE).
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+        print(self._note, file=sys.stderr)
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def outlive_stdout_reader(note: str) -> Iterator[None]:
+    """Keep a long job going when the reader of its stdout exits (`transformer train | head`).
+
+    A closed pipe is no reason to lose the steps trained since the last checkpoint: the job goes on with
+    its stdout sent to /dev/null, and says so once, with `note`, on stderr.
+    """
+    real = sys.stdout
+    sys.stdout = _ReaderGoneGuard(real, note)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+
+
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
     """The profiler's C++ side prints a line on every start and stop; keep them out of the report's log."""
