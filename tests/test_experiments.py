@@ -3,8 +3,10 @@ report command itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -255,24 +257,96 @@ def test_mean_correlation_leaves_undefined_sentences_out() -> None:
     assert (mean, defined) == (pytest.approx(1.0), 1)
 
 
-def test_shared_piece_attention_counts_attention_on_the_same_piece() -> None:
+def test_agreement_counts_attention_on_the_reference_positions() -> None:
     # source pieces 5 6 7 6 (EOS dropped); the translation 6 9 7: 6 occurs twice, 9 never, 7 once
     weights = torch.zeros(1, 1, 3, 5)
     weights[0, 0, 0, 3] = 1.0  # predicting 6: on the second 6, a hit
     weights[0, 0, 1, 0] = 1.0  # predicting 9: not in the source, not counted
     weights[0, 0, 2, 1] = 1.0  # predicting 7: on a 6, a miss
+    untrained = torch.full((1, 1, 3, 5), 0.2)  # ties: argmax takes the first position, piece 5
 
-    def measure(sources: list[list[int]], is_word: Callable[[int], bool]) -> list[tuple[float, float, int]]:
+    def measure(sources: list[list[int]], is_word: Callable[[int], bool]) -> alignment.Agreement | None:
         positions = alignment.shared_positions(sources, [[6, 9, 7]], is_word)
-        return alignment.shared_piece_attention([weights], positions, sources)
+        if not positions:
+            return None
+        return alignment.agreement([weights], [untrained], positions, sources, [[6, 9, 7]])
 
-    [(rate, chance, count)] = measure([[5, 6, 7, 6]], lambda piece: True)
-    assert (rate, count) == (0.5, 2)
-    assert chance == pytest.approx((2 / 4 + 1 / 4) / 2)
-    [(_, _, count)] = measure([[5, 6, 7, 6]], lambda piece: piece != 6)
-    assert count == 1
-    [(rate, _, count)] = measure([[5, 8]], lambda piece: True)
-    assert math.isnan(rate) and count == 0
+    measured = measure([[5, 6, 7, 6]], lambda piece: True)
+    assert (measured.trained, measured.untrained, measured.count) == ([0.5], [0.0], 2)
+    assert measured.chance == pytest.approx((2 / 4 + 1 / 4) / 2)
+    # the diagonal guesses round(t * 4 / 3): position 0 (a 5: miss) for t=0, position 3 (a 6: miss) for t=2
+    assert measured.diagonal == 0.0
+    assert measure([[5, 6, 7, 6]], lambda piece: piece != 6).count == 1
+    assert measure([[5, 8]], lambda piece: True) is None
+
+
+def model1_by_loops(
+    pairs: list[tuple[list[int], list[int]]], iterations: int
+) -> dict[tuple[int, int], float]:
+    """IBM Model 1's EM as the textbook writes it (Koehn, Statistical MT, fig. 4.3), one word at a time,
+    with a NULL source word ("NULL")."""
+    t: dict[tuple[object, int], float] = {}
+    for source, target in pairs:
+        for f in [*source, "NULL"]:
+            for e in target:
+                t[f, e] = 1.0
+    for _ in range(iterations):
+        count: dict[tuple[object, int], float] = dict.fromkeys(t, 0.0)
+        total: dict[object, float] = {}
+        for source, target in pairs:
+            for e in target:
+                z = sum(t[f, e] for f in [*source, "NULL"])
+                for f in [*source, "NULL"]:
+                    count[f, e] += t[f, e] / z
+                    total[f] = total.get(f, 0.0) + t[f, e] / z
+        t = {(f, e): count[f, e] / total[f] for f, e in t}
+    return t
+
+
+def test_model1_is_the_textbook_em() -> None:
+    generator = random.Random(0)
+    pairs = [
+        (
+            [generator.randrange(8) for _ in range(generator.randint(1, 5))],
+            [generator.randrange(8) for _ in range(generator.randint(1, 5))],
+        )
+        for _ in range(30)
+    ]
+    expected = model1_by_loops(pairs, iterations=4)
+    model1 = alignment.fit_model1(pairs, vocab_size=8, iterations=4)
+    assert len(model1.keys) == len(expected)
+    for (f, e), value in expected.items():
+        f_id = 8 if f == "NULL" else f
+        assert float(model1.t(torch.tensor(f_id), torch.tensor(e))) == pytest.approx(value, rel=1e-12)
+    assert float(model1.t(torch.tensor(3), torch.tensor(99))) == 0.0  # never seen together
+
+
+def test_model1_aligns_the_textbook_example() -> None:
+    """Koehn's example: "das Haus" / "the house", "das Buch" / "the book", "ein Buch" / "a book"; EM finds
+    the word pairs from co-occurrence alone."""
+    das, haus, buch, ein, the, house, book, a = range(8)
+    pairs = [([das, haus], [the, house]), ([das, buch], [the, book]), ([ein, buch], [a, book])]
+    model1 = alignment.fit_model1(pairs, vocab_size=8, iterations=10)
+    positions = alignment.model1_positions(
+        model1, [[ein, buch, das, haus]], [[a, book, the, house]], lambda p: True
+    )
+    assert positions == [(0, 0, [0]), (0, 1, [1]), (0, 2, [2]), (0, 3, [3])]
+    assert alignment.model1_positions(model1, [[haus]], [[a, book]], lambda p: p != a) == []  # NULL wins
+
+
+def test_model1_verdict_reads_the_best_layer_against_the_diagonal() -> None:
+    above = alignment.Agreement(
+        trained=[0.4, 0.6], untrained=[0.1, 0.1], diagonal=0.3, chance=0.07, count=900
+    )
+    text = alignment.model1_verdict(above)
+    assert "in 40% (layer 1), 60% (layer 2), against 30% for the diagonal, 7% for a random" in text
+    assert text.endswith(
+        "30 points above the diagonal, so the attention follows the words, not position alone."
+    )
+    below = dataclasses.replace(above, trained=[0.25, 0.2])
+    assert alignment.model1_verdict(below).endswith(
+        "5 points below the diagonal, so position alone explains it."
+    )
 
 
 def test_position_verdict_follows_the_mispaired_control() -> None:

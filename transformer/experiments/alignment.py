@@ -17,13 +17,21 @@ target. Words that both languages write the same (German and English "in", names
 piece in the joint vocabulary) can: at each target position whose next piece also occurs in the source,
 is the most-attended source position an occurrence of that piece? Against the rate attention to a random
 source position would give, and against the untrained model.
+
+Shared pieces are few, and most of them one word ("in"). For every word, the reference is IBM Model 1
+(Brown et al., 1993), fitted by EM on the training corpus: a word-translation table t(e | f) learned from
+co-occurrence alone, with no notion of position, so an agreement with it is an agreement about words.
+At each target word whose Model 1 alignment is a source piece (not its NULL word), is the most-attended
+source position that alignment? Against a random source position, the untrained model, and the diagonal
+(the source position at the target position's relative place), which is what attention that only keeps
+pace with the target would pick.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +39,12 @@ import torch
 from torch import Tensor
 
 from transformer.data.batching import collate
+from transformer.data.corpus import read_split
 from transformer.experiments.common import (
     Context,
     Result,
     Table,
+    Translator,
     pick,
     pyplot,
     save_figure,
@@ -48,9 +58,11 @@ from transformer.search import SearchConfig
 from transformer.translate import translate_ids
 
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"sentences": 4, "shown": 2},
-    "report": {"sentences": 1000, "shown": 3},  # all of test2016: few of its words are shared pieces
+    # all of test2016: few of its words are shared pieces; Model 1 learns from the whole training corpus
+    "tiny": {"sentences": 4, "shown": 2, "model1_pairs": 500},
+    "report": {"sentences": 1000, "shown": 3, "model1_pairs": None},
 }
+MODEL1_ITERATIONS = 5  # GIZA++'s default for Model 1
 
 
 def cross_attention(model: Any, src: Tensor, hypotheses: list[list[int]]) -> list[Tensor]:
@@ -109,21 +121,120 @@ def shared_positions(
     ]
 
 
-def shared_piece_attention(
-    layers: list[Tensor], positions: list[tuple[int, int, list[int]]], sources: list[list[int]]
-) -> list[tuple[float, float, int]]:
-    """Per decoder layer, over the `shared_positions`: how often the head-averaged attention's
-    most-attended source position, at the position that predicts the piece, is an occurrence of it; the
-    rate a uniformly random source position would give; and how many such positions there are."""
-    if not positions:
-        return [(math.nan, math.nan, 0)] * len(layers)
-    chance = sum(len(places) / len(sources[b]) for b, _, places in positions) / len(positions)
+@dataclass(frozen=True)
+class Model1:
+    """IBM Model 1's word-translation table t(e | f), kept for the (f, e) pairs that co-occur in training
+    (EM gives every other pair 0). Source id `vocab_size` is the NULL word."""
+
+    keys: Tensor  # (pairs,) f * (vocab_size + 1) + e, sorted
+    probs: Tensor  # (pairs,) t(e | f), float64
+    vocab_size: int
+
+    def t(self, f: Tensor, e: Tensor) -> Tensor:
+        """t(e | f) elementwise (0 for a pair never seen together)."""
+        key = f * (self.vocab_size + 1) + e
+        i = torch.searchsorted(self.keys, key).clamp(max=len(self.keys) - 1)
+        return torch.where(self.keys[i] == key, self.probs[i], 0.0)
+
+
+def fit_model1(
+    pairs: Sequence[tuple[list[int], list[int]]], vocab_size: int, iterations: int = MODEL1_ITERATIONS
+) -> Model1:
+    """IBM Model 1 by EM from (source ids, target ids) pairs, every target word free to align to any
+    source word or to NULL, starting from a uniform table.
+
+    One tensor entry per (target position, source position or NULL) of every pair, so that each EM
+    iteration is a few scatter-adds: E-step, each target word's alignment posterior
+    t(e | f_j) / sum_j' t(e | f_j'); M-step, t(e | f) = expected count(f, e) / expected count(f).
+    """
+    width = vocab_size + 1
+    cells_f, cells_e, cells_row = [], [], []
+    rows = 0
+    for source, target in pairs:
+        if not source or not target:
+            continue
+        f = torch.tensor([*source, vocab_size])  # NULL last
+        e = torch.tensor(target)
+        cells_f.append(f.repeat_interleave(len(e)))  # (sources * targets,): f_j for each (j, i)
+        cells_e.append(e.repeat(len(f)))
+        cells_row.append(torch.arange(len(e)).repeat(len(f)) + rows)  # which target word the cell is of
+        rows += len(e)
+    keys, cell_key = torch.unique(torch.cat(cells_f) * width + torch.cat(cells_e), return_inverse=True)
+    row = torch.cat(cells_row)
+    key_f = keys // width
+    probs = torch.ones(len(keys), dtype=torch.float64)
+    for _ in range(iterations):
+        cell = probs[cell_key]
+        posterior = cell / torch.zeros(rows, dtype=torch.float64).index_add_(0, row, cell)[row]
+        counts = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, cell_key, posterior)
+        per_f = torch.zeros(width, dtype=torch.float64).index_add_(0, key_f, counts)
+        probs = counts / per_f[key_f]
+    return Model1(keys, probs, vocab_size)
+
+
+def model1_positions(
+    model1: Model1, sources: list[list[int]], hypotheses: list[list[int]], is_word: Callable[[int], bool]
+) -> list[tuple[int, int, list[int]]]:
+    """The target positions (words, `is_word`) that Model 1 aligns to a source piece rather than NULL, as
+    (sentence, target position, the source positions of the likeliest piece: one, or each occurrence of
+    a repeated piece, which Model 1 cannot tell apart)."""
     out = []
-    for weights in layers:
-        focus = weights.mean(1).argmax(-1)  # (batch, tgt_len): row t predicts hypotheses[b][t]
-        hits = sum(int(focus[b, t]) in places for b, t, places in positions)
-        out.append((hits / len(positions), chance, len(positions)))
+    for b, (source, hypothesis) in enumerate(zip(sources, hypotheses, strict=True)):
+        if not source:
+            continue
+        f = torch.tensor([*source, model1.vocab_size])
+        for t, piece in enumerate(hypothesis):
+            if not is_word(piece):
+                continue
+            scores = model1.t(f, torch.full_like(f, piece))
+            best = scores[:-1].max()
+            if best > scores[-1]:  # above NULL (and so above 0)
+                out.append((b, t, (scores[:-1] == best).nonzero().flatten().tolist()))
     return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often the most-attended source position is a reference's (shared pieces, or Model 1), at the
+    positions where the reference has one, beside what the controls score there."""
+
+    trained: list[float]  # per decoder layer
+    untrained: list[float]  # the same architecture before training, per decoder layer
+    diagonal: float  # the source position at the target position's relative place
+    chance: float  # a uniformly random source position
+    count: int  # target positions scored
+
+
+def agreement(
+    layers: list[Tensor],
+    untrained_layers: list[Tensor],
+    positions: list[tuple[int, int, list[int]]],
+    sources: list[list[int]],
+    hypotheses: list[list[int]],
+) -> Agreement:
+    """Score `positions` ((sentence, target position, the source positions that count as its own)).
+
+    Attention is read at the decoder position that predicts the target piece: row t of a sentence's
+    weights, whose input ends at piece t - 1. The diagonal guesses round(t·|source|/|target|), which is
+    what attention that only keeps pace with the target would pick."""
+
+    def hit_rate(focus: Callable[[int, int], int]) -> float:
+        return sum(focus(b, t) in places for b, t, places in positions) / len(positions)
+
+    def attention(weights: Tensor) -> float:
+        argmax = weights.mean(1).argmax(-1)  # (batch, tgt_len), heads averaged
+        return hit_rate(lambda b, t: int(argmax[b, t]))
+
+    def diagonal(b: int, t: int) -> int:
+        return min(len(sources[b]) - 1, round(t * len(sources[b]) / len(hypotheses[b])))
+
+    return Agreement(
+        trained=[attention(weights) for weights in layers],
+        untrained=[attention(weights) for weights in untrained_layers],
+        diagonal=hit_rate(diagonal),
+        chance=sum(len(places) / len(sources[b]) for b, _, places in positions) / len(positions),
+        count=len(positions),
+    )
 
 
 def position_verdict(trained: float, mismatched: float, layer: int) -> str:
@@ -140,37 +251,63 @@ def position_verdict(trained: float, mismatched: float, layer: int) -> str:
     )
 
 
-def shared_verdict(
-    shared: list[tuple[float, float, int]], untrained: list[tuple[float, float, int]], pieces: Counter[str]
-) -> str:
-    count = shared[0][2]
-    if count == 0:
-        return "No target piece of these translations occurs in their source, so none tests the words."
+def _rates(a: Agreement) -> str:
+    """'48% (layer 1), 61% (layer 2), against 35% for the diagonal, ...': the numbers both verdicts give."""
+    return (
+        ", ".join(f"{rate:.0%} (layer {i + 1})" for i, rate in enumerate(a.trained))
+        + f", against {a.diagonal:.0%} for the diagonal, {a.chance:.0%} for a random source position and "
+        + ", ".join(f"{rate:.0%}" for rate in a.untrained)
+        + " untrained"
+    )
+
+
+def model1_verdict(a: Agreement) -> str:
+    """The words test's answer: the best layer against the diagonal, the control that position alone
+    passes."""
+    gap = 100 * (max(a.trained) - a.diagonal)
+    return (
+        f"At the {a.count} target words that IBM Model 1, fitted on the training corpus, aligns to a source "
+        f"word, the most-attended source position is that word in {_rates(a)}: "
+        + (
+            f"{gap:.0f} points above the diagonal, so the attention follows the words, not position alone."
+            if gap > 0
+            else f"{-gap:.0f} points below the diagonal, so position alone explains it."
+        )
+    )
+
+
+def shared_verdict(a: Agreement, pieces: Counter[str]) -> str:
     [(commonest, times)] = pieces.most_common(1)
     return (
-        f"At the {count} target positions whose piece also occurs in the source (words the two languages "
+        f"At the {a.count} target positions whose piece also occurs in the source (words the two languages "
         f"write alike, {times} of them {commonest}), the most-attended source position is that piece in "
-        + ", ".join(f"{rate:.0%} (layer {i + 1})" for i, (rate, _, _) in enumerate(shared))
-        + f" of them, against {shared[0][1]:.0%} for a random source position and "
-        + ", ".join(f"{rate:.0%}" for rate, _, _ in untrained)
-        + " untrained."
+        f"{_rates(a)}."
     )
 
 
-def shared_table(
-    shared: list[tuple[float, float, int]], untrained: list[tuple[float, float, int]], pieces: Counter[str]
-) -> Table:
-    common = ", ".join(f"{piece} ({n})" for piece, n in pieces.most_common(6))
+def agreement_table(a: Agreement, caption: str) -> Table:
     return Table(
-        ["decoder layer", "trained", "untrained (same architecture)", "a random source position"],
         [
-            [i + 1, f"{rate:.1%}", f"{untrained[i][0]:.1%}", f"{chance:.1%}"]
-            for i, (rate, chance, _) in enumerate(shared)
+            "decoder layer",
+            "trained",
+            "untrained (same architecture)",
+            "the diagonal",
+            "a random source position",
         ],
-        f"Target pieces that also occur in the source ({shared[0][2]} positions of the same translations; "
-        f"pieces of two characters or more with a letter; most often {common}): how often the most-attended "
-        f"source position, at the position that predicts the piece, is that piece.",
+        [
+            [i + 1, f"{rate:.1%}", f"{a.untrained[i]:.1%}", f"{a.diagonal:.1%}", f"{a.chance:.1%}"]
+            for i, rate in enumerate(a.trained)
+        ],
+        caption,
     )
+
+
+def training_model1(translator: Translator, data_dir: Path, pairs: int | None) -> Model1:
+    """Model 1 fitted on the first `pairs` training pairs (all for None), in the translator's pieces."""
+    corpus = read_split(data_dir, "train", "de", "en")[:pairs]
+    sources = translator.tokenizer.encode_batch([de for de, _ in corpus])
+    targets = translator.tokenizer.encode_batch([en for _, en in corpus])
+    return fit_model1(list(zip(sources, targets, strict=True)), translator.tokenizer.vocab_size)
 
 
 def run(preset: str, out_dir: Path, context: Context) -> Result:
@@ -208,14 +345,31 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         text = translator.tokenizer.piece(piece).lstrip("▁")
         return len(text) >= 2 and any(c.isalpha() for c in text)
 
-    positions = shared_positions(sources, hypotheses, is_word)
-    shared = shared_piece_attention(layers, positions, sources)
-    shared_untrained = shared_piece_attention(untrained_layers, positions, sources)
-    pieces = Counter(translator.tokenizer.piece(hypotheses[b][t]) for b, t, _ in positions)
+    def scored(positions: list[tuple[int, int, list[int]]]) -> Agreement | None:
+        return agreement(layers, untrained_layers, positions, sources, hypotheses) if positions else None
+
+    shared_places = shared_positions(sources, hypotheses, is_word)
+    shared = scored(shared_places)
+    pieces = Counter(translator.tokenizer.piece(hypotheses[b][t]) for b, t, _ in shared_places)
+    model1 = training_model1(translator, context.data_dir, size["model1_pairs"])
+    context.progress(f"trained IBM Model 1: t(e | f) for {len(model1.keys)} co-occurring piece pairs")
+    aligned = scored(model1_positions(model1, sources, hypotheses, is_word))
     rows = [
         [i + 1, *(f"{runs[i][0]:.3f} ({runs[i][1]})" for runs in (trained, untrained, mismatched))]
         for i in range(len(layers))
     ]
+    if aligned:
+        result.tables.append(
+            agreement_table(
+                aligned,
+                f"Target words ({aligned.count} positions of {len(pairs)} test2016 sentences' greedy "
+                f"translations by {translator.description}; pieces of two characters or more with a letter) "
+                f"that IBM Model 1 ({MODEL1_ITERATIONS} EM iterations on the training pairs, in the same "
+                f"pieces) aligns to a source piece rather than to NULL: how often the most-attended source "
+                f"position, at the position that predicts the word, is that piece (any occurrence of it). "
+                f"Weights averaged over heads.",
+            )
+        )
     result.tables.append(
         Table(
             [
@@ -225,25 +379,38 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
                 "trained, translation paired with another source",
             ],
             rows,
-            f"Mean corr(target position, most-attended source position), with the number of sentences "
-            f"where it is defined in brackets (it is not where every target position attends to the same "
-            f"source position). {len(pairs)} test2016 sentences and their greedy translations by "
-            f"{translator.description}; weights averaged over heads; EOS positions excluded.",
+            "Mean corr(target position, most-attended source position), with the number of sentences "
+            "where it is defined in brackets (it is not where every target position attends to the same "
+            "source position). The same sentences and translations; EOS positions excluded.",
         )
     )
-    if shared[0][2]:
-        result.tables.append(shared_table(shared, shared_untrained, pieces))
+    if shared:
+        common = ", ".join(f"{piece} ({n})" for piece, n in pieces.most_common(6))
+        result.tables.append(
+            agreement_table(
+                shared,
+                f"Target pieces that also occur in the source ({shared.count} positions of the same "
+                f"translations, the same words; most often {common}): how often the most-attended source "
+                f"position, at the position that predicts the piece, is that piece.",
+            )
+        )
     result.numbers = {
-        "shared_piece_hit_rate": [rate for rate, _, _ in shared],
-        "shared_piece_hit_rate_untrained": [rate for rate, _, _ in shared_untrained],
-        "shared_piece_chance": shared[0][1],
-        "shared_piece_positions": shared[0][2],
         "correlation_per_layer": correlations,
         "sentences_per_layer": [n for _, n in trained],
         "untrained_per_layer": [c for c, _ in untrained],
         "mismatched_per_layer": [c for c, _ in mismatched],
         "best_layer": best + 1,
+        "model1_pairs": len(model1.keys),
     }
+    for name, measured in (("model1", aligned), ("shared_piece", shared)):
+        if measured:
+            result.numbers |= {
+                f"{name}_hit_rate": measured.trained,
+                f"{name}_hit_rate_untrained": measured.untrained,
+                f"{name}_diagonal": measured.diagonal,
+                f"{name}_chance": measured.chance,
+                f"{name}_positions": measured.count,
+            }
 
     plt = pyplot()
     shown = size["shown"]
@@ -260,7 +427,10 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.figures.append(save_figure(fig, out_dir, "alignment.png"))
 
     result.findings += (
-        shared_verdict(shared, shared_untrained, pieces),
+        model1_verdict(aligned) if aligned else "Model 1 aligns no target word of these translations.",
+        shared_verdict(shared, pieces)
+        if shared
+        else "No target piece of these translations is in its source.",
         "Mean correlation between target position and most-attended source position, per decoder layer: "
         + ", ".join(
             f"layer {i + 1} {c:.2f} (untrained {untrained[i][0]:.2f}, with another sentence's source "
