@@ -41,6 +41,7 @@ from transformer.experiments.common import (
 from transformer.experiments.training import remove_causal_mask, remove_scaling, task_for
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.transformer import sinusoidal_table
+from transformer.report import Section, render_markdown
 
 
 @pytest.mark.parametrize(("n", "d"), [(12, 16), (40, 8)])
@@ -445,6 +446,25 @@ def _section(markdown: str, title: str) -> str:
     start = re.search(rf"^## \d+\. {re.escape(title)}$", markdown, re.MULTILINE).end()
     following = re.search(r"^## ", markdown[start:], re.MULTILINE)
     return markdown[start : start + following.start() if following else len(markdown)]
+
+
+def test_report_header_names_an_earlier_runs_trained_model_only_where_it_differs() -> None:
+    def run(command: str, translator: str, machine: str = "Zen 3") -> dict[str, str]:
+        return {"command": command, "date": "today", "machine": machine, "translator": translator}
+
+    header = {**run("report --only alignment", "model A"), "preset": "report", "minutes": "2"}
+    earlier = [run("report --only heads", "model A"), run("report --only cost", "not used", "Zen 5")]
+    earlier.append(run("report --only positional", "model B"))
+    sections = [
+        Section(key, key, "a finding", "the body\n", section_run)
+        for key, section_run in zip(
+            ["alignment", "heads", "cost", "positional"], [header, *earlier], strict=True
+        )
+    ]
+    lines = render_markdown(sections, header).splitlines()
+    assert "  - section 2: `report --only heads` on today" in lines
+    assert "  - section 3: `report --only cost` on today, Zen 5" in lines
+    assert "  - section 4: `report --only positional` on today; trained model: model B" in lines
 
 
 def test_report_only_refreshes_its_sections_and_keeps_the_others(

@@ -122,10 +122,11 @@ def render_markdown(sections: list[Section], header: dict[str, str]) -> str:
         f"- Trained model: {header['translator']}",
     ]
     if earlier:
-        lines.append("- Measured by earlier runs (on the machine above unless named):")
+        lines.append("- Measured by earlier runs (machine and trained model as above unless named):")
     for run, numbers in earlier.values():
         where = "" if run["machine"] == header["machine"] else f", {run['machine']}"
-        model = "" if run["translator"] == "not used" else f"; trained model: {run['translator']}"
+        same_model = run["translator"] in ("not used", header["translator"])
+        model = "" if same_model else f"; trained model: {run['translator']}"
         lines.append(
             f"  - section{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: "
             f"`{run['command']}` on {run['date']}{where}{model}"
