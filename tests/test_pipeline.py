@@ -23,7 +23,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.rundir import run_record
-from transformer.train import MetricsLog, Progress, Window, build_tokenizer, parse_overrides, train
+from transformer.train import MetricsLog, Progress, Window, build_tokenizer, train
 from transformer.translate import Translator
 
 
@@ -293,20 +293,6 @@ def test_model_settings_are_checked_against_the_preset_and_misspellings_get_a_su
         load_train_settings(None, {"d_model": "252", "preset": "base"})
     with pytest.raises(TransformerError, match="did you mean 'time_budget_minutes'"):
         load_train_settings(None, {"time_budget_minute": "3"})
-
-
-def test_a_setting_given_twice_is_refused(capsys) -> None:
-    assert parse_overrides(["d_model=64", " max_steps = 5", "model.n_heads=2"]) == {
-        "d_model": "64",
-        "max_steps": "5",
-        "model.n_heads": "2",
-    }
-    with pytest.raises(TransformerError, match=r"seed is given twice \(seed=1, seed=2\): give it once"):
-        parse_overrides(["seed=1", "max_steps=5", "seed=2"])
-    with pytest.raises(TransformerError, match=r"d_model is given twice \(d_model=64, model.d_model=64\)"):
-        parse_overrides(["d_model=64", "model.d_model=64"])
-    assert main(["train", "--out", "/nonexistent/run", "seed=1", "seed=2"]) == 2
-    assert capsys.readouterr().err.strip() == "error: seed is given twice (seed=1, seed=2): give it once"
 
 
 def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -753,22 +753,11 @@ def finish(
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
-    """`key=value` arguments -> dict; values stay strings and are typed against the config fields.
-
-    A key given twice is refused rather than letting the last one win: in a long command line the earlier
-    value is usually the one its writer meant to change, not to keep.
-    """
-    out: dict[str, str] = {}
-    given: dict[str, str] = {}  # "d_model" and "model.d_model" are one setting
+    """`key=value` arguments -> dict; values stay strings and are typed against the config fields."""
+    out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        key = key.strip()
         if not sep or not key:
             raise TransformerError(f"expected key=value, got {pair!r}")
-        setting = key.removeprefix("model.")
-        if setting in given:
-            both = f"{given[setting]}, {pair.strip()}"
-            raise TransformerError(f"{setting} is given twice ({both}): give it once")
-        given[setting] = pair.strip()
-        out[key] = value.strip()
+        out[key.strip()] = value.strip()
     return out
