@@ -23,7 +23,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.rundir import run_record
-from transformer.train import MetricsLog, Progress, Window, build_tokenizer, train
+from transformer.train import MetricsLog, Progress, Window, build_tokenizer, parse_overrides, train
 from transformer.translate import Translator
 
 
@@ -293,6 +293,10 @@ def test_model_settings_are_checked_against_the_preset_and_misspellings_get_a_su
         load_train_settings(None, {"d_model": "252", "preset": "base"})
     with pytest.raises(TransformerError, match="did you mean 'time_budget_minutes'"):
         load_train_settings(None, {"time_budget_minute": "3"})
+
+
+def test_a_setting_given_again_overrides_the_earlier_value() -> None:
+    assert parse_overrides(["seed=1", " max_steps = 5", "seed=2"]) == {"seed": "2", "max_steps": "5"}
 
 
 def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -295,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="settings, e.g. src_lang=en tgt_lang=de d_model=512"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="settings, e.g. src_lang=en d_model=512; a key given again overrides its earlier value",
     )
     p.add_argument("--config", help="a YAML recipe (see experiments/)")
     p.add_argument("--out", help=f"run directory (default: {DEFAULT_OUT})")

@@ -753,7 +753,10 @@ def finish(
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
-    """`key=value` arguments -> dict; values stay strings and are typed against the config fields."""
+    """`key=value` arguments -> dict; values stay strings and are typed against the config fields.
+
+    A key given again overrides its earlier value, as a repeated option does with argparse, so that a
+    script can append settings to a base command."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
