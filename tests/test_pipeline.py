@@ -68,6 +68,49 @@ def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Pa
     assert lines[0] and lines[3]
 
 
+class Terminal:
+    """stdin as a terminal: each readline hands out the next typed line and notes what had been printed
+    by then, so that a test can tell a translation printed as its line was typed from one printed at the
+    end."""
+
+    def __init__(self, typed: list[bytes], capsys: pytest.CaptureFixture) -> None:
+        self.buffer = self
+        self.typed = iter(typed)
+        self.capsys = capsys
+        self.printed_before_each_read: list[tuple[str, str]] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> bytes:
+        self.printed_before_each_read.append(self.capsys.readouterr())
+        return next(self.typed, b"")
+
+
+def test_translate_at_a_terminal_answers_each_line_as_it_is_typed(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    expected = Translator.from_checkpoint(run_dir).translate(["Ein Mann fährt Fahrrad.", "Zwei Hunde."])
+    terminal = Terminal([b"Ein Mann f\xc3\xa4hrt Fahrrad.\n", b"caf\xe9\n", b"\n", b"Zwei Hunde."], capsys)
+    monkeypatch.setattr(sys, "stdin", terminal)
+    assert main(["translate", "--checkpoint", str(run_dir), "--strict"]) == 0
+    terminal.printed_before_each_read.append(capsys.readouterr())
+    out = [printed.out for printed in terminal.printed_before_each_read]
+    err = [printed.err for printed in terminal.printed_before_each_read]
+    # each answer is printed before the next line is read; the last read finds the end of input
+    assert out == ["", f"{expected[0]}\n", "", "\n", f"{expected[1]}\n", ""]
+    assert "Ctrl-D ends" in err[0]
+    # a bad line is its own error (numbered as typed) and the session goes on
+    assert err[2].startswith("error: stdin line 2 is not valid UTF-8") and err[2].count("\n") == 1
+
+    terminal = Terminal([b"Ein Mann f\xc3\xa4hrt Fahrrad.\n", b"Zwei Hunde.\n"], capsys)
+    monkeypatch.setattr(sys, "stdin", terminal)
+    assert main(["translate", "--checkpoint", str(run_dir), "--nbest", "2"]) == 0
+    terminal.printed_before_each_read.append(capsys.readouterr())
+    numbers = [[row.split("\t")[0] for row in p.out.splitlines()] for p in terminal.printed_before_each_read]
+    assert numbers[0] == [] and set(numbers[1]) == {"0"} and set(numbers[2]) == {"1"}
+
+
 def test_translate_cli_prints_n_best_lists(run_dir: Path, tmp_path: Path, capsys) -> None:
     source = tmp_path / "in.de"
     source.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen im Schnee.\n")

@@ -123,24 +123,50 @@ def _read_input(path: str | None, strict: bool) -> list[str]:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from transformer.textio import single_line
     from transformer.translate import Translator
 
     warn_if_emulated(args.precision)
     translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
-    lines = _read_input(args.input, args.strict)
-    if args.nbest == 1:
-        translations = translator.translate(lines, args.beam, args.length_penalty, strict=args.strict)
-        out = [single_line(line) for line in translations]
-    else:
-        n_best = translator.translate_n_best(
-            lines, args.nbest, args.beam, args.length_penalty, strict=args.strict
-        )
-        out = [
-            f"{i}\t{score:.4f}\t{single_line(text)}" for i, best in enumerate(n_best) for text, score in best
-        ]
+    if args.input is None and sys.stdin.isatty():
+        return _translate_as_typed(translator, args)
+    out = _output_lines(translator, _read_input(args.input, args.strict), args)
     sys.stdout.write("".join(line + "\n" for line in out))  # all or nothing
     sys.stdout.flush()  # now, so that a full disk is an error here, not a cut file and exit status 0
+    return 0
+
+
+def _output_lines(translator: Any, lines: list[str], args: argparse.Namespace, first: int = 0) -> list[str]:
+    """What `translate` prints for `lines`: one translation each, or `--nbest` lines each, numbered by
+    input line from `first`."""
+    from transformer.textio import single_line
+
+    if args.nbest == 1:
+        translations = translator.translate(lines, args.beam, args.length_penalty, strict=args.strict)
+        return [single_line(line) for line in translations]
+    n_best = translator.translate_n_best(
+        lines, args.nbest, args.beam, args.length_penalty, strict=args.strict
+    )
+    return [
+        f"{i}\t{score:.4f}\t{single_line(text)}"
+        for i, best in enumerate(n_best, first)
+        for text, score in best
+    ]
+
+
+def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
+    """stdin is a terminal: translate each line when Enter is pressed, as JoeyNMT's interactive mode
+    does, instead of waiting for the end of input. A bad line gets its error line and the session goes on."""
+    from transformer.textio import decode_lines
+
+    print("translating each line as it is typed; Ctrl-D ends", file=sys.stderr)
+    for number, raw in enumerate(iter(sys.stdin.buffer.readline, b"")):
+        try:
+            lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)
+            out = _output_lines(translator, lines, args, first=number)
+        except TransformerError as error:
+            print(f"{error.label}: {error}", file=sys.stderr)
+            continue
+        print("\n".join(out), flush=True)
     return 0
 
 
@@ -330,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_precision_argument(p)
         p.set_defaults(func=func)
         if name == "translate":
-            p.add_argument("--input", help="a text file (default: stdin)")
+            p.add_argument(
+                "--input",
+                help="a text file (default: stdin; at a terminal, each line is translated as it is typed)",
+            )
             p.add_argument(
                 "--nbest",
                 type=int,

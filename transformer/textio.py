@@ -16,12 +16,15 @@ from transformer.errors import TransformerError
 _BOM = "\ufeff"
 
 
-def decode_lines(raw: bytes, *, strict: bool = False, source: str = "input") -> list[str]:
-    """The lines of UTF-8 `raw` text, without line endings (a final newline does not start a new line)."""
+def decode_lines(
+    raw: bytes, *, strict: bool = False, source: str = "input", first_line: int = 1
+) -> list[str]:
+    """The lines of UTF-8 `raw` text, without line endings (a final newline does not start a new line).
+    Errors number the lines from `first_line` (`raw` may be one line of many)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
+        line = raw.count(b"\n", 0, error.start) + first_line
         if strict:
             raise TransformerError(
                 f"{source} line {line} is not valid UTF-8 ({error.reason} at byte {error.start}); "
