@@ -101,13 +101,20 @@ class _ReaderGoneGuard:
     def _reader_gone(self) -> None:
         # The descriptor itself now points at /dev/null, so the text still buffered, and the flush at exit,
         # go there rather than raising again (as Python's documentation advises for SIGPIPE).
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self._stream.fileno())
-        os.close(null)
-        print(self._note, file=sys.stderr)
+        _to_devnull(self._stream)
+        try:
+            print(self._note, file=sys.stderr)
+        except OSError:  # stderr went to the same pipe (`train 2>&1 | head`): its reader has gone too
+            _to_devnull(sys.stderr)
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the real stream's
         return getattr(self._stream, name)
+
+
+def _to_devnull(stream) -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, stream.fileno())
+    os.close(null)
 
 
 @contextlib.contextmanager
@@ -115,13 +122,15 @@ def outlive_stdout_reader(note: str) -> Iterator[None]:
     """Keep a long job going when the reader of its stdout exits (`transformer train | head`).
 
     A closed pipe is no reason to lose the steps trained since the last checkpoint: the job goes on with
-    its stdout sent to /dev/null, and says so once, with `note`, on stderr.
+    its stdout sent to /dev/null, and says so once per process, with `note`, on stderr. What is still
+    buffered is flushed before the guard goes, so that the flush at exit finds nothing to fail on.
     """
     real = sys.stdout
-    sys.stdout = _ReaderGoneGuard(real, note)
+    sys.stdout = guard = _ReaderGoneGuard(real, note)
     try:
         yield
     finally:
+        guard.flush()
         sys.stdout = real
 
 
