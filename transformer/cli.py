@@ -126,7 +126,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from transformer.translate import Translator
 
     warn_if_emulated(args.precision)
-    translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
+    translator = Translator.from_checkpoints(args.checkpoint, args.name, precision=args.precision)
     if args.input is None and sys.stdin.isatty():
         return _translate_as_typed(translator, args)
     out = _output_lines(translator, _read_input(args.input, args.strict), args)
@@ -177,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from transformer.translate import Translator
 
     warn_if_emulated(args.precision)
-    translator = Translator.from_checkpoint(args.checkpoint, args.name, precision=args.precision)
+    translator = Translator.from_checkpoints(args.checkpoint, args.name, precision=args.precision)
     tc = translator.train_config
     if args.source or args.reference:
         if not (args.source and args.reference):
@@ -194,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(scores.to_dict(), indent=2))
     else:  # what was scored, as training's own report names it
         search = search_name(tc.beam if args.beam is None else args.beam)
-        print(f"{args.checkpoint} ({args.name}), {scored}, {search}:\n{scores}")
+        print(f"{' + '.join(args.checkpoint)} ({args.name}), {scored}, {search}:\n{scores}")
     return 0
 
 
@@ -341,7 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            nargs="+",
+            metavar="RUN",
+            help="a run directory or a .safetensors file in one; several are decoded as an ensemble "
+            "(their next-token probabilities averaged), which needs one tokenizer for all",
+        )
         p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
         p.add_argument(
             "--beam", type=int, default=None, help="beam size (default: the run's, 4); 1 is greedy"

@@ -15,6 +15,7 @@ from transformer.data.batching import collate, token_batches
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import Transformer, build_model
+from transformer.model.ensemble import Ensemble
 from transformer.packing import pack_linears
 from transformer.precision import decoding_cache_dtype, weight_dtype
 from transformer.rundir import reachable_data_dir, read_run_record
@@ -126,6 +127,25 @@ class Translator:
             ) from None
         dtype = weight_dtype(precision, torch.device(device).type)
         return cls(ready_for_decoding(model, device, dtype), tokenizer, train_config)
+
+    @classmethod
+    def from_checkpoints(
+        cls, paths: Sequence[str | Path], name: str = "best", device: str = "cpu", precision: str = "fp32"
+    ) -> Translator:
+        """One checkpoint as `from_checkpoint` loads it; several as an ensemble (`model.ensemble`), which
+        needs one tokenizer and one language pair for all. The ensemble searches with the first run's
+        settings (beam, length penalty, data)."""
+        translators = [cls.from_checkpoint(path, name, device, precision) for path in paths]
+        first = translators[0]
+        if len(translators) == 1:
+            return first
+        pair = (first.train_config.src_lang, first.train_config.tgt_lang)
+        for path, other in zip(paths[1:], translators[1:], strict=True):
+            if other.tokenizer.sha256() != first.tokenizer.sha256():
+                raise TransformerError(f"{path} has another tokenizer than {paths[0]}: an ensemble needs one")
+            if (other.train_config.src_lang, other.train_config.tgt_lang) != pair:
+                raise TransformerError(f"{path} translates another language pair than {paths[0]}")
+        return cls(Ensemble([t.model for t in translators]), first.tokenizer, first.train_config)
 
     def translate(
         self,

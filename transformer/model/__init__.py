@@ -4,6 +4,7 @@ from torch import nn
 
 from transformer.config import RNNConfig, TransformerConfig
 from transformer.model.attention import KVCache, MultiHeadAttention, scaled_dot_product_attention
+from transformer.model.ensemble import Ensemble
 from transformer.model.rnn import RNNSeq2Seq
 from transformer.model.transformer import (
     Block,
@@ -26,6 +27,7 @@ __all__ = [
     "Block",
     "Decoder",
     "Encoder",
+    "Ensemble",
     "KVCache",
     "LayerNorm",
     "MultiHeadAttention",
