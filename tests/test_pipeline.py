@@ -341,6 +341,12 @@ def test_model_settings_are_checked_against_the_preset_and_misspellings_get_a_su
 
 def test_a_setting_given_again_overrides_the_earlier_value() -> None:
     assert parse_overrides(["seed=1", " max_steps = 5", "seed=2"]) == {"seed": "2", "max_steps": "5"}
+    for given, d_model in (
+        (["d_model=128", "model.d_model=512", "d_model=256"], 256),
+        (["model.d_model=64"], 64),
+    ):
+        _, model = load_train_settings(None, parse_overrides(given))
+        assert model == {"d_model": d_model}
 
 
 def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path, capsys) -> None:

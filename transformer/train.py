@@ -756,11 +756,13 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
     """`key=value` arguments -> dict; values stay strings and are typed against the config fields.
 
     A key given again overrides its earlier value, as a repeated option does with argparse, so that a
-    script can append settings to a base command."""
+    script can append settings to a base command. The keys keep the order they were last given in, so
+    that of `d_model=…` and `model.d_model=…` (one setting) the later one wins too."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise TransformerError(f"expected key=value, got {pair!r}")
+        out.pop(key.strip(), None)
         out[key.strip()] = value.strip()
     return out
