@@ -164,7 +164,7 @@ def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
             lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)
             out = _output_lines(translator, lines, args, first=number)
         except TransformerError as error:
-            print(f"{error.label}: {error}", file=sys.stderr)
+            print(_error_line(error), file=sys.stderr)
             continue
         print("\n".join(out), flush=True)
     return 0
@@ -466,6 +466,11 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+def _error_line(error: TransformerError) -> str:
+    """ "label: message" on one line, even when a library's message had several."""
+    return f"{error.label}: {str(error).replace(chr(10), ' ')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # run as a command, not called from Python: the allocator setting can still be made
         from transformer.runtime import reexec_with_allocator_tunables
@@ -475,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TransformerError as error:
-        message = str(error).replace("\n", " ")  # one line, even when a library's message had several
-        print(f"{error.label}: {message}", file=sys.stderr)
+        print(_error_line(error), file=sys.stderr)
         return error.exit_status
     except OSError as error:  # the machine, not the input: a full disk, a lost permission, a closed pipe
         print(f"error: {error}", file=sys.stderr)
