@@ -277,6 +277,8 @@ def test_agreement_counts_attention_on_the_reference_positions() -> None:
     assert measured.chance == pytest.approx((2 / 4 + 1 / 4) / 2)
     # the diagonal guesses round(t * 4 / 3): position 0 (a 5: miss) for t=0, position 3 (a 6: miss) for t=2
     assert measured.diagonal == 0.0
+    # source 6 5 8 7: the diagonal's positions 0 (a 6) and 3 (a 7) are both the pieces predicted
+    assert measure([[6, 5, 8, 7]], lambda piece: True).diagonal == 1.0
     assert measure([[5, 6, 7, 6]], lambda piece: piece != 6).count == 1
     assert measure([[5, 8]], lambda piece: True) is None
 
@@ -308,7 +310,7 @@ def test_model1_is_the_textbook_em() -> None:
     generator = random.Random(0)
     pairs = [
         (
-            [generator.randrange(8) for _ in range(generator.randint(1, 5))],
+            [generator.randrange(8) for _ in range(generator.randint(0, 5))],  # some empty: NULL only
             [generator.randrange(8) for _ in range(generator.randint(1, 5))],
         )
         for _ in range(30)
@@ -332,7 +334,16 @@ def test_model1_aligns_the_textbook_example() -> None:
         model1, [[ein, buch, das, haus]], [[a, book, the, house]], lambda p: True
     )
     assert positions == [(0, 0, [0]), (0, 1, [1]), (0, 2, [2]), (0, 3, [3])]
-    assert alignment.model1_positions(model1, [[haus]], [[a, book]], lambda p: p != a) == []  # NULL wins
+    assert alignment.model1_positions(model1, [[haus]], [[a, book]], lambda p: p != a) == []  # t = 0
+    # "the" and "Haus" did occur together, but "the" is better explained by NULL than by "Haus"
+    assert (
+        0
+        < float(model1.t(torch.tensor(haus), torch.tensor(the)))
+        < float(model1.t(torch.tensor(8), torch.tensor(the)))
+    )
+    assert alignment.model1_positions(model1, [[haus]], [[the]], lambda p: True) == []
+    with pytest.raises(ValueError, match="at least one sentence pair"):
+        alignment.fit_model1([([das], [])], vocab_size=8)
 
 
 def test_model1_verdict_reads_the_best_layer_against_the_diagonal() -> None:
@@ -341,12 +352,20 @@ def test_model1_verdict_reads_the_best_layer_against_the_diagonal() -> None:
     )
     text = alignment.model1_verdict(above)
     assert "in 40% (layer 1), 60% (layer 2), against 30% for the diagonal, 7% for a random" in text
+    # standard error √((0.6·0.4 + 0.3·0.7) / 900) = 0.0224: 0.3 is 13.4 of them
     assert text.endswith(
-        "30 points above the diagonal, so the attention follows the words, not position alone."
+        "Layer 2, the best, is 30 points (13.4 standard errors) above the diagonal: attention there "
+        "follows the words, not position alone."
     )
-    below = dataclasses.replace(above, trained=[0.25, 0.2])
+    below = dataclasses.replace(above, trained=[0.25, 0.2])  # 0.05 / 0.0210 = 2.4
     assert alignment.model1_verdict(below).endswith(
-        "5 points below the diagonal, so position alone explains it."
+        "Layer 1, the best, is 5 points (2.4 standard errors) below the diagonal: position alone picks "
+        "the aligned piece more often than attention."
+    )
+    level = dataclasses.replace(above, trained=[0.31, 0.2])  # 0.01 / 0.0217 = 0.5
+    assert alignment.model1_verdict(level).endswith(
+        "is 1 point (0.5 standard errors) from the diagonal: this test cannot tell attention to the "
+        "words from position."
     )
 
 

@@ -122,7 +122,10 @@ def render_markdown(sections: list[Section], header: dict[str, str]) -> str:
         f"- Trained model: {header['translator']}",
     ]
     if earlier:
-        lines.append("- Measured by earlier runs (machine and trained model as above unless named):")
+        lines.append(
+            "- Measured by earlier runs (on the machine above, with a trained model of the description "
+            "above, unless named):"
+        )
     for run, numbers in earlier.values():
         where = "" if run["machine"] == header["machine"] else f", {run['machine']}"
         same_model = run["translator"] in ("not used", header["translator"])

@@ -29,6 +29,7 @@ pace with the target would pick.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from transformer.experiments.common import (
     Result,
     Table,
     Translator,
+    in_standard_errors,
     pick,
     pyplot,
     save_figure,
@@ -151,7 +153,7 @@ def fit_model1(
     cells_f, cells_e, cells_row = [], [], []
     rows = 0
     for source, target in pairs:
-        if not source or not target:
+        if not target:  # nothing to align (a source alone, as the textbook's loops, adds nothing)
             continue
         f = torch.tensor([*source, vocab_size])  # NULL last
         e = torch.tensor(target)
@@ -159,6 +161,8 @@ def fit_model1(
         cells_e.append(e.repeat(len(f)))
         cells_row.append(torch.arange(len(e)).repeat(len(f)) + rows)  # which target word the cell is of
         rows += len(e)
+    if not rows:
+        raise ValueError("Model 1 needs at least one sentence pair with a target side")
     keys, cell_key = torch.unique(torch.cat(cells_f) * width + torch.cat(cells_e), return_inverse=True)
     row = torch.cat(cells_row)
     key_f = keys // width
@@ -175,9 +179,10 @@ def fit_model1(
 def model1_positions(
     model1: Model1, sources: list[list[int]], hypotheses: list[list[int]], is_word: Callable[[int], bool]
 ) -> list[tuple[int, int, list[int]]]:
-    """The target positions (words, `is_word`) that Model 1 aligns to a source piece rather than NULL, as
-    (sentence, target position, the source positions of the likeliest piece: one, or each occurrence of
-    a repeated piece, which Model 1 cannot tell apart)."""
+    """The target positions (pieces that `is_word`) that Model 1 aligns to a source piece rather than
+    NULL, as (sentence, target position, the source positions Model 1 scores highest: one, or several
+    where it cannot tell them apart, i.e. a repeated piece, or pieces that always occurred together and
+    so were given the same t(e | f))."""
     out = []
     for b, (source, hypothesis) in enumerate(zip(sources, hypotheses, strict=True)):
         if not source:
@@ -262,17 +267,24 @@ def _rates(a: Agreement) -> str:
 
 
 def model1_verdict(a: Agreement) -> str:
-    """The words test's answer: the best layer against the diagonal, the control that position alone
-    passes."""
-    gap = 100 * (max(a.trained) - a.diagonal)
+    """The words test's answer: the best layer against the diagonal, the guess that position alone
+    makes, in standard errors of the difference of the two rates (binomial, over the same positions)."""
+    layer = max(range(len(a.trained)), key=lambda i: a.trained[i])
+    best = a.trained[layer]
+    gap = best - a.diagonal
+    error = math.sqrt((best * (1 - best) + a.diagonal * (1 - a.diagonal)) / a.count)
+    points = round(100 * abs(gap))
+    apart = f"{points} point{'' if points == 1 else 's'} ({in_standard_errors(gap, error)})"
+    if gap > 2 * error:
+        verdict = "above the diagonal: attention there follows the words, not position alone."
+    elif gap < -2 * error:
+        verdict = "below the diagonal: position alone picks the aligned piece more often than attention."
+    else:
+        verdict = "from the diagonal: this test cannot tell attention to the words from position."
     return (
-        f"At the {a.count} target words that IBM Model 1, fitted on the training corpus, aligns to a source "
-        f"word, the most-attended source position is that word in {_rates(a)}: "
-        + (
-            f"{gap:.0f} points above the diagonal, so the attention follows the words, not position alone."
-            if gap > 0
-            else f"{-gap:.0f} points below the diagonal, so position alone explains it."
-        )
+        f"At the {a.count} target pieces (of two or more characters, with a letter) that IBM Model 1, "
+        f"fitted on the training corpus, aligns to a source piece, the most-attended source position is "
+        f"that piece in {_rates(a)}. Layer {layer + 1}, the best, is {apart} {verdict}"
     )
 
 
@@ -310,6 +322,68 @@ def training_model1(translator: Translator, data_dir: Path, pairs: int | None) -
     return fit_model1(list(zip(sources, targets, strict=True)), translator.tokenizer.vocab_size)
 
 
+@dataclass(frozen=True)
+class Attended:
+    """Test sentences, the trained model's greedy translations of them, and the cross-attention weights
+    (per decoder layer) with which the trained model, the same architecture untrained, and the trained
+    model given each translation with another sentence's source read them."""
+
+    src: Tensor  # (sentences, src_len) with EOS, padded
+    sources: list[list[int]]  # without EOS and padding
+    hypotheses: list[list[int]]
+    trained: list[Tensor]
+    untrained: list[Tensor]
+    mismatched: list[Tensor]
+    other: list[int]  # the sentence whose source each translation is given in `mismatched`
+
+
+def attend(translator: Translator, sentences: list[str]) -> Attended:
+    model = translator.model
+    src = sentence_batch(translator, sentences)
+    lengths = [int(n) for n in (src != model.config.pad_id).sum(1)]
+    hypotheses = translate_ids(
+        model, [translator.tokenizer.encode(s) for s in sentences], SearchConfig(beam=1)
+    )
+    seeded(0)
+    untrained = Transformer(model.config).eval()
+    # every translation against the next sentence's source: same lengths distribution, unrelated words
+    other = [(b + 1) % len(sentences) for b in range(len(sentences))]
+    return Attended(
+        src=src,
+        sources=[src[b, : lengths[b] - 1].tolist() for b in range(len(sentences))],
+        hypotheses=hypotheses,
+        trained=cross_attention(model, src, hypotheses),
+        untrained=cross_attention(untrained, src, hypotheses),
+        mismatched=cross_attention(model, src[other], hypotheses),
+        other=other,
+    )
+
+
+def word_pieces(translator: Translator) -> Callable[[int], bool]:
+    """Pieces that stand for a word or a word's part, not punctuation or a lone letter."""
+
+    def is_word(piece: int) -> bool:
+        text = translator.tokenizer.piece(piece).lstrip("▁")
+        return len(text) >= 2 and any(c.isalpha() for c in text)
+
+    return is_word
+
+
+def heatmaps(translator: Translator, seen: Attended, layer: int, shown: int, out_dir: Path) -> str:
+    """Cross-attention (mean over heads) of one decoder layer for the first `shown` sentences."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, shown, figsize=(5 * shown, 4.8))
+    for b, ax in enumerate([axes] if shown == 1 else list(axes)):
+        src_tokens = [translator.tokenizer.piece(i) for i in seen.sources[b]] + ["</s>"]
+        tgt_tokens = [translator.tokenizer.piece(i) for i in seen.hypotheses[b]] + ["</s>"]
+        weights = seen.trained[layer][b].mean(0)[: len(tgt_tokens), : len(src_tokens)]
+        ax.imshow(weights.numpy(), cmap="Greys", vmin=0)
+        ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
+        ax.set_title(f"sentence {b + 1}, decoder layer {layer + 1}", fontsize=9)
+    return save_figure(fig, out_dir, "alignment.png")
+
+
 def run(preset: str, out_dir: Path, context: Context) -> Result:
     size = pick(preset, SIZES)
     result = Result(
@@ -319,55 +393,39 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         "alignment supervision.",
     )
     translator = trained_translator(context, preset)
-    model = translator.model
     pairs = test_sentences(context.data_dir)[: size["sentences"]]
-    src = sentence_batch(translator, [de for de, _ in pairs])
-    src_lens = (src != model.config.pad_id).sum(1)
-    hypotheses = translate_ids(
-        model, [translator.tokenizer.encode(de) for de, _ in pairs], SearchConfig(beam=1)
-    )
-    layers = cross_attention(model, src, hypotheses)
-    lengths = [int(n) for n in src_lens]
-    trained = mean_correlations(layers, lengths, hypotheses)
-    seeded(0)
-    untrained_layers = cross_attention(Transformer(model.config).eval(), src, hypotheses)
-    untrained = mean_correlations(untrained_layers, lengths, hypotheses)
-    # every translation against the next sentence's source: same lengths distribution, unrelated words
-    other = [(b + 1) % len(pairs) for b in range(len(pairs))]
-    mismatched = mean_correlations(
-        cross_attention(model, src[other], hypotheses), [lengths[b] for b in other], hypotheses
-    )
+    seen = attend(translator, [de for de, _ in pairs])
+    lengths = [len(source) + 1 for source in seen.sources]  # with EOS
+    trained = mean_correlations(seen.trained, lengths, seen.hypotheses)
+    untrained = mean_correlations(seen.untrained, lengths, seen.hypotheses)
+    mismatched = mean_correlations(seen.mismatched, [lengths[b] for b in seen.other], seen.hypotheses)
     correlations = [c for c, _ in trained]
-    best = max(range(len(layers)), key=lambda i: correlations[i])
-    sources = [src[b, : lengths[b] - 1].tolist() for b in range(len(pairs))]  # without EOS
-
-    def is_word(piece: int) -> bool:  # not punctuation, not a letter left over from a split word
-        text = translator.tokenizer.piece(piece).lstrip("▁")
-        return len(text) >= 2 and any(c.isalpha() for c in text)
+    best = max(range(len(correlations)), key=lambda i: correlations[i])
 
     def scored(positions: list[tuple[int, int, list[int]]]) -> Agreement | None:
-        return agreement(layers, untrained_layers, positions, sources, hypotheses) if positions else None
+        return (
+            agreement(seen.trained, seen.untrained, positions, seen.sources, seen.hypotheses)
+            if positions
+            else None
+        )
 
-    shared_places = shared_positions(sources, hypotheses, is_word)
+    is_word = word_pieces(translator)
+    shared_places = shared_positions(seen.sources, seen.hypotheses, is_word)
     shared = scored(shared_places)
-    pieces = Counter(translator.tokenizer.piece(hypotheses[b][t]) for b, t, _ in shared_places)
+    pieces = Counter(translator.tokenizer.piece(seen.hypotheses[b][t]) for b, t, _ in shared_places)
     model1 = training_model1(translator, context.data_dir, size["model1_pairs"])
     context.progress(f"trained IBM Model 1: t(e | f) for {len(model1.keys)} co-occurring piece pairs")
-    aligned = scored(model1_positions(model1, sources, hypotheses, is_word))
-    rows = [
-        [i + 1, *(f"{runs[i][0]:.3f} ({runs[i][1]})" for runs in (trained, untrained, mismatched))]
-        for i in range(len(layers))
-    ]
+    aligned = scored(model1_positions(model1, seen.sources, seen.hypotheses, is_word))
+
     if aligned:
         result.tables.append(
             agreement_table(
                 aligned,
-                f"Target words ({aligned.count} positions of {len(pairs)} test2016 sentences' greedy "
-                f"translations by {translator.description}; pieces of two characters or more with a letter) "
-                f"that IBM Model 1 ({MODEL1_ITERATIONS} EM iterations on the training pairs, in the same "
-                f"pieces) aligns to a source piece rather than to NULL: how often the most-attended source "
-                f"position, at the position that predicts the word, is that piece (any occurrence of it). "
-                f"Weights averaged over heads.",
+                f"Target pieces of two or more characters with a letter ({aligned.count} positions) that IBM "
+                f"Model 1 ({MODEL1_ITERATIONS} EM iterations on the training pairs, in the same pieces) "
+                f"aligns to a source piece rather than to NULL: how often the most-attended source position, "
+                f"at the position that predicts the piece, is one Model 1 scores highest (several where it "
+                f"cannot tell them apart: a repeated piece, or pieces that always occurred together).",
             )
         )
     result.tables.append(
@@ -378,10 +436,13 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
                 "untrained (same architecture)",
                 "trained, translation paired with another source",
             ],
-            rows,
+            [
+                [i + 1, *(f"{runs[i][0]:.3f} ({runs[i][1]})" for runs in (trained, untrained, mismatched))]
+                for i in range(len(correlations))
+            ],
             "Mean corr(target position, most-attended source position), with the number of sentences "
             "where it is defined in brackets (it is not where every target position attends to the same "
-            "source position). The same sentences and translations; EOS positions excluded.",
+            "source position); EOS positions excluded.",
         )
     )
     if shared:
@@ -389,8 +450,8 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         result.tables.append(
             agreement_table(
                 shared,
-                f"Target pieces that also occur in the source ({shared.count} positions of the same "
-                f"translations, the same words; most often {common}): how often the most-attended source "
+                f"Target pieces of two or more characters with a letter that also occur in the source "
+                f"({shared.count} positions; most often {common}): how often the most-attended source "
                 f"position, at the position that predicts the piece, is that piece.",
             )
         )
@@ -400,7 +461,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         "untrained_per_layer": [c for c, _ in untrained],
         "mismatched_per_layer": [c for c, _ in mismatched],
         "best_layer": best + 1,
-        "model1_pairs": len(model1.keys),
+        "model1_table_entries": len(model1.keys),
     }
     for name, measured in (("model1", aligned), ("shared_piece", shared)):
         if measured:
@@ -411,23 +472,9 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
                 f"{name}_chance": measured.chance,
                 f"{name}_positions": measured.count,
             }
-
-    plt = pyplot()
-    shown = size["shown"]
-    fig, axes = plt.subplots(1, shown, figsize=(5 * shown, 4.8))
-    axes = [axes] if shown == 1 else list(axes)
-    for b, ax in enumerate(axes):
-        src_tokens = [translator.tokenizer.piece(int(i)) for i in src[b, : int(src_lens[b])]]
-        tgt_tokens = [translator.tokenizer.piece(i) for i in hypotheses[b]] + ["</s>"]
-        weights = layers[best][b].mean(0)[: len(tgt_tokens), : len(src_tokens)]
-        ax.imshow(weights.numpy(), cmap="Greys", vmin=0)
-        ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(tgt_tokens)), tgt_tokens, fontsize=7)
-        ax.set_title(f"sentence {b + 1}, decoder layer {best + 1}", fontsize=9)
-    result.figures.append(save_figure(fig, out_dir, "alignment.png"))
-
+    result.figures.append(heatmaps(translator, seen, best, size["shown"], out_dir))
     result.findings += (
-        model1_verdict(aligned) if aligned else "Model 1 aligns no target word of these translations.",
+        model1_verdict(aligned) if aligned else "Model 1 aligns no target piece of these translations.",
         shared_verdict(shared, pieces)
         if shared
         else "No target piece of these translations is in its source.",
@@ -440,7 +487,9 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         + f"; layer {best + 1} shown.",
         position_verdict(correlations[best], mismatched[best][0], best + 1),
     )
-    result.notes.append(
-        "Heatmaps: cross-attention averaged over heads; rows are target tokens, columns source tokens."
-    )
+    result.notes += [
+        f"Measured on {len(pairs)} test2016 sentences and their greedy translations by "
+        f"{translator.description}; attention weights averaged over heads.",
+        "Heatmaps: cross-attention averaged over heads; rows are target tokens, columns source tokens.",
+    ]
     return result
