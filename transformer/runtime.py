@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from typing import TextIO
 
 ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 _OPT_OUT = "TRANSFORMER_KEEP_ALLOCATOR"  # set to 1 to run under the allocator as it is
@@ -111,7 +112,8 @@ class _ReaderGoneGuard:
         return getattr(self._stream, name)
 
 
-def _to_devnull(stream) -> None:
+def _to_devnull(stream: TextIO) -> None:
+    """Point `stream`'s descriptor at /dev/null, so that nothing written to it can fail any more."""
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, stream.fileno())
     os.close(null)

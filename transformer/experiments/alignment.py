@@ -328,7 +328,6 @@ class Attended:
     (per decoder layer) with which the trained model, the same architecture untrained, and the trained
     model given each translation with another sentence's source read them."""
 
-    src: Tensor  # (sentences, src_len) with EOS, padded
     sources: list[list[int]]  # without EOS and padding
     hypotheses: list[list[int]]
     trained: list[Tensor]
@@ -349,7 +348,6 @@ def attend(translator: Translator, sentences: list[str]) -> Attended:
     # every translation against the next sentence's source: same lengths distribution, unrelated words
     other = [(b + 1) % len(sentences) for b in range(len(sentences))]
     return Attended(
-        src=src,
         sources=[src[b, : lengths[b] - 1].tolist() for b in range(len(sentences))],
         hypotheses=hypotheses,
         trained=cross_attention(model, src, hypotheses),
