@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -321,7 +322,7 @@ def report(title: str, result: dict[str, Any], body: str) -> None:
     """Print the JSON result and update RESULTS.md with `body` (Markdown) under `title`."""
     print(json.dumps(result, indent=2))
     update_results(
-        title, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), body, result["machine"]
+        title, "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), body, result["machine"]
     )
 
 

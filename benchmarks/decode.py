@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                    # small and base, batch 64 × 20-token sources
     python benchmarks/decode.py --configs small --repeats 5
+    python benchmarks/decode.py --device cuda      # on a GPU: fp32 and bf16, every call timed to its end
 
 Every search runs the decoder exactly `--new-tokens` steps per sentence (random weights would otherwise
 stop at random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy
@@ -86,18 +87,22 @@ def searches(
     beams: list[int],
     uncached_beam: bool,
     bf16: bool,
+    device: torch.device,
 ) -> dict[str, Callable]:
+    """Each search to time, by label, as a call that returns once `device` has finished its work."""
     c = peers.config_for(config_name)
     src, _ = peers.random_batch(batch, src_len - 1, 1)  # src_len tokens including EOS
-    unpacked = peers.ours(c).eval()
+    src = src.to(device)
+    unpacked = ready_for_decoding(peers.ours(c).eval(), device, pack=False)
     marian = peers.marian(c)
-    ours = ready_for_decoding(copy.deepcopy(unpacked))  # as `transformer translate` loads a model
+    marian = marian.to(device) if marian is not None else None
+    ours = ready_for_decoding(copy.deepcopy(unpacked), device)  # as `transformer translate` loads a model
     # bf16 as `transformer translate --precision bf16` decodes: the weights cast, not autocast; Marian the
     # same way (model.to(torch.bfloat16)), as its users would
     ours_bf16 = unpacked_bf16 = None
     if bf16:
-        ours_bf16 = ready_for_decoding(copy.deepcopy(unpacked), dtype=torch.bfloat16)
-        unpacked_bf16 = ready_for_decoding(copy.deepcopy(unpacked), dtype=torch.bfloat16, pack=False)
+        ours_bf16 = ready_for_decoding(copy.deepcopy(unpacked), device, torch.bfloat16)
+        unpacked_bf16 = ready_for_decoding(copy.deepcopy(unpacked), device, torch.bfloat16, pack=False)
     marian_bf16 = copy.deepcopy(marian).to(torch.bfloat16) if bf16 and marian is not None else None
     runs = {}
     for beam in beams:
@@ -115,7 +120,7 @@ def searches(
             )
         if marian_bf16 is not None:
             runs[f"Marian {kind}, bf16"] = marian_search(marian_bf16.eval(), src, beam, new_tokens)
-    return runs
+    return {label: common.synchronised(run, device) for label, run in runs.items()}
 
 
 def main() -> None:
@@ -130,13 +135,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="measure bf16 decoding even without bf16 CPU")
     parser.add_argument("--profile", action="store_true", help="also split each search's time by operator")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    bf16 = args.bf16 or has_native_bf16()
+    device = torch.device(args.device)
+    if args.profile and device.type != "cpu":
+        parser.error("--profile splits CPU time (torch's CPU profiler); run it with --device cpu")
+    bf16 = args.bf16 or has_native_bf16(device.type)
 
     result = {"machine": common.machine_info()}
     body = []
     for name in args.configs:
-        runs = searches(name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam, bf16)
+        runs = searches(
+            name, args.batch, args.src_len, args.new_tokens, args.beams, args.uncached_beam, bf16, device
+        )
         times = common.time_interleaved(runs, args.repeats)
         tokens = args.batch * args.new_tokens
         rows = {label: common.decoding_row(ts, args.batch, tokens) for label, ts in times.items()}
@@ -151,7 +162,13 @@ def main() -> None:
             body.append(_profile_markdown(name, profile))
     if not bf16:
         body.append(common.bf16_not_measured("bf16 decoding"))
-    common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body))
+    common.report(f"Decoding{_on(device)}: {', '.join(args.configs)}", result, "\n\n".join(body))
+
+
+def _on(device: torch.device) -> str:
+    """' on <GPU name>' in a GPU run's heading: RESULTS.md's machine line names the CPU, and a GPU run
+    keeps its own section rather than replacing the CPU's."""
+    return f" on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
 
 
 def _profile(

@@ -99,12 +99,13 @@ class MarianLogits(nn.Module):
         return self.model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt).logits
 
 
-def ours(c: TransformerConfig, *, fuse_qkv: bool = False, torch_dropout: bool = False) -> Transformer:
-    """Our model; optionally with the self-attention projections fused into one matmul, or with nn.Dropout
-    instead of our cheaper mask (to measure those two choices)."""
+def ours(c: TransformerConfig, *, fuse_qkv: bool | None = None, torch_dropout: bool = False) -> Transformer:
+    """Our model; optionally with the self-attention projections fused into one matmul or not (None: the
+    model's default, fused on CUDA only), or with nn.Dropout instead of our Dropout (to measure those two
+    choices)."""
     model = Transformer(c)
     for module in list(model.modules()):
-        if hasattr(module, "fuse_qkv"):
+        if hasattr(module, "fuse_qkv") and fuse_qkv is not None:
             module.fuse_qkv = fuse_qkv
         for name, child in list(module.named_children()):
             if torch_dropout and isinstance(child, Dropout):

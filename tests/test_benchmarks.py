@@ -300,11 +300,24 @@ def test_wmt14_extrapolation_gives_the_papers_hours_at_its_rate() -> None:
 
 
 def test_gpu_benchmark_runs_dry_on_the_cpu() -> None:
-    """The GPU script's whole path except the CUDA calls: a tiny bf16 step on the CPU."""
+    """The GPU script's whole path except the CUDA calls: a tiny bf16 step on the CPU, the peers' too."""
     measured = gpu.measure(
-        "small", torch.device("cpu"), (4, 5, 6), repeats=1, peak_n=64, vocab=peers.VOCAB, warmup=0
+        "small",
+        torch.device("cpu"),
+        (4, 5, 6),
+        repeats=1,
+        variants=["ours", *gpu.PEERS],
+        peak_n=64,
+        vocab=peers.VOCAB,
+        warmup=0,
     )
-    row = measured["variants"]["ours"]
+    rows = measured["variants"]
+    assert list(rows) == ["ours", "nn.Transformer", "MarianMTModel"]
+    for peer in ("nn.Transformer", "MarianMTModel"):  # how much longer the peer's step took than ours
+        ratio = rows[peer]["s_per_step"] / rows["ours"]["s_per_step"]
+        assert rows[peer]["ours_speedup"] == pytest.approx(ratio, abs=0.006)  # rounded to hundredths
+    assert "ours_speedup" not in rows["ours"]
+    row = rows["ours"]
     assert measured["batch"] == {"sentences": 4, "source_tokens": 6, "target_tokens": 6}
     # The row's figures are rounded (tokens/s to units, GFLOP/s to tenths, the fraction to thousandths),
     # which on a CPU without bf16 instructions, where even this tiny step is slow, is more than 1 %: each
@@ -317,6 +330,25 @@ def test_gpu_benchmark_runs_dry_on_the_cpu() -> None:
     hours = gpu.extrapolate(tokens_per_s)["one_gpu_hours"]
     assert row["wmt14_base"]["one_gpu_hours"] == pytest.approx(hours, rel=0.01)
     assert row["peak_memory_mb"] is None  # measured on CUDA only
+
+
+def test_kernel_seconds_sorts_a_traces_kernels_by_kind_and_counts_overlaps_once() -> None:
+    def kernel(name: str, ts: float, dur: float) -> dict:
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}  # microseconds, as in the trace
+
+    events = [
+        kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", 0, 100),
+        kernel("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", 100, 20),
+        kernel("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 110, 50),  # overlaps 10
+        kernel("void at::native::vectorized_elementwise_kernel<4, AddFunctor>", 300, 30),
+        kernel("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", 400, 40),
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},  # host side: not a kernel
+    ]
+    spent = gpu.kernel_seconds(events)
+    assert spent["products"] == pytest.approx(150e-6) and spent["attention"] == pytest.approx(20e-6)
+    assert spent["other"] == pytest.approx(30e-6) and spent["optimiser"] == pytest.approx(40e-6)
+    assert spent["busy"] == pytest.approx(230e-6)  # 0-160, 300-330, 400-440
+    assert spent["kernels"] == 5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

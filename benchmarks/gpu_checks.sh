@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go (about 8 minutes on an H200), for a session lent one for minutes,
+# the most wanted first, so that a run cut short still brings those back:
+#   1. benchmarks/gpu.py: base in bf16 against the measured bf16 peak, and the peers at the same size
+#   2. `transformer train` on the bundled Multi30k in bf16 for 90 seconds, then test2016 with beam 4
+#   3. fp16 with loss scaling, 200 steps
+#   4. torchrun with NCCL (one process: NCCL refuses two ranks on one GPU), resumed once
+#   5. benchmarks/decode.py on the GPU: cached, uncached and MarianMTModel.generate, fp32 and bf16
+#   6. benchmarks/gpu.py under torch.compile (minutes of compiling)
+# Each step has its own time limit, so one that fails or hangs leaves the others their time. Everything
+# goes to $OUT (the device tool's folder; runs/gpu-checks elsewhere) as it comes: log.txt, RESULTS.md and
+# each run's metrics. Run from the repository's root; the package needs no install (PYTHONPATH).
+#
+#     bash benchmarks/gpu_checks.sh
+set -u
+out=${OUT:-runs/gpu-checks}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+exec > >(tee -a "$out/log.txt") 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit and say how it ended
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit} s): $*"
+    timeout --kill-after=10 "$limit" "$@"
+    echo "=== $name: exit $?, $((SECONDS - start)) s"
+}
+
+step info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm --format=csv;
+    $py -c 'import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__,
+    torch.cuda.get_device_name())'; nproc"
+step gpu.py 100 "$py" benchmarks/gpu.py --peers --profile --variants ours "ours, unfused QKV" "ours, explicit attention"
+cp benchmarks/RESULTS.md "$out/"
+step train-bf16 150 "$py" -m transformer.cli train --out runs/gpu-bf16 precision=bf16 time_budget_minutes=1.5 \
+    eval_every=1000
+step train-fp16 90 "$py" -m transformer.cli train --out runs/gpu-fp16 precision=fp16 time_budget_minutes=0 \
+    max_steps=200 eval_every=100 average_last=0 test_split=
+step torchrun 75 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m transformer.cli train \
+    --out runs/gpu-ddp time_budget_minutes=0 max_steps=60 eval_every=30 average_last=0 test_split=
+step torchrun-resume 45 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 -m transformer.cli train \
+    --out runs/gpu-ddp --resume time_budget_minutes=0 max_steps=90 eval_every=30 average_last=0 test_split=
+for run in gpu-bf16 gpu-fp16 gpu-ddp; do
+    cp "runs/$run/metrics.jsonl" "$out/$run.metrics.jsonl" 2>/dev/null
+done
+step decode.py 75 "$py" benchmarks/decode.py --device cuda --configs small base --repeats 5
+cp benchmarks/RESULTS.md "$out/"
+step gpu.py-compile 150 "$py" benchmarks/gpu.py --compile --json  # compiling takes its time: last
+echo "=== done ($(date -u +%H:%M:%S))"
