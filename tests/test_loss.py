@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from transformer import Transformer
+from transformer import loss as loss_module
 from transformer.config import RNNConfig
 from transformer.data.batching import Batch
 from transformer.data.tokenizer import PAD_ID
@@ -69,7 +70,15 @@ def test_bf16_logits_get_an_fp32_loss_and_a_bf16_gradient() -> None:
     torch.testing.assert_close(logits.grad.double(), exact.grad, atol=4e-3, rtol=1e-2)
 
 
-def test_projecting_only_predicted_positions_changes_nothing() -> None:
+@pytest.mark.parametrize("selected", [True, False], ids=["rows selected (CPU)", "every row (CUDA)"])
+def test_projecting_only_predicted_positions_changes_nothing(
+    selected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways `projected_loss` goes (selecting the predicting rows, or on CUDA projecting every one)
+    give the loss and gradients of the whole logits."""
+    assert loss_module.selects_rows(torch.device("cpu"))
+    assert not loss_module.selects_rows(torch.device("cuda"))
+    monkeypatch.setattr(loss_module, "selects_rows", lambda device: selected)
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 16, requires_grad=True)
     projection = torch.nn.Linear(16, 50)
@@ -84,6 +93,10 @@ def test_projecting_only_predicted_positions_changes_nothing() -> None:
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert not grads[0][2, 2:].any() and not grads[0][0, 5:].any()  # padded positions get no gradient
+    rows = []
+    projection.register_forward_hook(lambda _module, args, _out: rows.append(args[0].shape[:-1].numel()))
+    projected_loss(hidden, projection, target, 0.1)
+    assert rows == [ROWS_MULTIPLE if selected else 3 * 7]
 
 
 def test_projected_rows_come_in_multiples_that_recur() -> None:

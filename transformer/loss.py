@@ -60,7 +60,13 @@ def projected_loss(hidden: Tensor, projection: nn.Module, target: Tensor, smooth
     nearly every step, and oneDNN builds and JIT-compiles a kernel for every new shape of a bf16 matmul;
     padded, a handful of shapes recur (4-17 % faster bf16 steps, for ≤ 63 extra rows out of ~2,300;
     benchmarks/README.md, "bf16 training").
+
+    On a GPU every position is projected instead: selecting rows by a mask makes the host wait for the
+    GPU to count them (a sync per step), which left a launch-bound base step in bf16 on an H200 idle for
+    part of the step; the loss ignores the padding rows all the same.
     """
+    if not selects_rows(hidden.device):
+        return label_smoothed_loss(projection(hidden), target, smoothing)
     keep = target != PAD_ID
     rows, labels = hidden[keep], target[keep]  # (n, d_model), (n,)
     short = -rows.size(0) % ROWS_MULTIPLE
@@ -68,3 +74,9 @@ def projected_loss(hidden: Tensor, projection: nn.Module, target: Tensor, smooth
         rows = torch.cat([rows, rows.new_zeros(short, rows.size(1))])
         labels = torch.cat([labels, labels.new_full((short,), PAD_ID)])
     return label_smoothed_loss(projection(rows), labels, smoothing)
+
+
+def selects_rows(device: torch.device) -> bool:
+    """Whether `projected_loss` projects only the predicting positions on `device`: not on CUDA, where
+    selecting them is a host sync (its docstring)."""
+    return device.type != "cuda"

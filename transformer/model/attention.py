@@ -208,8 +208,10 @@ class MultiHeadAttention(nn.Module):
     heads are projected by one matmul and then split: (batch, len, d_model) -> (batch, heads, len, d_k).
     In self-attention, where Q, K and V are projections of the same x, `fuse_qkv` stacks W_Q, W_K and W_V
     at call time and projects x once (one larger matmul, one read of x); the parameters stay the paper's
-    three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. It is off:
-    neither training steps nor cached decoding measured faster with it (0.94-1.05×, benchmarks/README.md).
+    three matrices, so checkpoints and the comparison with nn.MultiheadAttention do not change. By default
+    (None) it is on for CUDA tensors only: on CPUs neither training steps nor cached decoding measured
+    faster with it (0.94-1.05×, benchmarks/README.md), while a base training step in bf16 on an H200 ran
+    1.11× as fast (benchmarks/gpu.py). True or False applies it everywhere or nowhere.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fused: bool = True) -> None:
@@ -222,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         self.w_o = nn.Linear(d_model, d_model)
         self.dropout = dropout
         self.fused = fused
-        self.fuse_qkv = False  # see the class docstring; the benchmarks measure both
+        self.fuse_qkv: bool | None = None  # None: on CUDA only (the class docstring); the benchmarks set it
 
     def _split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -230,7 +232,8 @@ class MultiHeadAttention(nn.Module):
 
     def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x·W_Q, x·W_K, x·W_V, each (batch, len, d_model): one matmul with the stacked weights, or three."""
-        if not self.fuse_qkv:
+        fuse = x.device.type == "cuda" if self.fuse_qkv is None else self.fuse_qkv
+        if not fuse:
             return self.w_q(x), self.w_k(x), self.w_v(x)
         weight = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight])  # (3·d_model, d_model)
         bias = torch.cat([self.w_q.bias, self.w_k.bias, self.w_v.bias])
