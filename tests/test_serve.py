@@ -204,6 +204,33 @@ def test_the_serve_command_hands_its_settings_to_uvicorn(run_dir: Path, monkeypa
     assert Limits() == Limits(max_sentences=32, max_chars=1000, max_body_bytes=64 * 1024, max_beam=8)
 
 
+def test_several_checkpoints_are_served_as_their_ensemble(run_dir: Path, monkeypatch, capsys) -> None:
+    """`transformer serve --checkpoint A B`: the ensemble's translations, `members` in /health, and a request
+    for attention weights (which an ensemble has not) refused in one line."""
+    import uvicorn
+
+    from transformer.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(app))
+    assert main(["serve", "--checkpoint", str(run_dir), str(run_dir)]) == 0
+    assert f"serving {run_dir} + {run_dir} on" in capsys.readouterr().out
+    with TestClient(started[0]) as client:
+        health = client.get("/health").json()
+        assert health["members"] == 2 and health["attention"] is False
+        alone = Translator.from_checkpoint(run_dir)
+        assert health["parameters"] == 2 * alone.model.num_parameters()
+        answer = client.post("/translate", json={"sentences": SENTENCES[:2], "beam": 2})
+        assert answer.status_code == 200, answer.text
+        ensemble = Translator.from_checkpoints([run_dir, run_dir])
+        translations = [r["translation"] for r in answer.json()["translations"]]
+        assert translations == ensemble.translate(SENTENCES[:2], beam=2)
+        refused = client.post("/translate", json={"sentences": SENTENCES[:1], "attention": True})
+        assert refused.status_code == 422
+        message = "attention weights need one Transformer checkpoint (this is an ensemble of 2)"
+        assert refused.json() == {"error": message}
+
+
 def test_an_address_the_server_cannot_take_is_one_line_before_serving(run_dir: Path, capsys) -> None:
     """uvicorn reported these after "serving …" was printed: a port in use as a log line, a port out of
     range as a 74-line traceback."""

@@ -86,3 +86,28 @@ def test_page_translates_and_draws_attention(run_dir: Path, browser, tmp_path: P
         assert browser.execute_script(COUNT_INK)[0] > 0
         browser.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_page_serves_an_ensemble_without_the_attention_panel(run_dir: Path, browser) -> None:
+    """An ensemble has no attention to draw: the page says what it serves, hides the panel and still
+    translates, with the ensemble's translation."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    translator = Translator.from_checkpoints([run_dir, run_dir])
+    sentence = "Zwei Hunde spielen im Schnee."
+    expected = translator.translate([sentence])[0]
+    with running_server(create_app(translator)) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "ensemble" in b.find_element(By.ID, "model-info").get_attribute("textContent"))
+        assert "× 2 (an ensemble)" in browser.find_element(By.ID, "model-info").get_attribute("textContent")
+        assert not browser.find_element(By.ID, "attention-panel").is_displayed()
+        source = browser.find_element(By.ID, "source")
+        source.clear()
+        source.send_keys(sentence)
+        browser.find_element(By.ID, "translate").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").get_attribute("textContent").endswith(" ms"))
+        assert browser.find_element(By.ID, "error").get_attribute("hidden")
+        shown = browser.find_element(By.ID, "translation").get_attribute("textContent")
+        assert shown == (expected or "(empty)")

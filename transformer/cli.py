@@ -253,6 +253,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_checkpoints_argument(p: argparse.ArgumentParser) -> None:
+    """--checkpoint RUN [RUN …] and --name, as translate, evaluate and serve take them."""
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        metavar="RUN",
+        help="a run directory or a .safetensors file in one; several are decoded as an ensemble "
+        "(their next-token probabilities averaged), which needs one tokenizer for all",
+    )
+    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from transformer.export import export_marian
 
@@ -341,15 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument(
-            "--checkpoint",
-            required=True,
-            nargs="+",
-            metavar="RUN",
-            help="a run directory or a .safetensors file in one; several are decoded as an ensemble "
-            "(their next-token probabilities averaged), which needs one tokenizer for all",
-        )
-        p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+        add_checkpoints_argument(p)
         p.add_argument(
             "--beam", type=int, default=None, help="beam size (default: the run's, 4); 1 is greedy"
         )
@@ -423,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .safetensors file, or a directory to make a run directory")
     p.set_defaults(func=cmd_average)
 
-    p = sub.add_parser("serve", help="serve a checkpoint: a JSON API and a page to see its attention")
-    p.add_argument("--checkpoint", required=True, help="a run directory or a .safetensors file in one")
-    p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint (or an ensemble): a JSON API and a page to see its attention"
+    )
+    add_checkpoints_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
     add_precision_argument(p)

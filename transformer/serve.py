@@ -37,6 +37,7 @@ from transformer.data.batching import collate
 from transformer.errors import TransformerError
 from transformer.model import Transformer
 from transformer.model.attention import AttentionRecord
+from transformer.model.ensemble import Ensemble
 from transformer.search import SearchConfig
 from transformer.translate import Translator, n_best, source_ids
 
@@ -84,7 +85,8 @@ class Engine:
         self.tokenizer = translator.tokenizer
         self.train_config = translator.train_config
         self.max_source_len = translator.max_source_len
-        self.has_attention = isinstance(self.model, Transformer)
+        self.members = len(self.model.members) if isinstance(self.model, Ensemble) else 1
+        self.has_attention = isinstance(self.model, Transformer)  # one Transformer: an ensemble has none
 
     def encode(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence; a sentence longer than the model takes is an error, not a truncation."""
@@ -299,7 +301,8 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
         return {
             "status": "ok",
             "model": tc.model,
-            "parameters": engine.model.num_parameters(),
+            "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "members": engine.members,  # checkpoints decoded as an ensemble; 1 for one model
             "src_lang": tc.src_lang,
             "tgt_lang": tc.tgt_lang,
             "beam": default_beam,
@@ -341,7 +344,8 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
                     413, f"sentence {n + 1} has {len(sentence)} characters; at most {limits.max_chars}"
                 )
         if query.attention and not engine.has_attention:
-            raise RequestError(422, "attention weights need a Transformer checkpoint (this one is an RNN)")
+            served = f"an ensemble of {engine.members}" if engine.members > 1 else "an RNN"
+            raise RequestError(422, f"attention weights need one Transformer checkpoint (this is {served})")
         sources = engine.encode(query.sentences)
         started = time.perf_counter()
         results = await batcher.submit(sources, beam, query.attention)
@@ -380,18 +384,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def serve(
-    checkpoint: str | Path,
+    checkpoints: Sequence[str | Path],
     name: str = "best",
     host: str = "127.0.0.1",
     port: int = 8000,
     precision: str = "fp32",
 ) -> None:
-    """`transformer serve`: load the checkpoint and serve it until interrupted."""
+    """`transformer serve`: load the checkpoint (several: an ensemble) and serve it until interrupted."""
     import uvicorn
 
     _check_address(host, port)
-    app = create_app(Translator.from_checkpoint(checkpoint, name, precision=precision))
-    print(f"serving {checkpoint} on http://{host}:{port}/ (the page) and /translate (the API)", flush=True)
+    app = create_app(Translator.from_checkpoints(checkpoints, name, precision=precision))
+    served = " + ".join(map(str, checkpoints))
+    print(f"serving {served} on http://{host}:{port}/ (the page) and /translate (the API)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -9,7 +9,8 @@ async function init() {
   const response = await fetch("/health");
   health = await response.json();
   $("model-info").textContent =
-    `${health.src_lang} → ${health.tgt_lang}, ${health.model}, ` +
+    `${health.src_lang} → ${health.tgt_lang}, ${health.model}` +
+    (health.members > 1 ? ` × ${health.members} (an ensemble), ` : ", ") +
     `${(health.parameters / 1e6).toFixed(1)}M parameters`;
   for (let k = 1; k <= health.limits.max_beam; k++) {
     $("beam").add(new Option(String(k), String(k), k === health.beam, k === health.beam));
