@@ -274,6 +274,22 @@ def test_fused_qkv_projection_equals_separate_projections() -> None:
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_qkv_projections_are_fused_by_default_only_on_cuda() -> None:
+    """`fuse_qkv` None (the default) runs the three projections on a CPU tensor (measured no faster fused
+    there) and one stacked matmul only on CUDA; True fuses everywhere (w_q's weight is read, the module
+    not called)."""
+    mha = MultiHeadAttention(16, 4)
+    calls = []
+    mha.w_q.register_forward_hook(lambda *_: calls.append("w_q"))
+    x = torch.randn(2, 5, 16)
+    assert mha.fuse_qkv is None
+    mha(x)
+    assert calls == ["w_q"]
+    mha.fuse_qkv = True
+    mha(x)
+    assert calls == ["w_q"]
+
+
 @pytest.mark.parametrize(
     ("grad", "k_len", "kernel_dtype"),
     [(True, 12, None), (False, 12, torch.bfloat16), (True, 2048, torch.bfloat16)],
