@@ -318,12 +318,14 @@ def update_results(title: str, command: str, body: str, machine: dict[str, Any])
     RESULTS.write_text(text.rstrip() + "\n")
 
 
-def report(title: str, result: dict[str, Any], body: str) -> None:
-    """Print the JSON result and update RESULTS.md with `body` (Markdown) under `title`."""
+def report(title: str, result: dict[str, Any], body: str, device: str | None = None) -> None:
+    """Print the JSON result and update RESULTS.md with `body` (Markdown) under `title — <machine>`: the
+    processor's name, or `device` (a GPU's) where the figures are the GPU's. Each kind of machine keeps its
+    own latest section, so a run on one does not replace the figures another's text cites."""
     print(json.dumps(result, indent=2))
-    update_results(
-        title, "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), body, result["machine"]
-    )
+    command = "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    machine = result["machine"]
+    update_results(f"{title} — {device or machine['cpu']}", command, body, machine)
 
 
 _PREAMBLE = (

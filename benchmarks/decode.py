@@ -162,13 +162,8 @@ def main() -> None:
             body.append(_profile_markdown(name, profile))
     if not bf16:
         body.append(common.bf16_not_measured("bf16 decoding"))
-    common.report(f"Decoding{_on(device)}: {', '.join(args.configs)}", result, "\n\n".join(body))
-
-
-def _on(device: torch.device) -> str:
-    """' on <GPU name>' in a GPU run's heading: RESULTS.md's machine line names the CPU, and a GPU run
-    keeps its own section rather than replacing the CPU's."""
-    return f" on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    common.report(f"Decoding: {', '.join(args.configs)}", result, "\n\n".join(body), gpu)
 
 
 def _profile(

@@ -256,7 +256,7 @@ def main() -> None:
         body += "\n\nWhere ours spends a step on the GPU (torch.profiler, seconds per step):\n\n" + (
             common.markdown_table([profiled])
         )
-    common.report(f"GPU training step: {args.config}", result, body)
+    common.report(f"Training step on a GPU: {args.config}", result, body, measured["device"])
 
 
 if __name__ == "__main__":

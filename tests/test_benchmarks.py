@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import pytest
@@ -123,6 +124,23 @@ def test_update_results_replaces_only_its_section(tmp_path, monkeypatch) -> None
     text = (tmp_path / "RESULTS.md").read_text()
     assert "second" in text and "first" not in text and "| x | y |\n|---|---|\n| 1 | 2 |" in text
     assert text.index("## A") < text.index("## B") and text.count("## A") == 1
+
+
+def test_each_kind_of_machine_keeps_its_own_section(tmp_path, monkeypatch, capsys) -> None:
+    """`report` titles a section with the processor (or the GPU it is given): a run on one machine replaces
+    that machine's figures only."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/decode.py", "--variants", "ours, fused QKV"])
+    machine = common.machine_info()
+    for cpu, figure in (("CPU one", "1"), ("CPU two", "2"), ("CPU one", "3")):
+        common.report("Decoding: small", {"machine": {**machine, "cpu": cpu}}, figure)
+    common.report("Decoding: small", {"machine": machine}, "4", device="Some GPU")
+    capsys.readouterr()
+    text = (tmp_path / "RESULTS.md").read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == [f"## Decoding: small — {name}" for name in ("CPU one", "CPU two", "Some GPU")]
+    assert "\n3\n" in text and "\n1\n" not in text
+    assert "`python benchmarks/decode.py --variants 'ours, fused QKV'`" in text  # quoted as a shell takes it
 
 
 def test_step_flops_matches_torch_flop_counter() -> None:
