@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 8 minutes on an H200), for a session lent one for minutes,
+# Every check that needs a GPU, in one go (about 7 minutes on an H200), for a session lent one for minutes,
 # the most wanted first, so that a run cut short still brings those back:
+#   0. tests/test_cuda.py: the CUDA-only choices against the CPU's results, and training in bf16 and fp16
 #   1. benchmarks/gpu.py: base in bf16 against the measured bf16 peak, and the peers at the same size
 #   2. `transformer train` on the bundled Multi30k in bf16 for 90 seconds, then test2016 with beam 4
 #   3. fp16 with loss scaling, 200 steps
@@ -31,6 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit and say how 
 step info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm --format=csv;
     $py -c 'import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__,
     torch.cuda.get_device_name())'; nproc"
+step tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step gpu.py 100 "$py" benchmarks/gpu.py --peers --profile --variants ours "ours, unfused QKV" "ours, explicit attention"
 cp benchmarks/RESULTS.md "$out/"
 step train-bf16 150 "$py" -m transformer.cli train --out runs/gpu-bf16 precision=bf16 time_budget_minutes=1.5 \
