@@ -8,9 +8,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from transformer.config import TrainConfig, TransformerConfig
 from transformer.data.corpus import read_lines
+from transformer.data.tokenizer import PAD_ID
 from transformer.train import train
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "multi30k"
@@ -77,3 +79,15 @@ def dev_dependency(name: str) -> ModuleType:
     if os.environ.get("CI"):
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+def padded_projection_case() -> tuple[torch.Tensor, torch.nn.Linear, torch.Tensor]:
+    """(hidden (3, 7, 16) with gradients, a projection onto 50 words, targets with padded tails): the
+    loss's projection tests, on the CPU and on CUDA."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    projection = torch.nn.Linear(16, 50)
+    target = torch.randint(4, 50, (3, 7))
+    target[0, 5:] = PAD_ID
+    target[2, 2:] = PAD_ID
+    return hidden, projection, target

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_recipe
+from conftest import TINY_MODEL, padded_projection_case, tiny_recipe
 
-from transformer.data.tokenizer import PAD_ID
 from transformer.loss import projected_loss
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.dropout import Dropout
@@ -52,12 +51,7 @@ def test_the_stacked_projection_gives_the_cpus_attention_and_gradients() -> None
 
 
 def test_projecting_every_position_gives_the_cpus_loss_and_gradients() -> None:
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 7, 16, requires_grad=True)
-    projection = torch.nn.Linear(16, 50)
-    target = torch.randint(4, 50, (3, 7))
-    target[0, 5:] = PAD_ID
-    target[2, 2:] = PAD_ID
+    hidden, projection, target = padded_projection_case()
     want = projected_loss(hidden, projection, target, 0.1)  # the CPU selects the predicting rows
     want_grads = torch.autograd.grad(want, [hidden, projection.weight])
     hidden_cuda = hidden.detach().to(CUDA).requires_grad_()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, padded_projection_case
 
 from transformer import Transformer
 from transformer import loss as loss_module
@@ -79,12 +79,7 @@ def test_projecting_only_predicted_positions_changes_nothing(
     assert loss_module.selects_rows(torch.device("cpu"))
     assert not loss_module.selects_rows(torch.device("cuda"))
     monkeypatch.setattr(loss_module, "selects_rows", lambda device: selected)
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 7, 16, requires_grad=True)
-    projection = torch.nn.Linear(16, 50)
-    target = torch.randint(4, 50, (3, 7))
-    target[0, 5:] = PAD_ID
-    target[2, 2:] = PAD_ID
+    hidden, projection, target = padded_projection_case()
     skipped = projected_loss(hidden, projection, target, 0.1)
     grads = torch.autograd.grad(skipped, [hidden, projection.weight, projection.bias])
     plain = label_smoothed_loss(F.linear(hidden, projection.weight, projection.bias), target, 0.1)
