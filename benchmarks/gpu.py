@@ -39,7 +39,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.config import TransformerConfig
-from transformer.model.attention import MultiHeadAttention
 
 PAPER_STEPS = 100_000
 PAPER_TARGET_TOKENS_PER_STEP = 25_000
@@ -58,26 +57,13 @@ VARIANTS: dict[str, tuple[Callable[[TransformerConfig], torch.nn.Module | None],
     "ours, torch.compile": (peers.ours, True),
     "ours, fused QKV": (lambda c: peers.ours(c, fuse_qkv=True), True),
     "ours, unfused QKV": (lambda c: peers.ours(c, fuse_qkv=False), True),
-    "ours, explicit attention": (lambda c: _explicit_attention(peers.ours(c)), True),
+    "ours, explicit attention": (lambda c: peers.ours(dataclasses.replace(c, attention="explicit")), True),
     "ours, nn.Dropout": (lambda c: peers.ours(c, torch_dropout=True), True),
     "ours, F.cross_entropy": (peers.ours, False),  # every logit, no boolean indexing of the target rows
     "nn.Transformer": (peers.TorchPeer, False),
-    "MarianMTModel": (lambda c: _marian_logits(c), False),
+    "MarianMTModel": (peers.marian_logits, False),
 }
 PEERS = ("nn.Transformer", "MarianMTModel")
-
-
-def _explicit_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with every attention on the explicit path (softmax(QKᵀ/√d_k)V in plain ops)."""
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.fused = False
-    return model
-
-
-def _marian_logits(c: TransformerConfig) -> torch.nn.Module | None:
-    marian = peers.marian(c)
-    return peers.MarianLogits(marian) if marian is not None else None
 
 
 def measure(

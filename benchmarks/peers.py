@@ -99,6 +99,13 @@ class MarianLogits(nn.Module):
         return self.model(input_ids=src, attention_mask=src != PAD_ID, decoder_input_ids=tgt).logits
 
 
+def marian_logits(c: TransformerConfig) -> nn.Module | None:
+    """MarianMTModel at our configuration behind the (src, tgt_in) -> logits interface, or None when
+    `transformers` is not installed."""
+    model = marian(c)
+    return MarianLogits(model) if model is not None else None
+
+
 def ours(c: TransformerConfig, *, fuse_qkv: bool | None = None, torch_dropout: bool = False) -> Transformer:
     """Our model; optionally with the self-attention projections fused into one matmul or not (None: the
     model's default, fused on CUDA only), or with nn.Dropout instead of our Dropout (to measure those two

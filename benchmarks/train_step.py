@@ -51,8 +51,7 @@ def build(variant: str, config_name: str, max_len: int = 1024) -> torch.nn.Modul
     if variant == "nn.Transformer":
         return peers.TorchPeer(c)
     if variant == "MarianMTModel":
-        model = peers.marian(c)
-        return peers.MarianLogits(model) if model is not None else None
+        return peers.marian_logits(c)
     if variant == "ours, MKL linear layers":
         return peers.ours(c)
     if variant == "ours, torch.compile":  # as `transformer train compile=true`: compile picks the kernels
