@@ -50,6 +50,21 @@ def test_time_by_kind_tells_products_from_everything_else() -> None:
     assert attention["attention"] > 0 and attention["products"] == 0.0
 
 
+def test_decode_searches_run_on_the_device_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode.py's searches, built for a device (here the CPU), return what their search returns once the
+    device is done; --profile, a CPU profiler's split, is refused for a GPU in one argparse line."""
+    waited = []
+    monkeypatch.setattr(common, "synchronize", lambda device: waited.append(device.type))
+    runs = decode.searches("small", 2, 5, 3, [1], False, False, torch.device("cpu"))
+    assert "ours greedy, cached" in runs and "ours greedy, uncached" in runs
+    assert runs["ours greedy, cached"]() is None and waited == ["cpu"]  # timed to the device's end
+    monkeypatch.setattr(sys, "argv", ["benchmarks/decode.py", "--device", "cuda", "--profile"])
+    monkeypatch.setattr(common, "run_as_the_cli_does", lambda: None)
+    with pytest.raises(SystemExit) as exited:
+        decode.main()
+    assert exited.value.code == 2
+
+
 def test_decode_profile_bounds_ours_by_our_products() -> None:
     """`--profile`: profiled calls of ours and of the peer; the bound is the peer's median over the time of
     our products and attention (stand-ins here: a product and an attention for ours, a sleep for the peer)."""
