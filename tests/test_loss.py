@@ -15,7 +15,12 @@ from transformer import loss as loss_module
 from transformer.config import RNNConfig
 from transformer.data.batching import Batch
 from transformer.data.tokenizer import PAD_ID
-from transformer.loss import ROWS_MULTIPLE, label_smoothed_loss, projected_loss
+from transformer.loss import (
+    ROWS_MULTIPLE,
+    label_smoothed_loss,
+    label_smoothed_loss_by_reductions,
+    projected_loss,
+)
 from transformer.model import RNNSeq2Seq
 from transformer.train import batch_loss
 
@@ -30,15 +35,22 @@ def test_label_smoothing_by_hand() -> None:
     assert float(label_smoothed_loss(logits, target, eps)) == pytest.approx(expected, rel=1e-6)
 
 
+LOSSES = pytest.mark.parametrize(
+    "loss_fn", [label_smoothed_loss, label_smoothed_loss_by_reductions], ids=["written-out", "by reductions"]
+)
+
+
+@LOSSES
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
-def test_loss_and_gradient_match_torch_cross_entropy(smoothing: float) -> None:
-    """The written-out gradient against torch's autograd through F.cross_entropy, in float64."""
+def test_loss_and_gradient_match_torch_cross_entropy(smoothing: float, loss_fn) -> None:
+    """The written-out gradient, and autograd's through the loss by reductions, against torch's autograd
+    through F.cross_entropy, in float64."""
     torch.manual_seed(0)
     logits = torch.randn(4, 9, 50, dtype=torch.float64, requires_grad=True) * 3
     target = torch.randint(1, 50, (4, 9))
     target[1, 6:] = PAD_ID
     target[3] = PAD_ID  # a sequence of padding only
-    ours = label_smoothed_loss(logits, target, smoothing)
+    ours = loss_fn(logits, target, smoothing)
     theirs = F.cross_entropy(
         logits.flatten(0, 1),
         target.flatten(),
@@ -53,14 +65,15 @@ def test_loss_and_gradient_match_torch_cross_entropy(smoothing: float) -> None:
     assert not got[3].any() and not got[1, 6:].any()
     leaf = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([3, PAD_ID, 10, 1, 7, 7])
-    assert torch.autograd.gradcheck(lambda x: label_smoothed_loss(x, labels, smoothing), (leaf,))
+    assert torch.autograd.gradcheck(lambda x: loss_fn(x, labels, smoothing), (leaf,))
 
 
-def test_bf16_logits_get_an_fp32_loss_and_a_bf16_gradient() -> None:
+@LOSSES
+def test_bf16_logits_get_an_fp32_loss_and_a_bf16_gradient(loss_fn) -> None:
     torch.manual_seed(0)
     logits = torch.randn(8, 40).bfloat16().requires_grad_()
     target = torch.randint(1, 40, (8,))
-    loss = label_smoothed_loss(logits, target, 0.1)
+    loss = loss_fn(logits, target, 0.1)
     loss.backward()
     exact = logits.detach().double().requires_grad_()
     want = F.cross_entropy(exact, target, label_smoothing=0.1, reduction="sum")
@@ -127,3 +140,24 @@ def test_unprojected_forward_is_what_the_output_layer_projects(tie_output: bool)
         torch.testing.assert_close(model.out_proj(model(src, batch.tgt_in, project=False)), logits)
         want = label_smoothed_loss(logits, batch.tgt_out, 0.1)
         torch.testing.assert_close(batch_loss(model, model, batch, 0.1), want)
+
+
+def test_the_compiled_loss_is_compiled_once_for_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of every shape, some square (which torch.compile would otherwise take as a hint that batch
+    and length are one size), reuse one compiled graph: counted with a backend that compiles nothing."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(loss_module.label_smoothed_loss_by_reductions, backend=counter)
+    monkeypatch.setattr(loss_module, "_compiled_loss", lambda: compiled)
+    torch.manual_seed(0)
+    for batch, length in [(4, 7), (5, 5), (3, 9), (8, 2), (6, 6), (2, 11)]:
+        logits = torch.randn(batch, length, 30, requires_grad=True)
+        target = torch.randint(1, 30, (batch, length))
+        target[0, -1] = PAD_ID
+        got = label_smoothed_loss(logits, target, 0.1, compiled=True)
+        want = label_smoothed_loss(logits, target, 0.1, compiled=False)
+        torch.testing.assert_close(got, want)
+        got.backward()
+    assert counter.frame_count == 1
