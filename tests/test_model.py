@@ -92,16 +92,45 @@ def test_matches_torch_transformer(norm_first: bool, activation: str) -> None:
     assert (logits - ref_logits).abs().max() < 1e-5
 
 
-def test_layer_norm_matches_torch() -> None:
+def _norms(d: int) -> tuple[LayerNorm, nn.LayerNorm]:
+    """Our LayerNorm with random γ and β, and torch's with the same."""
     torch.manual_seed(0)
-    ours, ref = LayerNorm(16), nn.LayerNorm(16)
+    ours, ref = LayerNorm(d), nn.LayerNorm(d)
     with torch.no_grad():
         ours.weight.normal_()
         ours.bias.normal_()
     ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def test_layer_norm_matches_torch() -> None:
+    ours, ref = _norms(16)
     x = torch.randn(4, 5, 16) * 3 + 1
     assert (ours(x) - ref(x)).abs().max() < 1e-5
     assert (ours.reference(x) - ref(x)).abs().max() < 1e-5
+
+
+def test_layer_norm_in_autocast_dtype_keeps_the_stream_in_bf16() -> None:
+    """Asked to (CUDA's default), the norm returns autocast's dtype for an fp32 or bf16 input: the same
+    values as torch's fp32 norm to bf16's rounding, and fp32 gradients for its fp32 parameters."""
+    ours, ref = _norms(64)
+    ours.in_autocast_dtype = True
+    x = torch.randn(8, 64) * 3 + 1
+    want = ref(x)
+    want.sum().backward()
+    for given in (x, x.bfloat16()):
+        ours.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(given)
+        got.float().sum().backward()
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.detach(), atol=0.05, rtol=0.02)
+        for mine, theirs in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert mine.grad.dtype == torch.float32
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=0.05, rtol=0.02)
+    ours.in_autocast_dtype = False  # as on the CPU by default: an fp32 input gives fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.float32
 
 
 def test_positional_encoding_hand_computed() -> None:
