@@ -135,3 +135,18 @@ def test_bf16_without_bf16_instructions_is_warned_about(monkeypatch: pytest.Monk
     assert precision.emulation_warning("bf16", "cuda") is None
     monkeypatch.setattr(precision, "has_native_bf16", lambda device_type="cpu": True)
     assert precision.emulation_warning("bf16", "cpu") is None
+
+
+def test_configure_torch_leaves_cuda_attention_to_torchs_own_kernels() -> None:
+    """cuDNN's fused attention is turned off for the process (runtime.configure_torch); flash and
+    memory-efficient attention stay on. Restored afterwards: the flag is global."""
+    from transformer import runtime
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        runtime.configure_torch()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
