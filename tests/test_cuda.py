@@ -1,8 +1,9 @@
 """The CUDA paths against what the CPU computes, where a GPU is: CI has none, so here they are skipped, and a
 session lent a GPU runs them with `bash benchmarks/gpu_checks.sh`. They cover the choices made for CUDA
 tensors only: torch's fused dropout (transformer/model/dropout.py), the stacked Q/K/V projection
-(`MultiHeadAttention.fuse_qkv`) and the loss that projects every position (`loss.selects_rows`), and a few
-training steps in bf16 and in fp16 with loss scaling."""
+(`MultiHeadAttention.fuse_qkv`), the loss that projects every position (`loss.selects_rows`) and is
+compiled (`label_smoothed_loss`), layer norms in autocast's dtype (`LayerNorm.in_autocast_dtype`), and a
+few training steps in bf16 and in fp16 with loss scaling."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL, padded_projection_case, tiny_recipe
 
-from transformer.loss import projected_loss
+from transformer.loss import label_smoothed_loss, projected_loss
+from transformer.model import LayerNorm
 from transformer.model.attention import MultiHeadAttention
 from transformer.model.dropout import Dropout
 from transformer.train import train
@@ -61,6 +63,38 @@ def test_projecting_every_position_gives_the_cpus_loss_and_gradients() -> None:
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g.cpu(), w, atol=1e-5, rtol=1e-4)
+
+
+def test_the_compiled_loss_gives_the_cpus_loss_and_gradients() -> None:
+    """bf16 logits of two row counts (compiled for one, then for any), against the CPU's written-out loss."""
+    torch.manual_seed(0)
+    for rows in (96, 130):
+        logits = (torch.randn(rows, 1000) * 4).bfloat16().requires_grad_()
+        target = torch.randint(1, 1000, (rows,))
+        target[-7:] = 0  # padding
+        want = label_smoothed_loss(logits, target, 0.1)
+        (want_grad,) = torch.autograd.grad(want * 0.5, logits)
+        on_gpu = logits.detach().to(CUDA).requires_grad_()
+        got = label_smoothed_loss(on_gpu, target.to(CUDA), 0.1)
+        (got_grad,) = torch.autograd.grad(got * 0.5, on_gpu)
+        assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(got_grad.cpu().float(), want_grad.float(), atol=1e-3, rtol=1e-2)
+        assert not got_grad[-7:].any()
+
+
+def test_layer_norms_keep_bf16_under_autocast_on_the_gpu() -> None:
+    torch.manual_seed(0)
+    norm = LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(8, 64) * 3 + 1
+    want = norm(x)
+    norm.to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = norm(x.to(CUDA))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().cpu(), want.detach(), atol=0.05, rtol=0.02)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
