@@ -4,15 +4,17 @@ the time to train it on WMT14 as the paper did, extrapolated from the measured s
     python benchmarks/gpu.py                     # base, bf16 autocast, ~25k target tokens per batch
     python benchmarks/gpu.py --peers --profile   # also nn.Transformer and MarianMTModel; where ours spends it
     python benchmarks/gpu.py --compile           # also the model under torch.compile
-    python benchmarks/gpu.py --variants ours "ours, unfused QKV" "ours, explicit attention"
+    python benchmarks/gpu.py --variants ours "ours, eager loss" "ours, cuDNN attention" "ours, as at 6c532e0"
     python benchmarks/gpu.py --device cpu --config small --shape 16 12 12 --repeats 2 --json   # a dry run
 
 The step is our trainer's (benchmarks/peers.py): projected label-smoothed loss, fused Adam, bf16 autocast,
 vocabulary 37,000 as the paper's shared BPE. The peers (`torch.nn.Transformer`, `MarianMTModel` with random
 weights) take the step as their users would write it: F.cross_entropy over all logits, fused Adam, bf16
-autocast. Variants of ours change one choice each. The step's matmul FLOPs (peers.step_flops) over the
-median step time give the achieved rate; the peak is the fastest of several square bf16 products on the
-same device. --profile adds, for ours, the GPU's busy time and its kernels' time by kind (`profile_step`).
+autocast, and torch's choice of attention kernels. Variants of ours change one choice each (`VARIANTS`).
+Every variant is built and warmed up, then all take steps in turns. The step's matmul FLOPs
+(peers.step_flops) over the median step time give the achieved rate; the peak is the fastest of several
+square bf16 products on the same device. --profile adds, for each, the GPU's busy time, its kernels' time
+by kind and its costliest kernels (`profile_step`); RESULTS.md shows ours's.
 
 The paper trained base for 100,000 steps of ~25,000 target tokens each (12 hours on 8 P100s): the
 extrapolation is those tokens at the measured rate on this one GPU, and on 8 of it with perfect scaling. It
@@ -39,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.config import TransformerConfig
+from transformer.loss import label_smoothed_loss
 
 PAPER_STEPS = 100_000
 PAPER_TARGET_TOKENS_PER_STEP = 25_000
@@ -51,17 +54,48 @@ def extrapolate(tokens_per_s: float) -> dict[str, float]:
     return {"one_gpu_hours": round(hours, 1), "eight_gpus_hours_perfect_scaling": round(hours / 8, 2)}
 
 
-# What each variant is: how the model is built, and whether it takes our trainer's step (the projected loss)
-VARIANTS: dict[str, tuple[Callable[[TransformerConfig], torch.nn.Module | None], bool]] = {
-    "ours": (peers.ours, True),
-    "ours, torch.compile": (peers.ours, True),
-    "ours, fused QKV": (lambda c: peers.ours(c, fuse_qkv=True), True),
-    "ours, unfused QKV": (lambda c: peers.ours(c, fuse_qkv=False), True),
-    "ours, explicit attention": (lambda c: peers.ours(dataclasses.replace(c, attention="explicit")), True),
-    "ours, nn.Dropout": (lambda c: peers.ours(c, torch_dropout=True), True),
-    "ours, F.cross_entropy": (peers.ours, False),  # every logit, no boolean indexing of the target rows
-    "nn.Transformer": (peers.TorchPeer, False),
-    "MarianMTModel": (peers.marian_logits, False),
+# The fused attention kernels our trainer leaves torch (not cuDNN's: transformer.runtime.configure_torch)
+OURS_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+ALL_SDPA = ("CUDNN_ATTENTION", *OURS_SDPA)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a row of the table runs: how the model is built, whether it takes our trainer's step (the
+    projected loss) or the peers' (F.cross_entropy over every logit), and the one thing it changes."""
+
+    build: Callable[[TransformerConfig], torch.nn.Module | None]
+    projected: bool = True
+    compile: bool = False  # the whole model under torch.compile
+    loss: Callable[[], peers.LossFn] | None = None  # makes the projected step's loss (default: ours)
+    sdpa: tuple[str, ...] = OURS_SDPA  # torch's attention kernels allowed (SDPBackend names); () all
+
+
+def _eager_loss() -> peers.LossFn:
+    """Our loss as CPUs compute it (its gradient written out, loss.label_smoothed_loss), every position
+    projected as on CUDA."""
+    return lambda hidden, projection, target, smoothing: label_smoothed_loss(
+        projection(hidden), target, smoothing, compiled=False
+    )
+
+
+VARIANTS: dict[str, Variant] = {
+    "ours": Variant(peers.ours),
+    "ours, torch.compile": Variant(peers.ours, compile=True),
+    "ours, fused QKV": Variant(lambda c: peers.ours(c, fuse_qkv=True)),
+    "ours, unfused QKV": Variant(lambda c: peers.ours(c, fuse_qkv=False)),
+    "ours, explicit attention": Variant(lambda c: peers.ours(dataclasses.replace(c, attention="explicit"))),
+    "ours, nn.Dropout": Variant(lambda c: peers.ours(c, torch_dropout=True)),
+    "ours, F.cross_entropy": Variant(peers.ours, projected=False),  # every logit, no row selection
+    "ours, eager loss": Variant(peers.ours, loss=_eager_loss),
+    "ours, fp32 LayerNorm output": Variant(lambda c: peers.ours(c, norms_in_autocast_dtype=False)),
+    "ours, as at 6c532e0": Variant(  # before the three choices above: eager loss, fp32 norms, cuDNN
+        lambda c: peers.ours(c, norms_in_autocast_dtype=False), loss=_eager_loss, sdpa=ALL_SDPA
+    ),
+    "ours, no padding masks": Variant(lambda c: peers.ours(c, padding_masks=False)),
+    "ours, cuDNN attention": Variant(peers.ours, sdpa=ALL_SDPA),  # torch's default: cuDNN first on Hopper
+    "nn.Transformer": Variant(peers.TorchPeer, projected=False, sdpa=()),  # torch's defaults
+    "MarianMTModel": Variant(peers.marian_logits, projected=False, sdpa=()),
 }
 PEERS = ("nn.Transformer", "MarianMTModel")
 
@@ -87,40 +121,34 @@ def measure(
     tokens = batch * tgt_len  # no padding: every target position is predicted
     flops = peers.step_flops(config, batch, src_len + 1, tgt_len)  # the source ends with EOS
     peak = common.matmul_peak_gflops(torch.bfloat16, peak_n, repeats=10, device=device)
-    rows = {}
-    for variant in variants:
-        build, projected = VARIANTS[variant]
-        torch.manual_seed(0)
-        model = build(config)
-        if model is None:  # MarianMTModel without `transformers`
+    rows: dict[str, dict[str, Any]] = {}
+    steps = {}
+    for name in variants:  # built and warmed up one after the other, then timed in turns
+        try:
+            built = _prepare(VARIANTS[name], config, device, (src, tgt), warmup)
+        except Exception as error:  # one variant's failure (a kernel this GPU lacks) leaves the others
+            rows[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             continue
-        model = model.to(device)
-        if variant == "ours, torch.compile":
-            model = torch.compile(model)
-        step = peers.training_step(model, [(src, tgt)], bf16=True, fused_adam=True, projected=projected)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timed = common.synchronised(step, device)
-        times = common.time_interleaved({variant: timed}, repeats, warmup=warmup)[variant]
-        seconds = common.median(times)
+        if built is not None:  # else MarianMTModel without `transformers`
+            steps[name], rows[name] = built
+    times = common.time_interleaved(steps, repeats, warmup=0)
+    for name, step in steps.items():
+        seconds = common.median(times[name])
         gflops = flops / seconds / 1e9
-        rows[variant] = {
-            "s_per_step": round(seconds, 4),
-            "all_s": [round(t, 4) for t in times],
-            "tgt_tokens_per_s": round(tokens / seconds),
-            "gflops": round(gflops, 1),
-            "fraction_of_bf16_peak": round(gflops / peak, 3),
-            "peak_memory_mb": (
-                round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
-            ),
-            "wmt14_base": extrapolate(tokens / seconds),
-        }
-        if profile and variant == "ours" and device.type == "cuda":
-            rows[variant]["profile"] = profile_step(timed, flops, peak)
-        del model, step, timed  # free the device memory before the next variant
-    if "ours" in rows:
+        rows[name].update(
+            s_per_step=round(seconds, 4),
+            all_s=[round(t, 4) for t in times[name]],
+            tgt_tokens_per_s=round(tokens / seconds),
+            gflops=round(gflops, 1),
+            fraction_of_bf16_peak=round(gflops / peak, 3),
+            wmt14_base=extrapolate(tokens / seconds),
+        )
+        if profile and device.type == "cuda":
+            rows[name]["profile"] = profile_step(step, flops, peak)
+    rows = {name: rows[name] for name in variants if name in rows}  # in the order asked for
+    if "s_per_step" in rows.get("ours", {}):
         for variant, row in rows.items():
-            if variant != "ours":  # > 1: ours takes less time per step
+            if variant != "ours" and "s_per_step" in row:  # > 1: ours takes less time per step
                 row["ours_speedup"] = round(row["s_per_step"] / rows["ours"]["s_per_step"], 2)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else common.machine_info()["cpu"]
     return {
@@ -129,6 +157,53 @@ def measure(
         "batch": {"sentences": batch, "source_tokens": src_len + 1, "target_tokens": tgt_len},
         "variants": rows,
     }
+
+
+def _prepare(
+    variant: Variant,
+    config: TransformerConfig,
+    device: torch.device,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    warmup: int,
+) -> tuple[Callable[[], None], dict[str, Any]] | None:
+    """A variant's (synchronised) step after `warmup` calls, and the memory those calls took at their
+    peak beyond what was allocated before the model was built (the other variants' models stay)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = variant.build(config)
+    if model is None:
+        return None
+    model = model.to(device)
+    if variant.compile:
+        model = torch.compile(model)
+    loss = variant.loss() if variant.loss else peers.projected_loss
+    step = peers.training_step(
+        model, [batch], bf16=True, fused_adam=True, projected=variant.projected, loss=loss
+    )
+    if variant.sdpa:
+        step = _with_attention_kernels(step, variant.sdpa)
+    step = common.synchronised(step, device)
+    for _ in range(warmup):
+        step()
+    memory = None
+    if device.type == "cuda":
+        memory = round((torch.cuda.max_memory_allocated(device) - before) / 2**20)
+    return step, {"peak_memory_mb": memory}
+
+
+def _with_attention_kernels(step: Callable[[], None], backends: Sequence[str]) -> Callable[[], None]:
+    """`step` with torch's fused attention limited to `backends` (SDPBackend names)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = [getattr(SDPBackend, name) for name in backends]
+
+    def call() -> None:
+        with sdpa_kernel(allowed):
+            step()
+
+    return call
 
 
 def profile_step(step: Callable[[], None], flops: float, peak_gflops: float, steps: int = 3) -> dict:
@@ -154,7 +229,23 @@ def profile_step(step: Callable[[], None], flops: float, peak_gflops: float, ste
         "wall_s": round(wall, 5),
         **per_step,
         "products_only_fraction": round(flops / products / 1e9 / peak_gflops, 3) if products else None,
+        "top_kernels": top_kernels(events, steps),
     }
+
+
+def top_kernels(events: Sequence[dict], steps: int, count: int = 30) -> list[dict[str, Any]]:
+    """The `count` kernels (by name, its first 90 characters) that took the most GPU time: milliseconds and
+    calls per step."""
+    spent: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") == "kernel":
+            entry = spent.setdefault(event["name"][:90], [0.0, 0])
+            entry[0] += event["dur"] / 1e3
+            entry[1] += 1
+    ranked = sorted(spent.items(), key=lambda item: -item[1][0])[:count]
+    return [
+        {"kernel": name, "ms": round(ms / steps, 3), "calls": calls / steps} for name, (ms, calls) in ranked
+    ]
 
 
 def kernel_seconds(events: Sequence[dict]) -> dict[str, float]:
@@ -215,8 +306,30 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    common.report(
+        f"Training step on a GPU: {args.config}", result, render(args.config, measured), measured["device"]
+    )
+
+
+_COLUMNS = (
+    "model",
+    "s/step",
+    "target tok/s",
+    "GFLOP/s",
+    "of bf16 peak",
+    "peak memory (MB)",
+    "WMT14 base, 1 GPU (h)",
+    "8 GPUs, perfect scaling (h)",
+    "ours faster",
+)
+
+
+def render(config_name: str, measured: dict[str, Any]) -> str:
+    """RESULTS.md's section for one `measure` result: the table, and where ours spent its step."""
     table = [
-        {
+        {"model": variant, "s/step": row["error"], **dict.fromkeys(_COLUMNS[2:], "")}
+        if "error" in row
+        else {
             "model": variant,
             "s/step": row["s_per_step"],
             "target tok/s": row["tgt_tokens_per_s"],
@@ -232,17 +345,21 @@ def main() -> None:
     b = measured["batch"]
     body = (
         f"{measured['device']}; bf16 matmul peak measured in the run: {measured['bf16_matmul_peak_gflops']} "
-        f"GFLOP/s. **{args.config}**, bf16 autocast, vocabulary {PAPER_VOCAB}, batch {b['sentences']} × "
+        f"GFLOP/s. **{config_name}**, bf16 autocast, vocabulary {PAPER_VOCAB}, batch {b['sentences']} × "
         f"{b['source_tokens']} source / {b['target_tokens']} target tokens. WMT14: the paper's "
         f"{PAPER_STEPS:,} steps × {PAPER_TARGET_TOKENS_PER_STEP:,} target tokens at the measured rate.\n\n"
         + common.markdown_table(table)
     )
-    profiled = measured["variants"].get("ours", {}).get("profile")
+    profiled = dict(measured["variants"].get("ours", {}).get("profile") or {})
     if profiled:
+        top = profiled.pop("top_kernels")[:12]
         body += "\n\nWhere ours spends a step on the GPU (torch.profiler, seconds per step):\n\n" + (
             common.markdown_table([profiled])
         )
-    common.report(f"Training step on a GPU: {args.config}", result, body, measured["device"])
+        body += "\n\nIts twelve costliest kernels (ms and calls per step):\n\n" + common.markdown_table(
+            [{**kernel, "kernel": f"`{kernel['kernel']}`"} for kernel in top]
+        )
+    return body
 
 
 if __name__ == "__main__":

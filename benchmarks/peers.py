@@ -22,6 +22,8 @@ from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
 
 VOCAB = 8000  # the project's joint SentencePiece vocabulary, for both configurations
+# (decoder features, vocabulary projection, target ids, label smoothing) -> summed loss: the projected step's
+LossFn = Callable[[Tensor, nn.Module, Tensor, float], Tensor]
 
 
 def config_for(name: str, max_len: int = 1024) -> TransformerConfig:
@@ -106,11 +108,31 @@ def marian_logits(c: TransformerConfig) -> nn.Module | None:
     return MarianLogits(model) if model is not None else None
 
 
-def ours(c: TransformerConfig, *, fuse_qkv: bool | None = None, torch_dropout: bool = False) -> Transformer:
+class _WithoutPaddingMasks(Transformer):
+    """Ours, attending to every source position, padding or not: for batches without padding (the GPU
+    benchmark's), where it computes what ours does, but with no mask for the fused attention to read."""
+
+    def encode(self, src: Tensor, record=None) -> tuple[Tensor, None]:
+        x = self.dropout(self.src_pos(self.src_embed(src)))
+        return self.encoder(x, None, record), None
+
+
+def ours(
+    c: TransformerConfig,
+    *,
+    fuse_qkv: bool | None = None,
+    torch_dropout: bool = False,
+    padding_masks: bool = True,
+    norms_in_autocast_dtype: bool | None = None,
+) -> Transformer:
     """Our model; optionally with the self-attention projections fused into one matmul or not (None: the
-    model's default, fused on CUDA only), or with nn.Dropout instead of our Dropout (to measure those two
-    choices)."""
-    model = Transformer(c)
+    model's default, fused on CUDA only), with nn.Dropout instead of our Dropout, or without padding
+    masks, or with the layer norms' output in fp32 or autocast's dtype (None: the model's default, the
+    latter on CUDA only), to measure those choices."""
+    model = Transformer(c) if padding_masks else _WithoutPaddingMasks(c)
+    for module in model.modules():
+        if hasattr(module, "in_autocast_dtype") and norms_in_autocast_dtype is not None:
+            module.in_autocast_dtype = norms_in_autocast_dtype
     for module in list(model.modules()):
         if hasattr(module, "fuse_qkv") and fuse_qkv is not None:
             module.fuse_qkv = fuse_qkv
@@ -127,6 +149,7 @@ def training_step(
     bf16: bool = False,
     fused_adam: bool = False,
     projected: bool = False,
+    loss: LossFn = projected_loss,
 ) -> Callable[[], None]:
     """One training step per call, on the next of `batches` (src, tgt) in turn: label-smoothed loss per
     target token, backward, Adam (β₂ 0.98). `tgt` holds BOS … EOS: the model reads tgt[:, :-1] and
@@ -136,7 +159,8 @@ def training_step(
     positions are projected onto the vocabulary, and the loss is ours (transformer/loss.py, its gradient
     written out). Without it, `F.cross_entropy` over all the logits, as the peers' users would write it.
     `fused_adam` is torch's fused Adam, which our trainer uses and any user can ask for; without it, the
-    for-loop implementation torch.optim.Adam defaults to on the CPU."""
+    for-loop implementation torch.optim.Adam defaults to on the CPU. `loss` replaces `projected_loss` in
+    the projected step (to measure another way of computing it)."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=fused_adam)
     prepared = [(src, tgt[:, :-1], tgt[:, 1:], int((tgt[:, 1:] != PAD_ID).sum())) for src, tgt in batches]
@@ -148,17 +172,17 @@ def training_step(
         # the loss too under autocast, as in the trainer; on the device the batch is on
         with torch.autocast(src.device.type, dtype=torch.bfloat16, enabled=bf16):
             if projected:  # as transformer.train.batch_loss
-                loss = projected_loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
+                value = loss(model(src, tgt_in, project=False), model.out_proj, tgt_out, 0.1)
             else:
                 logits = model(src, tgt_in)
-                loss = F.cross_entropy(
+                value = F.cross_entropy(
                     logits.flatten(0, 1).float(),
                     tgt_out.flatten(),
                     ignore_index=PAD_ID,
                     label_smoothing=0.1,
                     reduction="sum",
                 )
-        (loss / n_tokens).backward()
+        (value / n_tokens).backward()
         optimizer.step()
 
     return step

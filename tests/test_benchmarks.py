@@ -459,3 +459,24 @@ def test_serve_load_takes_turns_on_both_servers(run_dir) -> None:
     summary = serve_load.summarise(reports)
     assert summary["batched_speedup"] > 0 and len(summary["batched_speedup_range"]) == 2
     assert all(row["p50_ms"] <= row["p99_ms"] for row in summary["rows"].values())
+
+
+def test_a_variant_that_fails_leaves_a_line_and_the_others_their_figures(monkeypatch) -> None:
+    def broken(config):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setitem(gpu.VARIANTS, "broken", gpu.Variant(broken))
+    measured = gpu.measure(
+        "small", torch.device("cpu"), (2, 3, 3), 1, ["broken", "ours"], peak_n=64, vocab=peers.VOCAB, warmup=0
+    )
+    rows = measured["variants"]
+    assert list(rows) == ["broken", "ours"]  # in the order asked for
+    assert rows["broken"] == {"error": "RuntimeError: no kernel for this GPU"}
+    assert rows["ours"]["s_per_step"] > 0 and "ours_speedup" not in rows["broken"]
+    lines = gpu.render("small", measured).splitlines()
+    header, broken_line, ours_line = (
+        next(line for line in lines if line.startswith(f"| {first} |"))
+        for first in ("model", "broken", "ours")
+    )
+    assert header.count("|") == broken_line.count("|") == ours_line.count("|") == 10  # every column
+    assert "| RuntimeError: no kernel for this GPU |" in broken_line
