@@ -59,16 +59,9 @@ OURS_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 ALL_SDPA = ("CUDNN_ATTENTION", *OURS_SDPA)
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """What a row of the table runs: how the model is built, whether it takes our trainer's step (the
-    projected loss) or the peers' (F.cross_entropy over every logit), and the one thing it changes."""
-
-    build: Callable[[TransformerConfig], torch.nn.Module | None]
-    projected: bool = True
-    compile: bool = False  # the whole model under torch.compile
-    loss: Callable[[], peers.LossFn] | None = None  # makes the projected step's loss (default: ours)
-    sdpa: tuple[str, ...] = OURS_SDPA  # torch's attention kernels allowed (SDPBackend names); () all
+def _variant(build: Callable[[TransformerConfig], torch.nn.Module | None], **choices: Any) -> peers.Variant:
+    """A row of this benchmark: bf16 autocast, and for ours the attention kernels our trainer allows."""
+    return peers.Variant(build, bf16=True, **{"sdpa": OURS_SDPA, **choices})
 
 
 def _eager_loss() -> peers.LossFn:
@@ -79,23 +72,23 @@ def _eager_loss() -> peers.LossFn:
     )
 
 
-VARIANTS: dict[str, Variant] = {
-    "ours": Variant(peers.ours),
-    "ours, torch.compile": Variant(peers.ours, compile=True),
-    "ours, fused QKV": Variant(lambda c: peers.ours(c, fuse_qkv=True)),
-    "ours, unfused QKV": Variant(lambda c: peers.ours(c, fuse_qkv=False)),
-    "ours, explicit attention": Variant(lambda c: peers.ours(dataclasses.replace(c, attention="explicit"))),
-    "ours, nn.Dropout": Variant(lambda c: peers.ours(c, torch_dropout=True)),
-    "ours, F.cross_entropy": Variant(peers.ours, projected=False),  # every logit, no row selection
-    "ours, eager loss": Variant(peers.ours, loss=_eager_loss),
-    "ours, fp32 LayerNorm output": Variant(lambda c: peers.ours(c, norms_in_autocast_dtype=False)),
-    "ours, as at 6c532e0": Variant(  # before the three choices above: eager loss, fp32 norms, cuDNN
+VARIANTS: dict[str, peers.Variant] = {
+    "ours": _variant(peers.ours),
+    "ours, torch.compile": _variant(peers.ours, compile=True),
+    "ours, fused QKV": _variant(lambda c: peers.ours(c, fuse_qkv=True)),
+    "ours, unfused QKV": _variant(lambda c: peers.ours(c, fuse_qkv=False)),
+    "ours, explicit attention": _variant(lambda c: peers.ours(dataclasses.replace(c, attention="explicit"))),
+    "ours, nn.Dropout": _variant(lambda c: peers.ours(c, torch_dropout=True)),
+    "ours, F.cross_entropy": _variant(peers.ours, projected=False),  # every logit, no row selection
+    "ours, eager loss": _variant(peers.ours, loss=_eager_loss),
+    "ours, fp32 LayerNorm output": _variant(lambda c: peers.ours(c, norms_in_autocast_dtype=False)),
+    "ours, as at 6c532e0": _variant(  # before the three choices above: eager loss, fp32 norms, cuDNN
         lambda c: peers.ours(c, norms_in_autocast_dtype=False), loss=_eager_loss, sdpa=ALL_SDPA
     ),
-    "ours, no padding masks": Variant(lambda c: peers.ours(c, padding_masks=False)),
-    "ours, cuDNN attention": Variant(peers.ours, sdpa=ALL_SDPA),  # torch's default: cuDNN first on Hopper
-    "nn.Transformer": Variant(peers.TorchPeer, projected=False, sdpa=()),  # torch's defaults
-    "MarianMTModel": Variant(peers.marian_logits, projected=False, sdpa=()),
+    "ours, no padding masks": _variant(lambda c: peers.ours(c, padding_masks=False)),
+    "ours, cuDNN attention": _variant(peers.ours, sdpa=ALL_SDPA),  # torch's default: cuDNN first on Hopper
+    "nn.Transformer": _variant(peers.TorchPeer, projected=False, sdpa=()),  # torch's defaults
+    "MarianMTModel": _variant(peers.marian_logits, projected=False, sdpa=()),
 }
 PEERS = ("nn.Transformer", "MarianMTModel")
 
@@ -160,7 +153,7 @@ def measure(
 
 
 def _prepare(
-    variant: Variant,
+    variant: peers.Variant,
     config: TransformerConfig,
     device: torch.device,
     batch: tuple[torch.Tensor, torch.Tensor],
@@ -171,19 +164,9 @@ def _prepare(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    torch.manual_seed(0)
-    model = variant.build(config)
-    if model is None:
+    step = variant.step(config, [batch], device)
+    if step is None:
         return None
-    model = model.to(device)
-    if variant.compile:
-        model = torch.compile(model)
-    loss = variant.loss() if variant.loss else peers.projected_loss
-    step = peers.training_step(
-        model, [batch], bf16=True, fused_adam=True, projected=variant.projected, loss=loss
-    )
-    if variant.sdpa:
-        step = _with_attention_kernels(step, variant.sdpa)
     step = common.synchronised(step, device)
     for _ in range(warmup):
         step()
@@ -191,19 +174,6 @@ def _prepare(
     if device.type == "cuda":
         memory = round((torch.cuda.max_memory_allocated(device) - before) / 2**20)
     return step, {"peak_memory_mb": memory}
-
-
-def _with_attention_kernels(step: Callable[[], None], backends: Sequence[str]) -> Callable[[], None]:
-    """`step` with torch's fused attention limited to `backends` (SDPBackend names)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    allowed = [getattr(SDPBackend, name) for name in backends]
-
-    def call() -> None:
-        with sdpa_kernel(allowed):
-            step()
-
-    return call
 
 
 def profile_step(step: Callable[[], None], flops: float, peak_gflops: float, steps: int = 3) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -186,6 +187,55 @@ def training_step(
         optimizer.step()
 
     return step
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one row of a training benchmark runs: how its model is built and how its step is taken, so
+    that a variant of ours changes one choice and says which."""
+
+    build: Callable[[TransformerConfig], nn.Module | None]  # None: cannot be built here (no `transformers`)
+    projected: bool = True  # our trainer's step (the projected loss), else F.cross_entropy over all logits
+    bf16: bool = False  # under bf16 autocast
+    fused_adam: bool = True
+    compile: bool = False  # the whole model under torch.compile (as `transformer train compile=true`)
+    loss: Callable[[], LossFn] | None = None  # makes the projected step's loss; None: projected_loss
+    sdpa: tuple[str, ...] = ()  # the fused attention kernels allowed (SDPBackend names); (): torch's choice
+
+    def step(
+        self, config: TransformerConfig, batches: Sequence[tuple[Tensor, Tensor]], device: torch.device
+    ) -> Callable[[], None] | None:
+        """A training step per call over `batches` (on `device`), the model built with seed 0; None
+        where the model cannot be built."""
+        torch.manual_seed(0)
+        model = self.build(config)
+        if model is None:
+            return None
+        model = model.to(device)
+        if self.compile:
+            model = torch.compile(model)
+        step = training_step(
+            model,
+            batches,
+            bf16=self.bf16,
+            fused_adam=self.fused_adam,
+            projected=self.projected,
+            loss=self.loss() if self.loss else projected_loss,
+        )
+        return with_attention_kernels(step, self.sdpa) if self.sdpa else step
+
+
+def with_attention_kernels(step: Callable[[], None], backends: Sequence[str]) -> Callable[[], None]:
+    """`step` with torch's fused attention limited to `backends` (SDPBackend names)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = [getattr(SDPBackend, name) for name in backends]
+
+    def call() -> None:
+        with sdpa_kernel(allowed):
+            step()
+
+    return call
 
 
 def corpus_batches(count: int, max_tokens: int = 2500, seed: int = 0) -> list[tuple[Tensor, Tensor]]:

@@ -29,12 +29,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
+from transformer.config import TransformerConfig
 from transformer.data.tokenizer import PAD_ID
 from transformer.onednn import onednn_trains_faster, use_onednn_linears
 from transformer.precision import has_native_bf16
@@ -44,38 +46,33 @@ from transformer.runtime import ALLOCATOR_TUNABLES
 SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def build(variant: str, config_name: str, max_len: int = 1024) -> torch.nn.Module | None:
-    """The model of a variant; None if it cannot be built here."""
-    c = peers.config_for(config_name, max_len)
-    torch.manual_seed(0)
-    if variant == "nn.Transformer":
-        return peers.TorchPeer(c)
-    if variant == "MarianMTModel":
-        return peers.marian_logits(c)
-    if variant == "ours, MKL linear layers":
-        return peers.ours(c)
-    if variant == "ours, torch.compile":  # as `transformer train compile=true`: compile picks the kernels
-        return torch.compile(peers.ours(c))
-    model = peers.ours(c, fuse_qkv=variant == "ours, fused QKV", torch_dropout=variant == "ours, nn.Dropout")
-    use_onednn_linears(model)  # the kernels `transformer train` chooses
+def _ours(c: TransformerConfig, **choices: Any) -> torch.nn.Module:
+    """Ours with the kernels `transformer train` chooses for its linear layers (oneDNN where it is faster)."""
+    model = peers.ours(c, **choices)
+    use_onednn_linears(model)
     return model
+
+
+VARIANTS: dict[str, peers.Variant] = {
+    "ours": peers.Variant(_ours),
+    "nn.Transformer": peers.Variant(peers.TorchPeer, projected=False),
+    "MarianMTModel": peers.Variant(peers.marian_logits, projected=False),
+    "ours, fused QKV": peers.Variant(lambda c: _ours(c, fuse_qkv=True)),
+    "ours, nn.Dropout": peers.Variant(lambda c: _ours(c, torch_dropout=True)),
+    "ours, for-loop Adam": peers.Variant(_ours, fused_adam=False),
+    "ours, MKL linear layers": peers.Variant(peers.ours),  # torch's nn.Linear, as the peers run
+    "ours, bf16 autocast": peers.Variant(_ours, bf16=True),
+    "ours, torch.compile": peers.Variant(peers.ours, compile=True),  # compile picks the kernels
+}
 
 
 def steps_for(
     variants: list[str], config_name: str, batches: list[tuple[Tensor, Tensor]], max_len: int = 1024
 ) -> dict[str, Callable]:
-    steps = {}
-    for variant in variants:
-        model = build(variant, config_name, max_len)
-        if model is not None:
-            steps[variant] = peers.training_step(
-                model,
-                batches,
-                bf16=variant == "ours, bf16 autocast",
-                fused_adam=variant != "ours, for-loop Adam",
-                projected=variant.startswith("ours"),
-            )
-    return steps
+    """Each variant's training step over `batches` on the CPU, for those that can be built here."""
+    config = peers.config_for(config_name, max_len)
+    steps = {name: VARIANTS[name].step(config, batches, torch.device("cpu")) for name in variants}
+    return {name: step for name, step in steps.items() if step is not None}
 
 
 def measure(

@@ -465,7 +465,7 @@ def test_a_variant_that_fails_leaves_a_line_and_the_others_their_figures(monkeyp
     def broken(config):
         raise RuntimeError("no kernel for this GPU")
 
-    monkeypatch.setitem(gpu.VARIANTS, "broken", gpu.Variant(broken))
+    monkeypatch.setitem(gpu.VARIANTS, "broken", peers.Variant(broken))
     measured = gpu.measure(
         "small", torch.device("cpu"), (2, 3, 3), 1, ["broken", "ours"], peak_n=64, vocab=peers.VOCAB, warmup=0
     )
