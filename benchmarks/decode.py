@@ -2,7 +2,8 @@
 
     python benchmarks/decode.py                    # small and base, batch 64 × 20-token sources
     python benchmarks/decode.py --configs small --repeats 5
-    python benchmarks/decode.py --device cuda      # on a GPU: fp32 and bf16, every call timed to its end
+    python benchmarks/decode.py --device cuda      # on a GPU: fp32 and bf16, every call timed to its end;
+                                                   # ours also without cuDNN's attention, as training runs
 
 Every search runs the decoder exactly `--new-tokens` steps per sentence (random weights would otherwise
 stop at random places): ours by a length limit of that many steps, Marian by min/max_new_tokens. Greedy
@@ -111,6 +112,10 @@ def searches(
         if beam == 1 or uncached_beam:
             runs[f"ours {kind}, uncached"] = our_search(ours, src, beam, new_tokens, cached=False)
         runs[f"ours {kind}, cached, unpacked"] = our_search(unpacked, src, beam, new_tokens, cached=True)
+        if device.type == "cuda":  # as in `transformer train`, whose validation decodes without cuDNN
+            runs[f"ours {kind}, cached, no cuDNN attention"] = peers.with_attention_kernels(
+                our_search(ours, src, beam, new_tokens, cached=True), peers.OURS_SDPA
+            )
         if marian is not None:
             runs[f"Marian {kind}"] = marian_search(marian.eval(), src, beam, new_tokens)
         if ours_bf16 is not None:
@@ -209,7 +214,8 @@ def _ratios(
     for beam in beams:
         kind = search_name(beam)
         ours, ours_bf16 = f"ours {kind}, cached", f"ours {kind}, cached, bf16"
-        for other in (f"ours {kind}, uncached", f"Marian {kind}", f"ours {kind}, cached, unpacked"):
+        others = ("uncached", "cached, unpacked", "cached, no cuDNN attention")
+        for other in (f"Marian {kind}", *(f"ours {kind}, {other}" for other in others)):
             pairs[f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"] = (ours, other)
         pairs[f"ours {kind} cached bf16 vs fp32"] = (ours_bf16, ours)
         pairs[f"ours {kind} cached bf16 vs bf16, unpacked"] = (ours_bf16, f"{ours_bf16}, unpacked")

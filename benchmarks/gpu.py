@@ -54,14 +54,12 @@ def extrapolate(tokens_per_s: float) -> dict[str, float]:
     return {"one_gpu_hours": round(hours, 1), "eight_gpus_hours_perfect_scaling": round(hours / 8, 2)}
 
 
-# The fused attention kernels our trainer leaves torch (not cuDNN's: transformer.runtime.configure_torch)
-OURS_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-ALL_SDPA = ("CUDNN_ATTENTION", *OURS_SDPA)
+ALL_SDPA = ("CUDNN_ATTENTION", *peers.OURS_SDPA)  # torch's default set
 
 
 def _variant(build: Callable[[TransformerConfig], torch.nn.Module | None], **choices: Any) -> peers.Variant:
     """A row of this benchmark: bf16 autocast, and for ours the attention kernels our trainer allows."""
-    return peers.Variant(build, bf16=True, **{"sdpa": OURS_SDPA, **choices})
+    return peers.Variant(build, bf16=True, **{"sdpa": peers.OURS_SDPA, **choices})
 
 
 def _eager_loss() -> peers.LossFn:

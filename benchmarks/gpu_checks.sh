@@ -6,7 +6,8 @@
 #   2. `transformer train` on the bundled Multi30k in bf16 for 90 seconds, then test2016 with beam 4
 #   3. fp16 with loss scaling, 200 steps
 #   4. torchrun with NCCL (one process: NCCL refuses two ranks on one GPU), resumed once
-#   5. benchmarks/decode.py on the GPU: cached, uncached and MarianMTModel.generate, fp32 and bf16
+#   5. benchmarks/decode.py on the GPU: cached, uncached and MarianMTModel.generate, fp32 and bf16, and
+#      ours without cuDNN's attention (as training decodes; translate and serve still use it)
 #   6. benchmarks/gpu.py under torch.compile (minutes of compiling)
 # Each step has its own time limit, so one that fails or hangs leaves the others their time. Everything
 # goes to $OUT (the device tool's folder; runs/gpu-checks elsewhere) as it comes: log.txt, RESULTS.md and

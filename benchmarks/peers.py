@@ -23,6 +23,8 @@ from transformer.model.dropout import Dropout
 from transformer.model.transformer import sinusoidal_table
 
 VOCAB = 8000  # the project's joint SentencePiece vocabulary, for both configurations
+# torch's fused attention kernels our trainer leaves on: all but cuDNN's (transformer.runtime.configure_torch)
+OURS_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # (decoder features, vocabulary projection, target ids, label smoothing) -> summed loss: the projected step's
 LossFn = Callable[[Tensor, nn.Module, Tensor, float], Tensor]
 

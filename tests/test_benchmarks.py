@@ -480,3 +480,22 @@ def test_a_variant_that_fails_leaves_a_line_and_the_others_their_figures(monkeyp
     )
     assert header.count("|") == broken_line.count("|") == ours_line.count("|") == 10  # every column
     assert "| RuntimeError: no kernel for this GPU |" in broken_line
+
+
+def test_ours_without_cudnn_attention_is_one_more_decoding_ratio() -> None:
+    """On a GPU decode.py also times ours with the attention kernels training uses (no cuDNN): the
+    kernels are limited inside the call only, and the ratio is reported beside the others."""
+    seen = []
+    call = peers.with_attention_kernels(
+        lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()), peers.OURS_SDPA
+    )
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)  # as torch starts
+    try:
+        call()
+        assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    times = {"ours greedy, cached": [1.0, 1.2], "ours greedy, cached, no cuDNN attention": [2.0, 2.4]}
+    ratios, _ = decode._ratios(times, [1])
+    assert ratios == {"ours greedy cached vs cached, no cuDNN attention": 2.0}
