@@ -161,3 +161,22 @@ def test_the_compiled_loss_is_compiled_once_for_every_row_count(monkeypatch: pyt
         torch.testing.assert_close(got, want)
         got.backward()
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    ("capability", "triton", "compiled"),
+    [((9, 0), True, True), ((7, 0), True, True), ((6, 0), True, False), ((9, 0), False, False)],
+)
+def test_the_loss_is_compiled_on_gpus_that_triton_runs_on(
+    capability: tuple[int, int], triton: bool, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Volta (7.0) and newer with Triton installed; a P100 (6.0) or a machine without Triton keeps the
+    written-out loss; CPUs always do."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(loss_module.importlib.util, "find_spec", lambda name: object() if triton else None)
+    loss_module._triton_runs_on.cache_clear()
+    try:
+        assert loss_module.compiles(torch.device("cuda", 0)) is compiled
+        assert not loss_module.compiles(torch.device("cpu"))
+    finally:
+        loss_module._triton_runs_on.cache_clear()

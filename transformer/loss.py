@@ -44,9 +44,13 @@ def label_smoothed_loss(
 def compiles(device: torch.device) -> bool:
     """Whether `label_smoothed_loss` is compiled on `device` by default: on CUDA GPUs that torch.compile's
     kernels (Triton) run on, compute capability 7.0 (Volta) and newer."""
+    return device.type == "cuda" and _triton_runs_on(device.index)
+
+
+@functools.cache  # asked at every loss; the answer does not change within a process
+def _triton_runs_on(cuda_index: int | None) -> bool:
     return (
-        device.type == "cuda"
-        and torch.cuda.get_device_capability(device) >= (7, 0)
+        torch.cuda.get_device_capability(cuda_index) >= (7, 0)
         and importlib.util.find_spec("triton") is not None
     )
 
