@@ -164,16 +164,28 @@ def test_the_compiled_loss_is_compiled_once_for_every_row_count(monkeypatch: pyt
 
 
 @pytest.mark.parametrize(
-    ("capability", "triton", "compiled"),
-    [((9, 0), True, True), ((7, 0), True, True), ((6, 0), True, False), ((9, 0), False, False)],
+    ("capability", "triton", "compiler", "compiled"),
+    [
+        ((9, 0), True, True, True),
+        ((7, 0), True, True, True),
+        ((6, 0), True, True, False),
+        ((9, 0), False, True, False),
+        ((9, 0), True, False, False),
+    ],
 )
 def test_the_loss_is_compiled_on_gpus_that_triton_runs_on(
-    capability: tuple[int, int], triton: bool, compiled: bool, monkeypatch: pytest.MonkeyPatch
+    capability: tuple[int, int],
+    triton: bool,
+    compiler: bool,
+    compiled: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Volta (7.0) and newer with Triton installed; a P100 (6.0) or a machine without Triton keeps the
-    written-out loss; CPUs always do."""
+    """Volta (7.0) and newer with Triton and a C compiler; a P100 (6.0), or a machine without Triton or
+    without a compiler for Triton's launchers, keeps the written-out loss; CPUs always do."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(loss_module.importlib.util, "find_spec", lambda name: object() if triton else None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(loss_module.shutil, "which", lambda name: f"/usr/bin/{name}" if compiler else None)
     loss_module._triton_runs_on.cache_clear()
     try:
         assert loss_module.compiles(torch.device("cuda", 0)) is compiled

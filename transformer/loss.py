@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +45,9 @@ def label_smoothed_loss(
 
 def compiles(device: torch.device) -> bool:
     """Whether `label_smoothed_loss` is compiled on `device` by default: on CUDA GPUs that torch.compile's
-    kernels (Triton) run on, compute capability 7.0 (Volta) and newer."""
+    kernels (Triton) run on, compute capability 7.0 (Volta) and newer, where Triton is installed and finds
+    the C compiler it builds its kernel launchers with (else the first step would fail, deep in
+    torch.compile, where the written-out loss works)."""
     return device.type == "cuda" and _triton_runs_on(device.index)
 
 
@@ -52,6 +56,7 @@ def _triton_runs_on(cuda_index: int | None) -> bool:
     return (
         torch.cuda.get_device_capability(cuda_index) >= (7, 0)
         and importlib.util.find_spec("triton") is not None
+        and bool(os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"))  # as Triton looks
     )
 
 
