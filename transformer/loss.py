@@ -29,13 +29,14 @@ def label_smoothed_loss(
     `compiled` (None: on CUDA, `compiles`) computes it as `label_smoothed_loss_by_reductions` under
     torch.compile instead, which reads the logits twice forward and writes their gradient in one pass,
     with no fp32 copy of them: on an H200 the eager loss's ten passes over fp32 (rows, vocabulary)
-    tensors were a fifth of a base step in bf16. On CPUs compiling costs tens of seconds per new shape
-    (padded row counts recur, but not all), for a loss already written out by hand.
+    tensors were a fifth of a base step in bf16. CPUs keep the loss written out by hand: compiling took
+    ~45 s on a 2-core Zen 1 and needs a C++ compiler, for passes that are a few percent of its
+    compute-bound step.
     """
     logits, target = logits.reshape(-1, logits.size(-1)), target.reshape(-1)  # (rows, vocab), (rows,)
     if compiles(logits.device) if compiled is None else compiled:
         # The row count changes from batch to batch: compiled for any count from the first call (left to
-        # torch.compile's own guesses, a Multi30k run on a GPU recompiled for ~150 steps), while the
+        # its own guesses, torch.compile compiles for the first count, then again for any), while the
         # vocabulary size stays a constant of the kernels.
         torch._dynamo.maybe_mark_dynamic(logits, 0)
         torch._dynamo.maybe_mark_dynamic(target, 0)
