@@ -35,7 +35,8 @@ step info 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memor
     torch.cuda.get_device_name())'; nproc"
 step tests 120 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step gpu.py 150 "$py" benchmarks/gpu.py --peers --profile --variants ours "ours, eager loss" \
-    "ours, fp32 LayerNorm output" "ours, cuDNN attention" "ours, no flash attention" "ours, as at 6c532e0"
+    "ours, fp32 LayerNorm output" "ours, cuDNN attention" "ours, no flash attention" "ours, 4 steps per wait" \
+    "ours, as at 6c532e0"
 cp benchmarks/RESULTS.md "$out/"
 step train-bf16 150 "$py" -m transformer.cli train --out runs/gpu-bf16 precision=bf16 time_budget_minutes=1.5 \
     eval_every=1000

@@ -203,12 +203,15 @@ class Variant:
     compile: bool = False  # the whole model under torch.compile (as `transformer train compile=true`)
     loss: Callable[[], LossFn] | None = None  # makes the projected step's loss; None: projected_loss
     sdpa: tuple[str, ...] = ()  # the fused attention kernels allowed (SDPBackend names); (): torch's choice
+    # Steps per call: on a GPU, timed together with one wait at the end, as a trainer that never waits on
+    # the GPU between steps would run (ours waits twice a step: the loss's value, the finiteness check)
+    steps_per_call: int = 1
 
     def step(
         self, config: TransformerConfig, batches: Sequence[tuple[Tensor, Tensor]], device: torch.device
     ) -> Callable[[], None] | None:
-        """A training step per call over `batches` (on `device`), the model built with seed 0; None
-        where the model cannot be built."""
+        """`steps_per_call` training steps per call over `batches` (on `device`), the model built with
+        seed 0; None where the model cannot be built."""
         torch.manual_seed(0)
         model = self.build(config)
         if model is None:
@@ -224,7 +227,16 @@ class Variant:
             projected=self.projected,
             loss=self.loss() if self.loss else projected_loss,
         )
-        return with_attention_kernels(step, self.sdpa) if self.sdpa else step
+        step = with_attention_kernels(step, self.sdpa) if self.sdpa else step
+        return step if self.steps_per_call == 1 else _repeated(step, self.steps_per_call)
+
+
+def _repeated(step: Callable[[], None], times: int) -> Callable[[], None]:
+    def call() -> None:
+        for _ in range(times):
+            step()
+
+    return call
 
 
 def with_attention_kernels(step: Callable[[], None], backends: Sequence[str]) -> Callable[[], None]:

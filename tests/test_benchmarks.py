@@ -499,3 +499,25 @@ def test_ours_without_cudnn_attention_is_one_more_decoding_ratio() -> None:
     times = {"ours greedy, cached": [1.0, 1.2], "ours greedy, cached, no cuDNN attention": [2.0, 2.4]}
     ratios, _ = decode._ratios(times, [1])
     assert ratios == {"ours greedy cached vs cached, no cuDNN attention": 2.0}
+
+
+def test_a_variant_of_several_steps_per_wait_reports_seconds_per_step(monkeypatch) -> None:
+    """`ours, 4 steps per wait` takes four steps a call, and its row is per step like the others'."""
+    taken = {}
+
+    def fake_training_step(model, batches, **_):
+        key = len(taken)
+        taken[key] = 0
+
+        def step() -> None:
+            taken[key] += 1
+            time.sleep(0.004)
+
+        return step
+
+    monkeypatch.setattr(peers, "training_step", fake_training_step)
+    names = ["ours", "ours, 4 steps per wait"]
+    measured = gpu.measure("small", torch.device("cpu"), (2, 3, 3), 3, names, peak_n=64, vocab=64, warmup=1)
+    assert taken == {0: 1 + 3, 1: 4 * (1 + 3)}  # warm-up, then three timed rounds
+    for name in names:
+        assert measured["variants"][name]["s_per_step"] == pytest.approx(0.004, rel=0.5)
