@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, TINY_MODEL, tiny_recipe
 
 from transformer import Transformer, precision
 from transformer.errors import TransformerError
@@ -150,3 +152,17 @@ def test_configure_torch_leaves_cuda_attention_to_torchs_own_kernels() -> None:
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_training_says_when_the_loss_is_compiled_first(
+    compiled: bool, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """On a GPU the first step compiles the loss, seconds of silence: the model's line says so first."""
+    from transformer import train as train_module
+
+    monkeypatch.setattr(train_module, "compiles", lambda device: compiled)  # the loss itself stays eager
+    recipe = tiny_recipe(data_dir, max_steps=1, eval_every=1, average_last=0, test_split="")
+    train_module.train(recipe, TINY_MODEL, tmp_path)
+    model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model: "))
+    assert ("the loss is compiled for this GPU at the first step" in model_line) is compiled

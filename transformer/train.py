@@ -41,7 +41,7 @@ from transformer.data.corpus import filter_pairs, read_split
 from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
-from transformer.loss import label_smoothed_loss, projected_loss
+from transformer.loss import compiles, label_smoothed_loss, projected_loss
 from transformer.model import build_model
 from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
@@ -365,6 +365,8 @@ def train(
         where = f"{resume_from[0]} at step {progress.step} (epoch {progress.epoch + 1})"
         tqdm.write(f"resuming {run_dir} from {where}")
     kernels = " (fp32 products in oneDNN)" if onednn else ""
+    if compiles(device):  # else the first step's silence looks like a hang
+        kernels += " (the loss is compiled for this GPU at the first step: some seconds)"
     tqdm.write(
         f"model: {model.num_parameters() / 1e6:.1f}M parameters, {mixed.precision} on {device.type}"
         f"{kernels}; writing to {run_dir}"
