@@ -133,12 +133,11 @@ def ours(
     masks, or with the layer norms' output in fp32 or autocast's dtype (None: the model's default, the
     latter on CUDA only), to measure those choices."""
     model = Transformer(c) if padding_masks else _WithoutPaddingMasks(c)
-    for module in model.modules():
-        if hasattr(module, "in_autocast_dtype") and norms_in_autocast_dtype is not None:
-            module.in_autocast_dtype = norms_in_autocast_dtype
     for module in list(model.modules()):
         if hasattr(module, "fuse_qkv") and fuse_qkv is not None:
             module.fuse_qkv = fuse_qkv
+        if hasattr(module, "in_autocast_dtype") and norms_in_autocast_dtype is not None:
+            module.in_autocast_dtype = norms_in_autocast_dtype
         for name, child in list(module.named_children()):
             if torch_dropout and isinstance(child, Dropout):
                 setattr(module, name, nn.Dropout(child.p))
