@@ -301,7 +301,7 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
         return {
             "status": "ok",
             "model": tc.model,
-            "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "parameters": engine.model.num_parameters(),
             "members": engine.members,  # checkpoints decoded as an ensemble; 1 for one model
             "src_lang": tc.src_lang,
             "tgt_lang": tc.tgt_lang,

@@ -38,6 +38,9 @@ class Ensemble(nn.Module):
         self.config = dataclasses.replace(members[0].config, max_len=min(m.config.max_len for m in members))
         self._widths: list[int] = []  # each member's feature width, as `decode` last gave them
 
+    def num_parameters(self) -> int:
+        return sum(m.num_parameters() for m in self.members)
+
     def encode(self, src: Tensor) -> tuple[tuple[Any, ...], Tensor]:
         """Each member's (memory, mask), sources first; the first member's mask stands for them all."""
         encoded = tuple(m.encode(src) for m in self.members)
