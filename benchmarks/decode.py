@@ -214,8 +214,8 @@ def _ratios(
     for beam in beams:
         kind = search_name(beam)
         ours, ours_bf16 = f"ours {kind}, cached", f"ours {kind}, cached, bf16"
-        others = ("uncached", "cached, unpacked", "cached, no cuDNN attention")
-        for other in (f"Marian {kind}", *(f"ours {kind}, {other}" for other in others)):
+        variants = ("uncached", "cached, unpacked", "cached, no cuDNN attention")
+        for other in (f"Marian {kind}", *(f"ours {kind}, {variant}" for variant in variants)):
             pairs[f"ours {kind} cached vs {other.removeprefix(f'ours {kind}, ')}"] = (ours, other)
         pairs[f"ours {kind} cached bf16 vs fp32"] = (ours_bf16, ours)
         pairs[f"ours {kind} cached bf16 vs bf16, unpacked"] = (ours_bf16, f"{ours_bf16}, unpacked")
