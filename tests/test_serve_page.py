@@ -30,22 +30,49 @@ return [ink, canvas.width, canvas.height];
 """
 
 
+# Starts of the browser tried before the fixture fails. Chromium's start is the one step here that
+# depends on the machine rather than on our code: on a loaded CI runner it once died before it spoke to
+# chromedriver ("DevToolsActivePort file doesn't exist"), and the next test's start then worked.
+BROWSER_STARTS = 3
+
+
 @pytest.fixture
-def browser():
+def browser(tmp_path_factory: pytest.TempPathFactory):
     if not (CHROMIUM and CHROMEDRIVER):
         message = "headless Chromium needs the chromium and chromium-driver packages"
         if os.environ.get("CI"):
             pytest.fail(f"{message}, which .ci/run installs")
         pytest.skip(message)
     from selenium import webdriver
+    from selenium.common.exceptions import SessionNotCreatedException
     from selenium.webdriver.chrome.service import Service
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument("--window-size=1100,1400")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    for attempt in range(1, BROWSER_STARTS + 1):
+        # A profile of its own per start, and DevTools over a pipe rather than a port announced in a
+        # file: neither can be left half-written by an earlier start.
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        log = profile.parent / f"{profile.name}-chromedriver.log"
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for argument in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            "--window-size=1100,1400",
+        ):
+            options.add_argument(argument)
+        try:
+            driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(log)), options=options)
+            break
+        except SessionNotCreatedException as error:
+            if attempt == BROWSER_STARTS:
+                tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                pytest.fail(
+                    f"Chromium did not start in {BROWSER_STARTS} tries: {error.msg}\n" + "\n".join(tail)
+                )
     yield driver
     driver.quit()
 
