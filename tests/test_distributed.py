@@ -199,6 +199,17 @@ def test_alone_every_collective_is_the_identity() -> None:
     assert distributed.own_state(["only"]) == "only" and distributed.own_state(["a", "b"]) is None
 
 
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_outside_one(tmp_path: Path) -> None:
+    """A finished run leaves its group itself (`train` calls `shutdown`) rather than at exit."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    assert distributed.active()
+    distributed.shutdown()
+    assert not distributed.active()
+    distributed.shutdown()
+
+
 def test_shards_are_disjoint_equal_in_steps_and_interleave_back(monkeypatch) -> None:
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     shards = []

@@ -384,7 +384,10 @@ def train(
         lambda: validate(model, tokenizer, valid_data, tc),
     )
     loop.run(train_data)
-    return finish(model, tokenizer, tc, run_dir, valid_data, log, started, progress.best_bleu)
+    results = finish(model, tokenizer, tc, run_dir, valid_data, log, started, progress.best_bleu)
+    del loop  # its DistributedDataParallel wrapper holds the process group
+    distributed.shutdown()
+    return results
 
 
 def _read_splits(tc: TrainConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
