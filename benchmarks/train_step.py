@@ -13,7 +13,9 @@ mask, torch's for-loop Adam (its default on the CPU), bf16 autocast (included wh
 instructions, or with --bf16) and torch.compile (--compile; as `transformer train compile=true`, with the
 kernels compile picks). Ours multiplies fp32 in oneDNN where `transformer train` does (AMD CPUs whose
 oneDNN beats MKL, transformer/onednn.py); there the variant `ours, MKL linear layers` is ours with torch's
-nn.Linear, as the peers run. The variants take a step in turn, round after round (benchmarks/common.py).
+nn.Linear, as the peers run, and `ours, oneDNN weight gradients` (on Zen 4, whose weight gradients are
+MKL's) or `ours, MKL weight gradients` (elsewhere) computes the weight gradients in the other library.
+The variants take a step in turn, round after round (benchmarks/common.py).
 Peak memory is measured per variant in a fresh child process. Prints JSON and updates
 benchmarks/RESULTS.md.
 """
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, peers
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import PAD_ID
-from transformer.onednn import onednn_trains_faster, use_onednn_linears
+from transformer.onednn import OneDNNLinear, onednn_trains_faster, use_onednn_linears, weight_gradients_in_mkl
 from transformer.precision import has_native_bf16
 from transformer.runtime import ALLOCATOR_TUNABLES
 
@@ -46,11 +48,20 @@ from transformer.runtime import ALLOCATOR_TUNABLES
 SHAPES = {"small": (96, 24, 22), "base": (48, 24, 22)}
 
 
-def _ours(c: TransformerConfig, **choices: Any) -> torch.nn.Module:
-    """Ours with the kernels `transformer train` chooses for its linear layers (oneDNN where it is faster)."""
+def _ours(c: TransformerConfig, weight_grad_in_mkl: bool | None = None, **choices: Any) -> torch.nn.Module:
+    """Ours with the kernels `transformer train` chooses for its linear layers (oneDNN where it is faster);
+    `weight_grad_in_mkl` overrides where their weight gradients are computed (None: as `train` does)."""
     model = peers.ours(c, **choices)
     use_onednn_linears(model)
+    for module in model.modules():
+        if isinstance(module, OneDNNLinear):
+            module.weight_grad_in_mkl = weight_grad_in_mkl
     return model
+
+
+def _other_weight_gradients() -> str:
+    """The variant whose oneDNN linears compute weight gradients in the other library than `train`'s."""
+    return "ours, oneDNN weight gradients" if weight_gradients_in_mkl() else "ours, MKL weight gradients"
 
 
 VARIANTS: dict[str, peers.Variant] = {
@@ -61,6 +72,8 @@ VARIANTS: dict[str, peers.Variant] = {
     "ours, nn.Dropout": peers.Variant(lambda c: _ours(c, torch_dropout=True)),
     "ours, for-loop Adam": peers.Variant(_ours, fused_adam=False),
     "ours, MKL linear layers": peers.Variant(peers.ours),  # torch's nn.Linear, as the peers run
+    "ours, oneDNN weight gradients": peers.Variant(lambda c: _ours(c, weight_grad_in_mkl=False)),
+    "ours, MKL weight gradients": peers.Variant(lambda c: _ours(c, weight_grad_in_mkl=True)),
     "ours, bf16 autocast": peers.Variant(_ours, bf16=True),
     "ours, torch.compile": peers.Variant(peers.ours, compile=True),  # compile picks the kernels
 }
@@ -196,6 +209,7 @@ def main() -> None:
             "ours, fused QKV",
             *(["ours, nn.Dropout", "ours, for-loop Adam"] if name == "small" else []),
             *(["ours, MKL linear layers"] if onednn_trains_faster() else []),
+            *([_other_weight_gradients()] if onednn_trains_faster() else []),
             *(["ours, bf16 autocast"] if bf16 else []),
             *(["ours, torch.compile"] if args.compile else []),
         ]

@@ -23,17 +23,20 @@ from transformer.train import train
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 
 
+@pytest.mark.parametrize("mkl", [False, True], ids=["dW in oneDNN", "dW in MKL"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [(12,), (3, 5), (1,)])
 @pytest.mark.parametrize("features", [(96, 40), (40, 96), (64, 64)])  # (in, out): both forms of dW
-def test_forward_and_gradients_are_linears(bias: bool, rows: tuple[int, ...], features: tuple[int, int]):
+def test_forward_and_gradients_are_linears(
+    bias: bool, rows: tuple[int, ...], features: tuple[int, int], mkl: bool
+) -> None:
     torch.manual_seed(0)
     (d_in, d_out), shape = features, (*rows, features[0])
     x = torch.randn(shape, requires_grad=True)
     weight = torch.randn(d_out, d_in, requires_grad=True)
     b = torch.randn(d_out, requires_grad=True) if bias else None
     grad = torch.randn(*rows, d_out)
-    onednn_linear(x, weight, b).backward(grad)
+    onednn_linear(x, weight, b, weight_grad_in_mkl=mkl).backward(grad)
     inputs = [t.detach().double().requires_grad_() for t in (x, weight, *([b] if bias else []))]
     exact = F.linear(*inputs) if bias else F.linear(*inputs, None)
     exact.backward(grad.double())
@@ -134,6 +137,40 @@ def test_training_with_onednn_linears_follows_the_plain_run(
 
     assert len(losses("plain")) == 2
     assert losses("onednn") == pytest.approx(losses("plain"), rel=1e-4)
+
+
+def test_weight_gradients_go_to_mkl_on_zen_4_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zen 4 runs AVX-512 on 256-bit units, where MKL's AVX2 kernels keep up; Zen 5's units are 512 bits."""
+
+    def on(vendor: str, family: int | None, flags: set[str]) -> bool:
+        monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(onednn, "cpu_family", lambda: family)
+        monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset(flags))
+        onednn.weight_gradients_in_mkl.cache_clear()
+        return onednn.weight_gradients_in_mkl()
+
+    try:
+        assert on("AuthenticAMD", 25, {"avx2", "avx512f"})  # Zen 4
+        assert not on("AuthenticAMD", 25, {"avx2"})  # Zen 3 (which trains with MKL's nn.Linear anyway)
+        assert not on("AuthenticAMD", 26, {"avx2", "avx512f"})  # Zen 5
+        assert not on("GenuineIntel", 6, {"avx2", "avx512f"})
+        assert not on("", None, set())
+    finally:
+        monkeypatch.undo()
+        onednn.weight_gradients_in_mkl.cache_clear()
+
+
+def test_a_layer_follows_its_weight_gradient_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`OneDNNLinear.weight_grad_in_mkl` (what the benchmark's variants set) reaches the backward pass:
+    MKL's dW is a plain `mm` of the transposed gradient, oneDNN's is not."""
+    layer = OneDNNLinear(nn.Linear(8, 8))
+    x = torch.randn(5, 8)
+    for setting, mkl_calls in ((True, 1), (False, 0)):
+        layer.weight_grad_in_mkl = setting
+        y = layer(x)
+        with torch.profiler.profile() as prof:
+            y.sum().backward()
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::mm") == mkl_calls, setting
 
 
 def test_training_takes_onednn_only_where_avx512_makes_it_faster(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,11 +121,11 @@ def test_cpu_name_and_flags_come_from_cpuinfo(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(runtime, "_cpuinfo", lambda: text)
     assert runtime.cpu_name() == "AMD EPYC 9B14"
     assert runtime.cpu_flags() == frozenset({"fpu", "avx2", "avx512_bf16"})
-    assert runtime.cpu_vendor() == ""
+    assert runtime.cpu_vendor() == "" and runtime.cpu_family() is None
     text = "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
     monkeypatch.setattr(runtime, "_cpuinfo", lambda: text)
     assert runtime.cpu_name() == "AMD EPYC (family 26, model 2)"  # "AMD EPYC" alone: Zen 4 or Zen 5?
-    assert runtime.cpu_vendor() == "AuthenticAMD"
+    assert runtime.cpu_vendor() == "AuthenticAMD" and runtime.cpu_family() == 26
     monkeypatch.setattr(runtime, "_cpuinfo", lambda: "")  # no /proc/cpuinfo (macOS)
     assert runtime.cpu_flags() == frozenset() and runtime.cpu_name()
 

@@ -13,6 +13,7 @@ is a kernel choice made outside the model: the parameters and the state dict sta
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import torch
@@ -20,9 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.packing import SharedLinear, fp32_kernel, onednn_available, replace_linears
-from transformer.runtime import cpu_flags
+from transformer.runtime import cpu_family, cpu_flags, cpu_vendor
 
-__all__ = ["OneDNNLinear", "onednn_linear", "onednn_trains_faster", "use_onednn_linears"]
+__all__ = [
+    "OneDNNLinear",
+    "onednn_linear",
+    "onednn_trains_faster",
+    "use_onednn_linears",
+    "weight_gradients_in_mkl",
+]
 
 
 def onednn_trains_faster() -> bool:
@@ -33,23 +40,36 @@ def onednn_trains_faster() -> bool:
     return fp32_kernel() == "onednn" and "avx512f" in cpu_flags()
 
 
+@cache  # asked at every backward pass of every layer
+def weight_gradients_in_mkl() -> bool:
+    """Whether `OneDNNLinear` leaves its weight gradients to MKL: on Zen 4 (AMD family 25 with AVX-512),
+    whose cores run AVX-512 instructions on 256-bit units, so that MKL's AVX2 kernels multiply as fast as
+    oneDNN's there. MKL then wins by reading the transposed operand in place, where oneDNN copies it
+    first, and torch's transposed copy is slow (one thread, ~10× a plain copy of the same bytes: 49 copies,
+    20-27 ms of a 670-ms small step). On Zen 5, with 512-bit units, MKL's AVX2 weight gradients are the
+    slow ones. Measured by `benchmarks/train_step.py` (`ours, oneDNN weight gradients`)."""
+    return cpu_vendor() == "AuthenticAMD" and cpu_family() == 25 and "avx512f" in cpu_flags()
+
+
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x (…, in) · weightᵀ (+ bias) by oneDNN; `weight` (out, in) may be a transposed view."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b with all three products in oneDNN: dx = dy·W, dW = dyᵀ·x, db = Σ dy.
+    """y = x·Wᵀ + b with the products in oneDNN: dx = dy·W, dW = dyᵀ·x, db = Σ dy.
 
     dW sums over the rows, the first dimension of both dy and x, and oneDNN's linear sums over the last:
     its first operand is copied transposed, so the narrower of the two takes that place. Measured at 2,496
     rows (Zen 5, by hand): 256 → 1,024 as (xᵀ·dy)ᵀ 5.2 ms against 7.0 ms as dyᵀ·x and MKL's 8.2 ms;
-    1,024 → 256 as dyᵀ·x 4.7 ms against 7.3 ms and 8.1 ms; 256 → 256 as dyᵀ·x 2.2 ms against 2.6 and 2.3."""
+    1,024 → 256 as dyᵀ·x 4.7 ms against 7.3 ms and 8.1 ms; 256 → 256 as dyᵀ·x 2.2 ms against 2.6 and 2.3.
+    With `weight_grad_in_mkl` dW is MKL's instead, which reads the transposed views as they are
+    (`weight_gradients_in_mkl`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, weight_grad_in_mkl: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.weight_grad_in_mkl = bias is not None, weight_grad_in_mkl
         return _product(x, weight, bias)
 
     @staticmethod
@@ -61,28 +81,37 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         rows = grad.reshape(-1, grad.size(-1))  # (n, out)
         if ctx.needs_input_grad[1]:
             x_rows = x.reshape(-1, x.size(-1))  # (n, in)
-            if x_rows.size(1) < rows.size(1):  # in < out: xᵀ is the narrower operand to copy
+            if ctx.weight_grad_in_mkl:
+                grad_weight = rows.t().mm(x_rows)  # (out, in)
+            elif x_rows.size(1) < rows.size(1):  # in < out: xᵀ is the narrower operand to copy
                 grad_weight = _product(x_rows.t(), rows.t(), None).t().contiguous()  # (out, in)
             else:
                 grad_weight = _product(rows.t(), x_rows.t(), None)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None
 
 
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` through oneDNN for fp32 tensors on the CPU outside autocast; `F.linear` otherwise."""
+def onednn_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, weight_grad_in_mkl: bool | None = None
+) -> Tensor:
+    """`F.linear` through oneDNN for fp32 tensors on the CPU outside autocast; `F.linear` otherwise.
+    `weight_grad_in_mkl` (None: `weight_gradients_in_mkl()`) leaves the weight's gradient to MKL."""
     fp32_cpu = x.dtype == weight.dtype == torch.float32 and x.is_cpu and x.numel() > 0
     if not fp32_cpu or torch.is_autocast_enabled("cpu"):  # under autocast, autocast chooses dtype and kernel
         return F.linear(x, weight, bias)
-    return _OneDNNLinearFunction.apply(x, weight, bias)
+    in_mkl = weight_gradients_in_mkl() if weight_grad_in_mkl is None else weight_grad_in_mkl
+    return _OneDNNLinearFunction.apply(x, weight, bias, in_mkl)
 
 
 class OneDNNLinear(SharedLinear):
-    """`nn.Linear` whose fp32 CPU products, forward and backward, run in oneDNN."""
+    """`nn.Linear` whose fp32 CPU products, forward and backward, run in oneDNN (the weight gradient in
+    MKL where `weight_gradients_in_mkl` says; `weight_grad_in_mkl` True or False decides it instead)."""
+
+    weight_grad_in_mkl: bool | None = None  # None: weight_gradients_in_mkl(); the benchmarks set it
 
     def forward(self, x: Tensor) -> Tensor:
-        return onednn_linear(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias, weight_grad_in_mkl=self.weight_grad_in_mkl)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", oneDNN"

@@ -42,6 +42,13 @@ def cpu_name() -> str:
     return f"{name} (family {family.group(1)}, model {model.group(1)})" if family and model else name
 
 
+def cpu_family() -> int | None:
+    """The CPU's family number (AMD: 23 for Zen 1 and 2, 25 for Zen 3 and 4, 26 for Zen 5; None where
+    /proc/cpuinfo is missing): with the flags, it tells how wide the vector units behind them are."""
+    found = re.search(r"^cpu family\s*:\s*(\d+)$", _cpuinfo(), re.M)
+    return int(found.group(1)) if found else None
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where /proc/cpuinfo is missing)."""
     found = re.search(r"^vendor_id\s*:\s*(.+)$", _cpuinfo(), re.M)

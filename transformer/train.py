@@ -43,7 +43,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.loss import compiles, label_smoothed_loss, projected_loss
 from transformer.model import build_model
-from transformer.onednn import use_onednn_linears
+from transformer.onednn import use_onednn_linears, weight_gradients_in_mkl
 from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, emulation_warning, maybe_compile
 from transformer.runtime import configure_torch
@@ -364,7 +364,10 @@ def train(
         started -= progress.seconds  # the clock continues where the saved run stopped
         where = f"{resume_from[0]} at step {progress.step} (epoch {progress.epoch + 1})"
         tqdm.write(f"resuming {run_dir} from {where}")
-    kernels = " (fp32 products in oneDNN)" if onednn else ""
+    kernels = ""
+    if onednn:
+        mkl = ", weight gradients in MKL" if weight_gradients_in_mkl() else ""
+        kernels = f" (fp32 products in oneDNN{mkl})"
     if compiles(device):  # else the first step's silence looks like a hang
         kernels += " (the loss is compiled for this GPU at the first step: some seconds)"
     tqdm.write(
