@@ -6,8 +6,9 @@ every x86 build of torch, chooses by instruction set. On 2 cores of a Zen 5 EPYC
 training shapes (4,096 rows), oneDNN ran the forward products 2.3-2.5× and the input gradients' 2.0-2.4×
 as fast as MKL (346-405 against 157-173 GFLOP/s); the weight gradients, read transposed, 1.1-1.6×.
 
-`OneDNNLinear` is `nn.Linear` with those three products sent to oneDNN; `use_onednn_linears(model)`
-swaps it in where `onednn_trains_faster` says oneDNN is the faster library. Like packing, this
+`OneDNNLinear` is `nn.Linear` with those three products sent to oneDNN (on Zen 4 the weight gradient
+stays in MKL: `weight_gradients_in_mkl`); `use_onednn_linears(model)` swaps it in where
+`onednn_trains_faster` says oneDNN is the faster library. Like packing, this
 is a kernel choice made outside the model: the parameters and the state dict stay `nn.Linear`'s.
 """
 
