@@ -366,7 +366,8 @@ def train(
         tqdm.write(f"resuming {run_dir} from {where}")
     kernels = ""
     if onednn:
-        mkl = ", weight gradients in MKL" if weight_gradients_in_mkl() else ""
+        fp32_training = mixed.precision == "fp32"  # under autocast the linears are autocast's
+        mkl = ", weight gradients in MKL" if fp32_training and weight_gradients_in_mkl() else ""
         kernels = f" (fp32 products in oneDNN{mkl})"
     if compiles(device):  # else the first step's silence looks like a hang
         kernels += " (the loss is compiled for this GPU at the first step: some seconds)"
