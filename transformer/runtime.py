@@ -31,34 +31,40 @@ def _cpuinfo() -> str:
         return ""
 
 
+def _cpuinfo_field(key: str) -> str | None:
+    """The value of /proc/cpuinfo's first `key` line (the first processor's); None where there is none."""
+    found = re.search(rf"^{key}\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return found.group(1).strip() if found else None
+
+
+def _cpuinfo_number(key: str) -> int | None:
+    value = _cpuinfo_field(key)
+    return int(value) if value and value.isdigit() else None
+
+
 def cpu_name() -> str:
     """The CPU's model name, for the machine lines of reports, cards and benchmarks, with its family and
     model numbers where known: virtual machines often report only "AMD EPYC", and a Zen 4 and a Zen 5
     core (families 25 and 26) multiply fp32 at rates a factor of two apart."""
-    text = _cpuinfo()
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    name = found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown"
-    family, model = (re.search(rf"^{key}\s*:\s*(\d+)$", text, re.M) for key in ("cpu family", "model"))
-    return f"{name} (family {family.group(1)}, model {model.group(1)})" if family and model else name
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+    family, model = cpu_family(), _cpuinfo_number("model")
+    return f"{name} (family {family}, model {model})" if family is not None and model is not None else name
 
 
 def cpu_family() -> int | None:
     """The CPU's family number (AMD: 23 for Zen 1 and 2, 25 for Zen 3 and 4, 26 for Zen 5; None where
     /proc/cpuinfo is missing): with the flags, it tells how wide the vector units behind them are."""
-    found = re.search(r"^cpu family\s*:\s*(\d+)$", _cpuinfo(), re.M)
-    return int(found.group(1)) if found else None
+    return _cpuinfo_number("cpu family")
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where /proc/cpuinfo is missing)."""
-    found = re.search(r"^vendor_id\s*:\s*(.+)$", _cpuinfo(), re.M)
-    return found.group(1).strip() if found else ""
+    return _cpuinfo_field("vendor_id") or ""
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (empty where /proc/cpuinfo is missing): they decide which matmuls are fast."""
-    found = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
-    return frozenset(found.group(1).split()) if found else frozenset()
+    return frozenset((_cpuinfo_field("flags") or "").split())
 
 
 def configure_torch(threads: int = 0) -> None:
