@@ -162,7 +162,7 @@ def test_weight_gradients_go_to_mkl_on_zen_4_only(monkeypatch: pytest.MonkeyPatc
         onednn.weight_gradients_in_mkl.cache_clear()
 
 
-def test_a_layer_follows_its_weight_gradient_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_layer_follows_its_weight_gradient_setting() -> None:
     """`OneDNNLinear.weight_grad_in_mkl` (what the benchmark's variants set) reaches the backward pass:
     MKL's dW is a plain `mm` of the transposed gradient, oneDNN's is not."""
     layer = OneDNNLinear(nn.Linear(8, 8))
