@@ -152,19 +152,20 @@ def test_cache_appends_and_reorders() -> None:
         cache.advance()
         steps.append(out)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-6)
-    before = cache.self_kv[0][0][:, :, :5].clone()
+    before = cache.prefix(0)[0].clone()  # (rows, heads, 5, d_k)
+    assert before.shape == (3, 2, 5, 4)
     cache.reorder(torch.tensor([2, 2, 0]))
-    k, _ = cache.self_kv[0]
-    assert torch.equal(k[:, :, :5], before[[2, 2, 0]])
+    assert torch.equal(cache.prefix(0)[0], before[[2, 2, 0]])
     cache.reorder(torch.tensor([2, 0, 1]))  # back into the first buffers, which the first reorder freed
-    assert torch.equal(cache.self_kv[0][0][:, :, :5], before[[0, 2, 2]])
+    assert torch.equal(cache.prefix(0)[0], before[[0, 2, 2]])
     new_x = torch.randn(3, 1, 8)  # a step after reordering appends to the reordered prefix
     out, _ = mha(new_x, cache=cache, layer=0)
     expected, _ = mha(torch.cat([x[[0, 2, 2]], new_x], 1), mask=torch.ones(6, 6, dtype=torch.bool).tril())
     assert torch.allclose(out, expected[:, -1:], atol=1e-6)
     cache.advance()
     cache.reorder(torch.tensor([1]))  # fewer rows: new buffers
-    assert cache.self_kv[0][0].shape == (1, 2, 8, 4) and torch.equal(cache.self_kv[0][0][0, :, :5], before[2])
+    assert cache.self_kv[0][0].shape == (1, 8, 2, 4)  # (rows, max_len, heads, d_k): per position
+    assert torch.equal(cache.prefix(0)[0][0, :, :5], before[2])
     cache.reorder(torch.tensor([0, 0, 0]))  # more rows (a beam widening): new buffers, the prefix copied
     last_x = torch.randn(3, 1, 8)
     out, _ = mha(last_x, cache=cache, layer=0)
@@ -187,10 +188,11 @@ def test_cache_reorder_copies_only_moved_rows_in_place() -> None:
         cache.reorder(torch.tensor(index))
         expected_k, expected_v = expected_k[index], expected_v[index]
         assert cache.self_kv[0][0] is buffers[0] and cache.self_kv[0][1] is buffers[1]  # in place
-        assert torch.equal(buffers[0][:, :, :4], expected_k) and torch.equal(buffers[1][:, :, :4], expected_v)
+        k_now, v_now = cache.prefix(0)
+        assert torch.equal(k_now, expected_k) and torch.equal(v_now, expected_v)
     cache.reorder(torch.tensor([5, 5, 5, 5, 4, 4]))  # most rows move: gathered into the spare buffers
     assert cache.self_kv[0][0] is not buffers[0]
-    assert torch.equal(cache.self_kv[0][0][:, :, :4], expected_k[[5, 5, 5, 5, 4, 4]])
+    assert torch.equal(cache.prefix(0)[0], expected_k[[5, 5, 5, 5, 4, 4]])
 
 
 def test_a_cache_kept_in_fp32_serves_a_bf16_layer() -> None:
