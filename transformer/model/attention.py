@@ -107,7 +107,7 @@ class KVCache:
     for `max_len` positions, so a step costs no copy of the prefix. The buffers are laid out per position,
     (rows, max_len, heads, d_k), as the projections give them, and attention reads them through a
     transposed view: a row's prefix is then one block of memory, which a step writes to and a beam's
-    reorder copies as one piece instead of one per head (whole beam-4 searches ran 1.02-1.03× as fast as
+    reorder copies as one piece instead of one per head (whole beam-4 searches ran 1.02-1.04× as fast as
     with per-head buffers; benchmarks/README.md). Cross-attention keys/values depend only
     on the source and are computed once, for each source (not for each of its beam's hypotheses).
     `reorder` follows the surviving hypotheses of a beam, and drops the sentences a search has finished.
