@@ -3,7 +3,8 @@ the time to train it on WMT14 as the paper did, extrapolated from the measured s
 
     python benchmarks/gpu.py                     # base, bf16 autocast, ~25k target tokens per batch
     python benchmarks/gpu.py --peers --profile   # also nn.Transformer and MarianMTModel; where ours spends it
-    python benchmarks/gpu.py --compile           # also the model under torch.compile
+    python benchmarks/gpu.py --compile           # also the model under torch.compile, without and with
+                                                 # CUDA graphs
     python benchmarks/gpu.py --variants ours "ours, eager loss" "ours, cuDNN attention" "ours, as at 6c532e0"
     python benchmarks/gpu.py --device cpu --config small --shape 16 12 12 --repeats 2 --json   # a dry run
 
@@ -73,6 +74,9 @@ def _eager_loss() -> peers.LossFn:
 VARIANTS: dict[str, peers.Variant] = {
     "ours": _variant(peers.ours),
     "ours, torch.compile": _variant(peers.ours, compile=True),
+    # compiled, and its kernels replayed as CUDA graphs (this benchmark's batch keeps one shape): the step
+    # without the host's kernel launches, which kept the GPU waiting for a quarter of it
+    "ours, torch.compile, CUDA graphs": _variant(peers.ours, compile="reduce-overhead"),
     "ours, fused QKV": _variant(lambda c: peers.ours(c, fuse_qkv=True)),
     "ours, unfused QKV": _variant(lambda c: peers.ours(c, fuse_qkv=False)),
     "ours, explicit attention": _variant(lambda c: peers.ours(dataclasses.replace(c, attention="explicit"))),
@@ -257,7 +261,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--peak-n", type=int, default=8192, help="size of the square products for the peak")
     parser.add_argument("--variants", nargs="+", default=["ours"], choices=list(VARIANTS))
-    parser.add_argument("--compile", action="store_true", help="also ours under torch.compile")
+    parser.add_argument(
+        "--compile", action="store_true", help="also ours under torch.compile, without and with CUDA graphs"
+    )
     parser.add_argument("--peers", action="store_true", help="also nn.Transformer and MarianMTModel")
     parser.add_argument("--profile", action="store_true", help="also where ours spends its step on the GPU")
     parser.add_argument("--json", action="store_true", help="print JSON only; leave RESULTS.md alone")
@@ -265,7 +271,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; this benchmark is for a GPU (--device cpu makes a dry run)")
-    variants = [*args.variants, *(["ours, torch.compile"] if args.compile else [])]
+    compiled = ["ours, torch.compile", "ours, torch.compile, CUDA graphs"]
+    variants = [*args.variants, *(compiled if args.compile else [])]
     variants += PEERS if args.peers else []
     measured = measure(
         args.config,

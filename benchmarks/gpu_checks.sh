@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 7 minutes on an H200), for a session lent one for minutes,
+# Every check that needs a GPU, in one go (about 8 minutes on an H200), for a session lent one for minutes,
 # the most wanted first, so that a run cut short still brings those back:
 #   0. tests/test_cuda.py: the CUDA-only choices against the CPU's results, and training in bf16 and fp16
 #   1. benchmarks/gpu.py: base in bf16 against the measured bf16 peak, and the peers at the same size
@@ -8,7 +8,8 @@
 #   4. torchrun with NCCL (one process: NCCL refuses two ranks on one GPU), resumed once
 #   5. benchmarks/decode.py on the GPU: cached, uncached and MarianMTModel.generate, fp32 and bf16, and
 #      ours without cuDNN's attention (as training decodes; translate and serve still use it)
-#   6. benchmarks/gpu.py under torch.compile (minutes of compiling)
+#   6. benchmarks/gpu.py under torch.compile, without and with CUDA graphs (minutes of compiling): what
+#      the step would reach without the host's kernel launches
 # Each step has its own time limit, so one that fails or hangs leaves the others their time. Everything
 # goes to $OUT (the device tool's folder; runs/gpu-checks elsewhere) as it comes: log.txt, RESULTS.md and
 # each run's metrics. Run from the repository's root; the package needs no install (PYTHONPATH).
@@ -51,5 +52,5 @@ for run in gpu-bf16 gpu-fp16 gpu-ddp; do
 done
 step decode.py 75 "$py" benchmarks/decode.py --device cuda --configs small base --repeats 5
 cp benchmarks/RESULTS.md "$out/"
-step gpu.py-compile 150 "$py" benchmarks/gpu.py --compile --json  # compiling takes its time: last
+step gpu.py-compile 240 "$py" benchmarks/gpu.py --compile --json  # compiling takes its time: last
 echo "=== done ($(date -u +%H:%M:%S))"

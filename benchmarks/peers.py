@@ -199,7 +199,9 @@ class Variant:
     projected: bool = True  # our trainer's step (the projected loss), else F.cross_entropy over all logits
     bf16: bool = False  # under bf16 autocast
     fused_adam: bool = True
-    compile: bool = False  # the whole model under torch.compile (as `transformer train compile=true`)
+    # the whole model under torch.compile (as `transformer train compile=true`); a string is compile's mode
+    # ("reduce-overhead": the compiled kernels replayed as CUDA graphs, for shapes that stay the same)
+    compile: bool | str = False
     loss: Callable[[], LossFn] | None = None  # makes the projected step's loss; None: projected_loss
     sdpa: tuple[str, ...] = ()  # the fused attention kernels allowed (SDPBackend names); (): torch's choice
     # Steps per call: on a GPU, timed together with one wait at the end, as a trainer that never waits on
@@ -216,8 +218,9 @@ class Variant:
         if model is None:
             return None
         model = model.to(device)
+        mode = self.compile if isinstance(self.compile, str) else None
         if self.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=mode)
         step = training_step(
             model,
             batches,
@@ -227,7 +230,20 @@ class Variant:
             loss=self.loss() if self.loss else projected_loss,
         )
         step = with_attention_kernels(step, self.sdpa) if self.sdpa else step
+        step = _new_iterations(step) if mode == "reduce-overhead" else step
         return step if self.steps_per_call == 1 else _repeated(step, self.steps_per_call)
+
+
+def _new_iterations(step: Callable[[], None]) -> Callable[[], None]:
+    """`step`, telling CUDA graphs that each call is a new training iteration: the memory of the previous
+    one's outputs may be reused. (Their own guess, a new iteration at each forward after a backward, would
+    do too; this does not depend on it.)"""
+
+    def call() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+
+    return call
 
 
 def _repeated(step: Callable[[], None], times: int) -> Callable[[], None]:

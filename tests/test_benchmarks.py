@@ -521,3 +521,29 @@ def test_a_variant_of_several_steps_per_wait_reports_seconds_per_step(monkeypatc
     assert taken == {0: 1 + 3, 1: 4 * (1 + 3)}  # warm-up, then three timed rounds
     for name in names:
         assert measured["variants"][name]["s_per_step"] == pytest.approx(0.004, rel=0.5)
+
+
+def test_the_cuda_graphs_variant_compiles_in_reduce_overhead_mode_and_marks_each_step(monkeypatch) -> None:
+    """`ours, torch.compile, CUDA graphs` asks torch.compile for CUDA graphs, and tells them that each
+    step, also each of several per call, begins a new iteration. (Compiling itself is left out here: on
+    the CPU it would build C++ for minutes, and CUDA graphs need a GPU.)"""
+    modes, marks = [], []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    batch = peers.random_batch(2, 3, 3)
+    config = peers.config_for("small")
+    graphs = gpu.VARIANTS["ours, torch.compile, CUDA graphs"]
+    step = graphs.step(config, [batch], torch.device("cpu"))
+    step()
+    step()
+    assert modes == ["reduce-overhead"] and len(marks) == 2
+    step = dataclasses.replace(graphs, steps_per_call=3).step(config, [batch], torch.device("cpu"))
+    step()
+    assert len(marks) == 5
+    gpu.VARIANTS["ours, torch.compile"].step(config, [batch], torch.device("cpu"))()
+    assert modes[-1] is None and len(marks) == 5  # plain compile: torch's default mode, no marks
