@@ -242,7 +242,7 @@ class TrainConfig:
     # auto: bf16 autocast where the hardware has bf16 matmuls (CPUs with AVX-512 BF16 or AMX, recent GPUs),
     # else fp32; fp16 (with loss scaling) on CUDA only
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False  # torch.compile the model for training (minutes of compiling first)
+    compile: bool = False  # torch.compile the model for training: for GPUs (on CPUs slower, README)
     seed: int = 1
     threads: int = 0  # torch intra-op threads; 0: torch's default
     log_every: int = 20
