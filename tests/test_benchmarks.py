@@ -526,7 +526,7 @@ def test_a_variant_of_several_steps_per_wait_reports_seconds_per_step(monkeypatc
 def test_the_cuda_graphs_variant_compiles_in_reduce_overhead_mode_and_marks_each_step(monkeypatch) -> None:
     """`ours, torch.compile, CUDA graphs` asks torch.compile for CUDA graphs, and tells them that each
     step, also each of several per call, begins a new iteration. (Compiling itself is left out here: on
-    the CPU it would build C++ for minutes, and CUDA graphs need a GPU.)"""
+    the CPU inductor builds C++ for a minute or more, and CUDA graphs need a GPU.)"""
     modes, marks = [], []
 
     def fake_compile(model, mode=None):
