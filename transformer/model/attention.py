@@ -118,12 +118,10 @@ class KVCache:
     max_len: int
     dtype: torch.dtype | None = None  # None: keys and values as the model computes them
     length: int = 0  # positions filled so far
-    self_kv: dict[int, tuple[Tensor, Tensor]] = field(
-        default_factory=dict
-    )  # layer -> (rows, max_len, heads, d_k)
-    cross_kv: dict[int, tuple[Tensor, Tensor]] = field(
-        default_factory=dict
-    )  # layer -> (sources, heads, src_len, d_k)
+    # layer -> self-attention's (keys, values), each (rows, max_len, heads, d_k)
+    self_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # layer -> cross-attention's (keys, values), each (sources, heads, src_len, d_k)
+    cross_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     _spare: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)  # see `reorder`
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
