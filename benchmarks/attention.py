@@ -99,10 +99,10 @@ def attention_call(variant: str, shape: Shape) -> Callable[[], Tensor]:
     returns the output, so that a test can see every variant compute the same function."""
     dtype, attend = VARIANTS[variant]
     generator = torch.Generator().manual_seed(0)
-    q, k, v, grad = (
+    q, k, v, grad = (  # (rows, heads, queries | keys, d_k)
         torch.randn(shape.rows, shape.heads, n, shape.d_k, generator=generator).to(dtype)
         for n in (shape.queries, shape.keys, shape.keys, shape.queries)
-    )  # (rows, heads, queries | keys, d_k)
+    )
     lengths = torch.randint(max(1, shape.keys * 4 // 5), shape.keys + 1, (shape.rows,), generator=generator)
     padding = torch.arange(shape.keys) < lengths[:, None]  # (rows, keys): a batch padded to its longest row
     mask = padding[:, None, None, :]  # (rows, 1, 1, k_len), as cross-attention's

@@ -240,9 +240,8 @@ class RNNSeq2Seq(nn.Module):
                 weights_list.append(weights)
             outputs, context = torch.cat(outputs_list, 1), torch.stack(contexts, 1)
             if record is not None:
-                record.append(
-                    {"cross": torch.stack(weights_list, 1)[:, None]}
-                )  # (batch, 1, tgt_len, src_len)
+                # one "head": (batch, 1, tgt_len, src_len), the shape the Transformer's records have
+                record.append({"cross": torch.stack(weights_list, 1)[:, None]})
         if cache is not None:
             cache.hidden = hidden
         features = self.dropout(torch.cat([outputs, context, embedded], -1))
