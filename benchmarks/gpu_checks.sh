@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 8 minutes on an H200), for a session lent one for minutes,
+# Every check that needs a GPU, in one go (about 7 minutes on an H200 before the last step gained the CUDA
+# graphs variant, which may add up to its 240-s limit), for a session lent one for minutes,
 # the most wanted first, so that a run cut short still brings those back:
 #   0. tests/test_cuda.py: the CUDA-only choices against the CPU's results, and training in bf16 and fp16
 #   1. benchmarks/gpu.py: base in bf16 against the measured bf16 peak, and the peers at the same size
