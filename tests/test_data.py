@@ -1,11 +1,15 @@
-"""Tests of corpus reading, the SentencePiece tokenizer and token-budget batching."""
+"""Tests of corpus reading, the SentencePiece tokenizer, the tokenised corpus and token-budget batching."""
 
 from __future__ import annotations
 
 import gzip
 import itertools
+import os
+import platform
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformer import runtime
+from transformer.data import dataset
 from transformer.data.batching import Batch, collate, token_batches
 from transformer.data.corpus import corpus_paths, filter_pairs, read_lines, read_parallel
+from transformer.data.dataset import TokenSequences, encode_corpus
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 
@@ -373,3 +380,78 @@ def test_corpus_files_lose_their_bom_and_report_bytes_that_are_not_utf8(tmp_path
     pairs = read_parallel(tmp_path / "a.de", tmp_path / "a.en")
     assert pairs == [("Ein Hund.", "A dog."), ("Zwei \ufffd Katzen.", "Two cats.")]
     assert "a.de is not valid UTF-8 (first at line 2)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+@given(st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=6), max_size=12), st.integers(0, 12))
+@settings(max_examples=60, deadline=None)
+def test_token_sequences_hold_what_lists_hold(sequences: list[list[int]], split: int) -> None:
+    """Built at once or in two parts, the flat array gives back every sequence, slice and length."""
+    whole = TokenSequences(sequences)
+    parts = TokenSequences(sequences[:split])
+    parts.extend(sequences[split:])
+    for held in (whole, parts):
+        assert len(held) == len(sequences)
+        assert list(held) == sequences and held[:] == sequences
+        assert held[1::2] == sequences[1::2] and held[::-1] == sequences[::-1]
+        assert held.lengths() == [len(s) for s in sequences]
+        assert [held.length(i) for i in range(len(held))] == [len(s) for s in sequences]
+        if sequences:
+            assert held[-1] == sequences[-1] and type(held[0]) is list
+    with pytest.raises(IndexError):
+        whole[len(sequences)]
+    with pytest.raises(IndexError):
+        whole[-len(sequences) - 1]
+
+
+def test_token_sequences_take_4_bytes_a_token() -> None:
+    """The point of the class: a 30-token sentence in ~128 bytes, not a list's ~1,100."""
+    held = TokenSequences([list(range(1000, 1030))] * 1000)
+    assert held.nbytes == 30_000 * 4 + 1001 * 8
+
+
+def test_encode_corpus_in_chunks_equals_encoding_at_once(
+    small_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks that split the pairs anywhere (here every 7) keep the ids, the texts and the counts of
+    dropped pairs of one pass over everything."""
+    pairs = read_parallel(*corpus_paths(MULTI30K, "val", "de", "en"))[:60]
+    pairs[3] = ("", "A dog.")
+    pairs[10] = ("Ein Hund " * 80, "A dog.")
+    src = small_tokenizer.encode_batch([s for s, _ in pairs])
+    tgt = small_tokenizer.encode_batch([t for _, t in pairs])
+    keep, dropped = filter_pairs(list(zip(src, tgt, strict=True)), 120)
+    assert dropped == {"empty": 1, "too_long": 1}
+    monkeypatch.setattr(dataset, "ENCODE_CHUNK", 7)
+    corpus, counts = encode_corpus(pairs, small_tokenizer, 120)
+    assert list(corpus.src) == [src[i] for i in keep] and list(corpus.tgt) == [tgt[i] for i in keep]
+    assert corpus.tgt_text == [pairs[i][1] for i in keep]
+    assert counts == {"pairs": 60, "kept": 58, "empty": 1, "too_long": 1}
+    unkept, _ = encode_corpus(pairs, small_tokenizer, 120, keep_text=False)
+    assert unkept.tgt_text == [] and list(unkept.src) == list(corpus.src)
+    widths = {max(len(src[i]), len(tgt[i])) + 1 for i in keep}
+    assert {max(corpus.src.length(i), corpus.tgt.length(i)) + 1 for i in range(58)} == widths
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_memory_returns_what_the_allocator_tunables_keep() -> None:
+    """Under the trainer's tunables glibc keeps freed memory; after tokenising, the trainer hands it back.
+    Measured in a fresh interpreter with the tunables, as `transformer train` runs."""
+    script = """
+import sys
+from transformer.runtime import release_free_memory
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+texts = [f"{i:600}" for i in range(400_000)]  # ~250 MB from malloc's heap (pymalloc takes <= 512 bytes)
+keep = texts[::1000]                           # survivors scattered through it, as the corpus's ids are
+del texts
+freed = rss()
+release_free_memory()
+print(freed, rss())
+"""
+    env = {**os.environ, "GLIBC_TUNABLES": runtime.ALLOCATOR_TUNABLES}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    freed, released = map(int, out.stdout.split())
+    assert freed - released > 150, (freed, released)  # MB handed back

@@ -20,6 +20,7 @@ from transformer import train as train_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
+from transformer.data.dataset import encode_corpus
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
@@ -293,6 +294,27 @@ def test_a_smaller_vocabulary_than_asked_for_is_announced(data_dir: Path, tmp_pa
     assert f"vocabulary: {tokenizer.vocab_size} pieces, fewer than vocab_size=8000" in capsys.readouterr().out
 
 
+def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
+    data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """SentencePiece keeps every line it trains on in memory: a large corpus gives it a sample, both
+    sides of `tokenizer_lines // 2` pairs, the same for the same seed."""
+    pairs = list(zip(read_lines(data_dir / "train.de"), read_lines(data_dir / "train.en"), strict=True))
+    assert train_module.tokenizer_sample(pairs, 400, seed=1) == [t for pair in pairs for t in pair]
+    sample = train_module.tokenizer_sample(pairs, 101, seed=1)
+    assert len(sample) == 100 and set(sample) < {t for pair in pairs for t in pair}
+    assert sample == train_module.tokenizer_sample(pairs, 101, seed=1)
+    assert sample != train_module.tokenizer_sample(pairs, 101, seed=2)
+    chosen = list(zip(sample[::2], sample[1::2], strict=True))
+    assert chosen == [pair for pair in pairs if pair in chosen]  # whole pairs, in the corpus's order
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    build_tokenizer(pairs, tiny_recipe(data_dir, tokenizer_lines=101), tmp_path, log)
+    out = capsys.readouterr().out
+    assert "tokenizer: trained on a sample, 100 of the 400 lines (tokenizer_lines=101)" in out
+    assert json.loads((tmp_path / "m.jsonl").read_text())["lines"] == 100
+
+
 def test_early_stopping_ends_the_run_patience_validations_after_its_best(
     data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -515,9 +537,7 @@ def test_blank_lines_are_dropped_as_empty_pairs(data_dir: Path, tmp_path: Path) 
     tokenizer = train_module.build_tokenizer(
         pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m")
     )
-    corpus, stats = train_module.encode_corpus(
-        [("", "Two dogs."), ("Zwei Hunde.", "  "), pairs[0]], tokenizer, 64
-    )
+    corpus, stats = encode_corpus([("", "Two dogs."), ("Zwei Hunde.", "  "), pairs[0]], tokenizer, 64)
     assert stats == {"pairs": 3, "kept": 1, "empty": 2, "too_long": 0} and len(corpus) == 1
 
 

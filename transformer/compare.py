@@ -37,13 +37,14 @@ from transformer.checkpoint import load_state
 from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_to_dict
 from transformer.data.batching import collate
 from transformer.data.corpus import corpus_paths, read_split
+from transformer.data.dataset import encode_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import score
 from transformer.loss import label_smoothed_loss
 from transformer.model import build_model
 from transformer.runtime import cpu_name
-from transformer.train import encode_corpus, model_config_for, teacher_forced_loss, train
+from transformer.train import model_config_for, teacher_forced_loss, train
 from transformer.translate import Translator
 
 MODELS = ("transformer", "rnn", "birnn", "rnn-attention")

@@ -219,6 +219,7 @@ class TrainConfig:
     valid_split: str = "val"
     test_split: str = "test2016"
     vocab_size: int = 8000  # joint SentencePiece vocabulary
+    tokenizer_lines: int = 2_000_000  # lines (both sides) the vocabulary is trained on; more are sampled
     max_len: int = 128  # training pairs longer than this (in tokens, either side) are dropped
     max_tokens: int = 2500  # padded tokens per batch (the larger of source and target side)
     accumulate: int = 1  # batches per optimiser step
@@ -248,7 +249,7 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "max_len", "max_tokens", "accumulate", "warmup")
+        positive = ("vocab_size", "tokenizer_lines", "max_len", "max_tokens", "accumulate", "warmup")
         for name in (*positive, "max_epochs", "log_every", "lr_factor"):
             if getattr(self, name) <= 0:
                 raise TransformerError(f"{name} must be positive, got {getattr(self, name)}")

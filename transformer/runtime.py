@@ -9,6 +9,7 @@ only at start-up, so the `transformer` command re-executes itself once with it s
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import re
@@ -80,6 +81,21 @@ def configure_torch(threads: int = 0) -> None:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the operating system (glibc's `malloc_trim`).
+
+    The allocator tunables below keep freed memory in the process, which is what makes the steps fast;
+    but reading and tokenising a large corpus frees gigabytes once, before the first step, and without
+    this every training process would keep them (measured: 2.7 GB resident after tokenising 1M pairs,
+    where the ids take 0.2 GB). Not glibc: nothing to do."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reexec_with_allocator_tunables(argv: list[str] | None = None) -> None:

@@ -202,7 +202,12 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
-def round_trip_mismatches(tokenizer: Tokenizer, texts: Sequence[str]) -> list[int]:
-    """Indices of the texts that do not decode back to themselves, to warn about lossy tokenization."""
-    decoded = tokenizer.decode_batch(tokenizer.encode_batch(texts))
-    return [i for i, (text, back) in enumerate(zip(texts, decoded, strict=True)) if text != back]
+def round_trip_mismatches(tokenizer: Tokenizer, texts: Sequence[str], chunk: int = 100_000) -> list[int]:
+    """Indices of the texts that do not decode back to themselves, to warn about lossy tokenization;
+    `chunk` texts at a time, so that a large corpus's ids are never all in memory at once."""
+    bad = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        decoded = tokenizer.decode_batch(tokenizer.encode_batch(part))
+        bad += [start + i for i, (text, back) in enumerate(zip(part, decoded, strict=True)) if text != back]
+    return bad

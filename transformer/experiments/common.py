@@ -25,12 +25,13 @@ from transformer import train
 from transformer.config import TransformerConfig
 from transformer.data.batching import collate
 from transformer.data.corpus import read_split
+from transformer.data.dataset import Corpus, encode_corpus
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.loss import label_smoothed_loss
 from transformer.onednn import use_onednn_linears
 from transformer.optim import build_optimizer
 from transformer.runtime import quiet_stderr
-from transformer.train import Corpus, encode_corpus, translate_and_score
+from transformer.train import translate_and_score
 
 PRESETS = ("tiny", "report")
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data" / "multi30k"
