@@ -11,7 +11,18 @@ import torch
 from conftest import dev_dependency
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import attention, common, decode, gpu, peers, scaling, serve_load, train_step, translation
+from benchmarks import (
+    attention,
+    common,
+    corpus_size,
+    decode,
+    gpu,
+    peers,
+    scaling,
+    serve_load,
+    train_step,
+    translation,
+)
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.search import SearchConfig, search_name
@@ -547,3 +558,22 @@ def test_the_cuda_graphs_variant_compiles_in_reduce_overhead_mode_and_marks_each
     assert len(marks) == 5
     gpu.VARIANTS["ours, torch.compile"].step(config, [batch], torch.device("cpu"))()
     assert modes[-1] is None and len(marks) == 5  # plain compile: torch's default mode, no marks
+
+
+def test_corpus_size_benchmark_watches_a_real_training_run(tmp_path) -> None:
+    """The synthetic corpus is Multi30k's pairs joined in twos, and the watched run is `transformer train`
+    itself: its memory read while it runs, its first logged step timed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus_size.write_corpus(data, pairs=300, valid_pairs=20)
+    de, en = (data / "train.de").read_text().splitlines(), (data / "train.en").read_text().splitlines()
+    assert len(de) == len(en) == 300 and len((data / "val.en").read_text().splitlines()) == 20
+    assert ". " in de[0] and ". " in en[0]  # two sentences a line
+    tiny = ["vocab_size=400", "max_tokens=600", "d_model=32", "n_heads=2", "d_ff=64", "n_encoder_layers=1"]
+    measured = corpus_size.watch(
+        corpus_size.train_command(data, tmp_path / "run", 10, [*tiny, "n_decoder_layers=1"])
+    )
+    assert measured["log"][0].startswith("train: ") and "kept of 300 (" in measured["log"][0]
+    assert 0 < measured["seconds_to_first_logged_step"] < measured["seconds"]
+    assert 0.05 < measured["training_rss_gb"] <= measured["peak_rss_gb"] < 8
+    assert (tmp_path / "run" / "last.safetensors").is_file()
