@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import torch
 from conftest import TINY_MODEL, tiny_recipe
 
 from transformer import train as train_module
+from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
@@ -68,6 +70,49 @@ def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Pa
     assert lines[-1] == "" and len(lines) - 1 == 4
     assert lines[1] == "" and lines[2] == ""
     assert lines[0] and lines[3]
+
+
+class Flushes(io.StringIO):
+    """stdout that records what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_flush: list[str] = []
+
+    def flush(self) -> None:
+        self.at_flush.append(self.getvalue())
+
+
+def test_translate_cli_writes_a_long_input_block_by_block(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """As fairseq-interactive's buffer and OpenNMT-py's shards: what is translated is written, so a long
+    input shows progress and a stopped run keeps its first blocks; the output is that of one block, and
+    n-best lists are numbered by input line across blocks. A sentence --strict refuses in the last block
+    still stops the run before anything is written."""
+    lines = ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee.", "Eine Frau.", "Ein Kind lacht."]
+    source = tmp_path / "in.de"
+    source.write_text("\n".join(lines) + "\n")
+    whole = Translator.from_checkpoint(run_dir).translate(lines, beam=2)
+    monkeypatch.setattr(translate_module, "BLOCK_SENTENCES", 2)
+    command = ["translate", "--checkpoint", str(run_dir), "--input", str(source), "--beam", "2"]
+    for extra in ([], ["--nbest", "2"]):
+        stdout = Flushes()
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main([*command, *extra]) == 0
+        written = [text.count("\n") for text in stdout.at_flush]
+        if not extra:
+            assert written == [2, 4, 5] and stdout.getvalue().splitlines() == whole
+        else:  # the blank line has one row; the others two, or one where the beam could not fill two
+            rows = stdout.getvalue().splitlines()
+            numbers = [int(row.split("\t")[0]) for row in rows]
+            assert numbers == sorted(numbers) and set(numbers) == {0, 1, 2, 3, 4} and len(written) == 3
+            assert next(row.split("\t")[2] for row in rows if row.startswith("4\t")) == whole[4]
+    source.write_text("\n".join([*lines, "Hund " * 3000]) + "\n")
+    stdout = Flushes()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main([*command, "--strict"]) == 2
+    assert stdout.getvalue() == "" and "sentence 6 has" in one_error_line(capsys)
 
 
 class Terminal:

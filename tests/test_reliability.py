@@ -469,6 +469,15 @@ def test_over_long_lines_are_truncated_with_a_warning_or_refused_when_strict(
     assert err.count("\n") == 1 and "more than the model's maximum of 79; --strict refuses it" in err
 
 
+def test_warnings_number_sentences_from_where_the_block_starts(
+    translator: Translator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line typed at a terminal is translated alone: its warning names its own line, not "sentence 1"."""
+    blocks = translator.translate_blocks(["Ein Mann.", "Hund " * 200], beam=1, block=1, first=7)
+    assert len(list(blocks)) == 2
+    assert capsys.readouterr().err.startswith("warning: sentence 8 has ")
+
+
 def test_invalid_utf8_is_replaced_with_a_warning_or_refused_when_strict(
     reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import difflib
 import json
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,34 +124,44 @@ def _read_input(path: str | None, strict: bool) -> list[str]:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from transformer.translate import Translator
+    from tqdm import tqdm
+
+    from transformer.translate import BLOCK_SENTENCES, Translator
 
     warn_if_emulated(args.precision)
     translator = Translator.from_checkpoints(args.checkpoint, args.name, precision=args.precision)
     if args.input is None and sys.stdin.isatty():
         return _translate_as_typed(translator, args)
-    out = _output_lines(translator, _read_input(args.input, args.strict), args)
-    sys.stdout.write("".join(line + "\n" for line in out))  # all or nothing
-    sys.stdout.flush()  # now, so that a full disk is an error here, not a cut file and exit status 0
+    lines = _read_input(args.input, args.strict)
+    quiet = len(lines) <= BLOCK_SENTENCES or not sys.stderr.isatty()
+    with tqdm(total=len(lines), desc="translating", unit=" lines", leave=False, disable=quiet) as bar:
+        for done, out in _output_blocks(translator, lines, args):
+            sys.stdout.write("".join(line + "\n" for line in out))
+            # Now, so that a full disk is an error here, not a cut file and exit status 0.
+            sys.stdout.flush()
+            bar.update(done)
     return 0
 
 
-def _output_lines(translator: Any, lines: list[str], args: argparse.Namespace, first: int = 0) -> list[str]:
-    """What `translate` prints for `lines`: one translation each, or `--nbest` lines each, numbered by
-    input line from `first`."""
+def _output_blocks(
+    translator: Any, lines: list[str], args: argparse.Namespace, first: int = 0
+) -> Iterator[tuple[int, list[str]]]:
+    """What `translate` prints for `lines`, a block of input lines at a time (`Translator.translate_blocks`):
+    (input lines done, output lines), one translation each or `--nbest` lines each, numbered by input line
+    from `first`."""
     from transformer.textio import single_line
+    from transformer.translate import BLOCK_SENTENCES
 
+    search = (args.beam, args.length_penalty)
+    how = {"strict": args.strict, "block": BLOCK_SENTENCES, "first": first + 1}
     if args.nbest == 1:
-        translations = translator.translate(lines, args.beam, args.length_penalty, strict=args.strict)
-        return [single_line(line) for line in translations]
-    n_best = translator.translate_n_best(
-        lines, args.nbest, args.beam, args.length_penalty, strict=args.strict
-    )
-    return [
-        f"{i}\t{score:.4f}\t{single_line(text)}"
-        for i, best in enumerate(n_best, first)
-        for text, score in best
-    ]
+        for block in translator.translate_blocks(lines, *search, **how):
+            yield len(block), [single_line(line) for line in block]
+        return
+    for block in translator.n_best_blocks(lines, args.nbest, *search, **how):
+        rows = [(i, text, score) for i, best in enumerate(block, first) for text, score in best]
+        yield len(block), [f"{i}\t{score:.4f}\t{single_line(text)}" for i, text, score in rows]
+        first += len(block)
 
 
 def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
@@ -162,7 +173,7 @@ def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
     for number, raw in enumerate(iter(sys.stdin.buffer.readline, b"")):
         try:
             lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)
-            out = _output_lines(translator, lines, args, first=number)
+            out = [line for _, block in _output_blocks(translator, lines, args, number) for line in block]
         except TransformerError as error:
             print(_error_line(error), file=sys.stderr)
             continue
