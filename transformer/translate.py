@@ -183,9 +183,7 @@ class Translator:
         tokenised and checked first: one that `strict` refuses stops the generator before any
         translation. `first` is the first sentence's number in warnings and errors."""
         search = self._search(beam, length_penalty)
-        sources, block = self._encode(sentences, strict, first), max(block, 1)
-        for start in range(0, len(sources), block):
-            part = sources[start : start + block]
+        for part in self._source_blocks(sentences, strict, first, block):
             yield self.tokenizer.decode_batch(translate_ids(self.model, part, search, device=self._device()))
 
     def translate_n_best(
@@ -223,9 +221,7 @@ class Translator:
             raise TransformerError(
                 f"the {n} best translations need a beam of at least {n}, not {search.beam}"
             )
-        sources, block = self._encode(sentences, strict, first), max(block, 1)
-        for start in range(0, len(sources), block):
-            part = sources[start : start + block]
+        for part in self._source_blocks(sentences, strict, first, block):
             results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in part]
             for chunk, src in source_batches(part, search.beam, MAX_TOKENS):
                 beams = n_best(self.model, src.to(self._device()), search)
@@ -234,6 +230,13 @@ class Translator:
                     texts = self.tokenizer.decode_batch([h.tokens for h in best])
                     results[i] = [(text, h.score) for text, h in zip(texts, best, strict=True)]
             yield results
+
+    def _source_blocks(
+        self, sentences: Sequence[str], strict: bool, first: int, block: int
+    ) -> Iterator[list[list[int]]]:
+        """The sentences' token ids, `block` sentences at a time; all are encoded and checked at the call."""
+        sources, block = self._encode(sentences, strict, first), max(block, 1)
+        return (sources[start : start + block] for start in range(0, len(sources), block))
 
     def _search(self, beam: int | None, length_penalty: float | None) -> SearchConfig:
         """The search asked for, the run's beam size and length penalty where not given."""
