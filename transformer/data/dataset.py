@@ -1,7 +1,7 @@
 """Tokenised parallel text, held compactly enough for WMT-sized corpora.
 
 A Python list of token ids costs about 36 bytes a token (an 8-byte pointer to a 28-byte int object):
-WMT14 en-de's 4.5M pairs, some 250M tokens, would take ~9 GB in every training process, eight times over
+WMT14 en-de's 4.5M pairs, some 270M tokens, would take ~10 GB in every training process, eight times over
 under `torchrun --nproc_per_node=8`. `TokenSequences` keeps all sequences of a split in one flat array of
 32-bit ids with their offsets, 4 bytes a token, and hands out a sentence as a list when it is asked for one.
 """
@@ -101,7 +101,7 @@ def encode_corpus(
     The pairs are tokenised `ENCODE_CHUNK` at a time, so that only one chunk's ids are ever Python lists.
     `keep_text=False` keeps no reference text: training needs none, and a large split's strings are
     gigabytes that the caller can then free. `progress` shows a bar when there is more than one chunk
-    (4.5M pairs take two minutes on two cores).
+    (4.5M pairs take about two minutes on two cores).
     """
     corpus = Corpus(TokenSequences(), TokenSequences(), [])
     counts = {"pairs": len(pairs), "kept": 0, "empty": 0, "too_long": 0}
