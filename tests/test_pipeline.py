@@ -356,8 +356,11 @@ def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
     log = MetricsLog(tmp_path / "m.jsonl")
     build_tokenizer(pairs, tiny_recipe(data_dir, tokenizer_lines=101), tmp_path, log)
     out = capsys.readouterr().out
-    assert "tokenizer: trained on a sample, 100 of the 400 lines (tokenizer_lines=101)" in out
+    assert "tokenizer: training on a sample, 100 of the 400 lines (tokenizer_lines=101)" in out
     assert json.loads((tmp_path / "m.jsonl").read_text())["lines"] == 100
+    # Not a sample where only blank sides were left out
+    build_tokenizer([*pairs[:100], ("", "")], tiny_recipe(data_dir, tokenizer_lines=202), tmp_path, log)
+    assert "sample" not in capsys.readouterr().out
 
 
 def test_early_stopping_ends_the_run_patience_validations_after_its_best(

@@ -73,9 +73,11 @@ def build_tokenizer(
     """Train the joint subword model on the training pairs (both sides; a sample of `tc.tokenizer_lines`
     lines of a larger corpus) and check that those lines round-trip."""
     texts = tokenizer_sample(pairs, tc.tokenizer_lines, tc.seed)
-    if len(texts) < 2 * len(pairs):
+    if 2 * len(pairs) > tc.tokenizer_lines:
         sample = f"{len(texts):,} of the {2 * len(pairs):,} lines (tokenizer_lines={tc.tokenizer_lines})"
-        tqdm.write(f"tokenizer: trained on a sample, {sample}")
+        tqdm.write(f"tokenizer: training on a sample, {sample}")
+    elif len(texts) >= 200_000:  # a minute or more of silence otherwise
+        tqdm.write(f"tokenizer: training on {len(texts):,} lines")
     tokenizer = Tokenizer.train(texts, run_dir / "tokenizer.model", vocab_size=tc.vocab_size)
     mismatches = round_trip_mismatches(tokenizer, texts)
     log.write(
