@@ -240,24 +240,25 @@ def time_by_kind(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
     return sorted(measured, key=lambda m: m["seconds"])[len(measured) // 2]
 
 
-def _proc_status_mb(field: str) -> float | None:
-    """VmRSS (now) or VmHWM (peak) from /proc/self/status, in MB; None off Linux."""
+def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
+    """VmRSS (now) or VmHWM (peak) of a process from /proc/<pid>/status, in MB; None off Linux or once
+    the process has gone."""
     try:
-        match = re.search(rf"^{field}:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        match = re.search(rf"^{field}:\s*(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     except OSError:
         return None
     return int(match.group(1)) / 2**10 if match else None
 
 
 def _current_rss_mb() -> float:
-    now = _proc_status_mb("VmRSS")
+    now = proc_status_mb("VmRSS")
     return now if now is not None else _max_rss_mb()
 
 
 def _max_rss_mb() -> float:
     """The peak RSS of this process image. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss
     would still hold the parent's size at fork time, so it is only the fallback."""
-    hwm = _proc_status_mb("VmHWM")
+    hwm = proc_status_mb("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

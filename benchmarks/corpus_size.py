@@ -45,16 +45,6 @@ def write_corpus(out: Path, pairs: int, valid_pairs: int = 200, seed: int = 0) -
         (out / f"val.{lang}").write_text("\n".join(lines) + "\n")
 
 
-def resident_mb(pid: int) -> float | None:
-    """The process's resident memory in MB, None once it has exited."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    line = next((line for line in status.splitlines() if line.startswith("VmRSS:")), None)
-    return int(line.split()[1]) / 1024 if line else None
-
-
 def watch(command: list[str], interval: float = 0.5) -> dict[str, Any]:
     """Run `command`, reading its memory every `interval` seconds: the peak, the peak from its first
     training step on, and when that step's log line came."""
@@ -74,7 +64,7 @@ def watch(command: list[str], interval: float = 0.5) -> dict[str, Any]:
     reader.start()
     peak = training = 0.0
     while child.poll() is None:
-        rss = resident_mb(child.pid) or 0.0
+        rss = common.proc_status_mb("VmRSS", child.pid) or 0.0
         peak = max(peak, rss)
         if first_step:
             training = max(training, rss)
