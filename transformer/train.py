@@ -327,9 +327,8 @@ def train(
     if distributed.is_main():
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
-    show = distributed.is_main() and sys.stderr.isatty()
     train_data, train_stats = encode_corpus(
-        train_pairs, tokenizer, tc.max_len, keep_text=False, progress=show
+        train_pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars()
     )
     del train_pairs  # tokenised now: a large corpus's strings are gigabytes
     release_free_memory()
@@ -389,6 +388,11 @@ def train(
     del loop  # its DistributedDataParallel wrapper holds the process group
     distributed.shutdown()
     return results
+
+
+def _shows_bars() -> bool:
+    """Progress bars: on the first process, at a terminal (no redraws in a log file)."""
+    return distributed.is_main() and sys.stderr.isatty()
 
 
 def _read_splits(tc: TrainConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -501,7 +505,7 @@ class TrainingLoop:
             desc=f"epoch {p.epoch + 1}",
             leave=False,
             dynamic_ncols=True,
-            disable=not (distributed.is_main() and sys.stderr.isatty()),  # no redraws in a log file
+            disable=not _shows_bars(),
         )
         bars.callback(bar.close)
         # A step takes `accumulate` batches per process; `p.batch` counts the batches of all processes.
