@@ -57,6 +57,7 @@ def torchrun_env() -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "TRANSFORMER_KEEP_ALLOCATOR": "1",  # skip the allocator re-exec: one Python start-up less per rank
+        "PYTHONFAULTHANDLER": "1",  # a rank that aborts prints where each of its threads was
     }
 
 
@@ -208,6 +209,42 @@ def test_shutdown_leaves_the_process_group_and_is_a_no_op_outside_one(tmp_path: 
     distributed.shutdown()
     assert not distributed.active()
     distributed.shutdown()
+
+
+# Each rank of a two-process group: a DDP step as in training, `shutdown`, then the names of the threads left.
+SHUTDOWN_SCRIPT = """
+import os, sys, torch
+from transformer import distributed
+distributed.init()
+model = distributed.wrap(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()
+del model
+distributed.shutdown()
+tasks = os.listdir("/proc/self/task")
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in tasks]
+open(sys.argv[1] + os.environ["RANK"], "w").write(" ".join(names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from Linux's /proc")
+def test_shutdown_joins_gloos_threads(tmp_path: Path) -> None:
+    """After `shutdown` no gloo thread runs on into the interpreter's teardown, where a rank once aborted.
+    They did while anything still held the group: `torch.distributed.nn`, imported by DDP after the group
+    existed, holds it in ten functions' default arguments (transformer/distributed.py imports it first)."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*command, str(script), str(tmp_path / "threads-")],
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads-{rank}").read_text().split()
+        assert threads and not [name for name in threads if "gloo" in name], threads
 
 
 def test_shards_are_disjoint_equal_in_steps_and_interleave_back(monkeypatch) -> None:

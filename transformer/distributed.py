@@ -40,6 +40,12 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as a default
+# argument, evaluated at import. Imported after `init_process_group` (DDP imports it, through torch._dynamo),
+# ten of them would hold the group for the life of the process: `destroy_process_group` would free nothing,
+# and gloo's three threads would run on into the interpreter's teardown (see `shutdown`).
+import torch.distributed.nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -83,9 +89,11 @@ def _cleanup() -> None:
 
 def shutdown() -> None:
     """Leave the process group at the end of a finished run, every process together: a barrier, then
-    `destroy_process_group` while the interpreter is whole. Left to the exit hook alone (`_cleanup`, which
-    stays for runs that fail), a rank once aborted in its teardown after a finished two-process run on
-    the CPU ("terminate called without an active exception", CI of 2026-12-04)."""
+    `destroy_process_group` while the interpreter is whole, which joins gloo's threads and closes its
+    sockets. A rank twice aborted in its teardown after a finished two-process run on the CPU ("terminate
+    called without an active exception", CI of 2026-12-04 and 2026-12-05): its group was still alive then,
+    held by `torch.distributed.nn`'s default arguments (see the import above), so gloo's threads outlived
+    this call. The exit hook (`_cleanup`) stays for runs that fail."""
     if active():
         dist.barrier()
         dist.destroy_process_group()
