@@ -2,13 +2,14 @@
 the first step, and the process's peak and training memory, on a synthetic corpus of the bundled
 Multi30k sentences joined two to a line (WMT14 en-de: 4.5M pairs of ~25 words a side).
 
-    python benchmarks/corpus_size.py                       # 4.5M pairs, 30 steps: ~5 minutes, ~9 GB
+    python benchmarks/corpus_size.py                       # 4.5M pairs, 30 steps: ~9 minutes, ~9 GB
     python benchmarks/corpus_size.py --pairs 1000000
 
 The run is `transformer train` itself (small model, default settings, no test split), in a child process
 whose resident memory is read from /proc every half second. There is no peer here: the figures are the
-cost of the data path, which the training figures elsewhere leave out. Prints JSON and updates
-benchmarks/RESULTS.md.
+cost of the data path, which the training figures elsewhere leave out. The run is then resumed twice
+for 10 more steps: with the token ids it kept (`train.ids`), and without them, tokenising the corpus
+again as every resume did before. Prints JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common
 from transformer.data.corpus import read_lines
+from transformer.rundir import TRAIN_IDS
 
 MULTI30K = Path(__file__).resolve().parent.parent / "data" / "multi30k"
 
@@ -107,18 +109,36 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", help="more `transformer train` settings, key=value")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
+        data, run = Path(tmp) / "data", Path(tmp) / "run"
         data.mkdir()
         write_corpus(data, args.pairs)
-        measured = watch(train_command(data, Path(tmp) / "run", args.steps, args.settings))
-    result = {"machine": common.machine_info(), "pairs": args.pairs, "steps": args.steps, **measured}
+        measured = watch(train_command(data, run, args.steps, args.settings))
+        # Resumed for 10 steps more: with the ids the first run kept, then (the peer) without them.
+        resumed = watch([*train_command(data, run, args.steps + 10, args.settings), "--resume"])
+        kept_bytes = (run / TRAIN_IDS).stat().st_size
+        (run / TRAIN_IDS).unlink()
+        retokenised = watch([*train_command(data, run, args.steps + 20, args.settings), "--resume"])
+    result = {
+        "machine": common.machine_info(),
+        "pairs": args.pairs,
+        "steps": args.steps,
+        **measured,
+        "kept_ids_gb": round(kept_bytes / 1e9, 2),
+        "resumed": resumed,
+        "resumed_tokenising_again": retokenised,
+    }
     first, peak, training = (
         measured[key] for key in ("seconds_to_first_logged_step", "peak_rss_gb", "training_rss_gb")
     )
+    resumed_first, again_first = (run["seconds_to_first_logged_step"] for run in (resumed, retokenised))
     body = (
         f"`transformer train` on {args.pairs:,} synthetic pairs (Multi30k's sentences joined two to a "
         f"line), {args.steps} steps of the small model: the first step logged {first} s after the command, "
-        f"{peak} GB resident at the peak, {training} GB while training.\n\n```\n"
+        f"{peak} GB resident at the peak, {training} GB while training.\n\n"
+        f"`--resume` for 10 steps more logged its first step {resumed_first} s after the command, reading "
+        f"the ids the run kept ({result['kept_ids_gb']} GB on disk; {resumed['peak_rss_gb']} GB resident "
+        f"at the peak); {again_first} s without them, "
+        f"tokenising the corpus again ({retokenised['peak_rss_gb']} GB).\n\n```\n"
         + "\n".join(measured["log"][:6])
         + "\n```"
     )

@@ -577,3 +577,8 @@ def test_corpus_size_benchmark_watches_a_real_training_run(tmp_path) -> None:
     assert 0 < measured["seconds_to_first_logged_step"] < measured["seconds"]
     assert 0.05 < measured["training_rss_gb"] <= measured["peak_rss_gb"] < 8
     assert (tmp_path / "run" / "last.safetensors").is_file()
+    # The benchmark's resume: with `--resume` last, the run reads the ids it kept and goes on.
+    command = corpus_size.train_command(data, tmp_path / "run", 20, [*tiny, "n_decoder_layers=1"])
+    resumed = corpus_size.watch([*command, "--resume"])
+    assert resumed["log"][0] == f"train: token ids read from {tmp_path / 'run' / 'train.ids'}"
+    assert any(line.startswith("step 20 ") for line in resumed["log"])

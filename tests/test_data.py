@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
@@ -400,10 +401,18 @@ def test_token_sequences_hold_what_lists_hold(sequences: list[list[int]], split:
         assert [held.length(i) for i in range(len(held))] == [len(s) for s in sequences]
         if sequences:
             assert held[-1] == sequences[-1] and type(held[0]) is list
+        assert list(TokenSequences.from_arrays(*held.arrays())) == sequences  # as saved and read back
     with pytest.raises(IndexError):
         whole[len(sequences)]
     with pytest.raises(IndexError):
         whole[-len(sequences) - 1]
+
+
+def test_token_sequences_refuse_offsets_that_do_not_cut_up_the_ids() -> None:
+    ids, _ = TokenSequences([[1, 2], [3]]).arrays()
+    for bad in ([0, 2], [1, 2, 3], [0, 2, 1, 3], []):
+        with pytest.raises(ValueError, match="offsets"):
+            TokenSequences.from_arrays(ids, np.array(bad, dtype=np.int64))
 
 
 def test_token_sequences_take_4_bytes_a_token() -> None:

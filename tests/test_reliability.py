@@ -25,15 +25,25 @@ import torch
 from conftest import TINY_MODEL, tiny_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
-from transformer import checkpoint
+from transformer import checkpoint, rundir
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, load_state, load_weights, save_weights
 from transformer.cli import main
 from transformer.config import TrainConfig
+from transformer.data.dataset import Corpus, TokenSequences
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
-from transformer.rundir import check_resumable, drop_partial_line, read_run_record, resume_point
+from transformer.rundir import (
+    TRAIN_IDS,
+    check_resumable,
+    drop_partial_line,
+    load_training_ids,
+    read_run_record,
+    resume_point,
+    save_training_ids,
+)
 from transformer.textio import decode_lines, single_line
 from transformer.train import MAX_BAD_STEPS, train
 from transformer.translate import Translator
@@ -326,6 +336,28 @@ def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
     assert (name, state["progress"]["step"]) == ("step-0000008", 8)
 
 
+def test_a_full_disk_when_keeping_the_training_ids_is_a_warning(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kept ids only save a resume some time: a run that cannot write them trains on, and says so."""
+    run = tmp_path / "run"
+    atomic_write = rundir.atomic_write
+
+    def failing_write(path: Path, write: Any) -> None:
+        def half_then_fail(tmp: Path) -> None:
+            tmp.write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return atomic_write(path, half_then_fail if path.name == TRAIN_IDS else write)
+
+    monkeypatch.setattr(rundir, "atomic_write", failing_write)
+    assert main(train_argv(quick_recipe(quick_data, max_steps=4, eval_every=0), run)) == 0
+    out = capsys.readouterr().out
+    assert "warning: the training ids were not kept ([Errno 28] No space left on device)" in out
+    assert (run / "last.safetensors").is_file() and not (run / TRAIN_IDS).exists()
+    assert not list(run.glob(".*.tmp-*")), "no half-written file is left behind"
+
+
 def test_an_unwritable_directory_at_checkpoint_time_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -391,6 +423,54 @@ def test_resume_refuses_changed_data(reference: Path, quick_data: Path, tmp_path
     check_resumable(run, saved, moved)
     with pytest.raises(TransformerError, match="the train config differs"):
         check_resumable(run, {**saved, "data_sha256": None}, moved)  # a record without digests
+
+
+def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) -> None:
+    """What `save_training_ids` kept comes back equal under the same key. Under any other (other text,
+    tokenizer or max_len) it is not used; a damaged file is one error, which train turns into a warning."""
+    corpus = Corpus(TokenSequences([[5, 6, 7], [], [8]]), TokenSequences([[9], [10, 11], [12, 13, 14]]), [])
+    counts = {"pairs": 5, "kept": 3, "empty": 1, "too_long": 1}
+    key = {"text": "a" * 64, "tokenizer": "b" * 64, "max_len": "100"}
+    assert load_training_ids(tmp_path, key) is None  # nothing kept yet
+    save_training_ids(tmp_path, corpus, counts, key)
+    loaded, loaded_counts = load_training_ids(tmp_path, key)
+    assert list(loaded.src) == list(corpus.src) and list(loaded.tgt) == list(corpus.tgt)
+    assert loaded_counts == counts and loaded.tgt_text == []
+    for name in key:
+        assert load_training_ids(tmp_path, {**key, name: "other"}) is None, name
+    path = tmp_path / TRAIN_IDS
+    os.truncate(path, path.stat().st_size - 7)
+    with pytest.raises(TransformerError, match=r"train\.ids cannot be read"):
+        load_training_ids(tmp_path, key)
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(TransformerError, match=r"train\.ids cannot be read"):
+        load_training_ids(tmp_path, key)
+
+
+def test_a_resume_reads_the_kept_ids_and_tokenises_again_when_they_are_damaged(
+    reference: Path, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed run takes the training ids its start kept rather than tokenising the corpus again (the
+    SIGKILL test above checks that it then trains exactly as the unbroken run). Kept ids that cannot be
+    read cost a warning and a new tokenisation, which keeps them again."""
+    assert [r["train_ids_read"] for r in records(reference) if r["event"] == "data"] == [False]
+    run = copy_run(reference, tmp_path)
+    train(quick_recipe(quick_data, max_steps=12), MODEL, run, resume=True)
+    assert [r["train_ids_read"] for r in records(run) if r["event"] == "data"] == [False, True]
+    assert f"train: token ids read from {run / TRAIN_IDS}" in capsys.readouterr().out
+
+    os.truncate(run / TRAIN_IDS, 100)
+    train(quick_recipe(quick_data, max_steps=14), MODEL, run, resume=True)
+    assert [r["train_ids_read"] for r in records(run) if r["event"] == "data"] == [False, True, False]
+    out = capsys.readouterr().out
+    assert "train.ids cannot be read" in out and "tokenising the training data again" in out
+    assert kept_ids(run) == kept_ids(reference), "kept again, as at the start"
+
+
+def kept_ids(run: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """A run's kept training ids and their metadata (whose order in the file varies from write to write)."""
+    with safe_open(str(run / TRAIN_IDS), framework="numpy") as kept:
+        return kept.metadata(), {name: kept.get_tensor(name).tolist() for name in kept.keys()}  # noqa: SIM118
 
 
 def test_a_run_from_an_incompatible_version_is_refused(

@@ -8,6 +8,8 @@ same step. A resumed run must also be the run it claims to continue: `config.jso
 training settings, the tokenizer's and the data's sha256 and the format version, and `check_resumable`
 refuses a resume under which any of those changed, saying what changed. For the same reason
 `average_into` averages only checkpoints of one tokenizer and model, and writes only into a new directory.
+The training split's token ids are kept beside the checkpoints (`TRAIN_IDS`), under a key of what they
+derive from, so that a resume reads them instead of tokenising the corpus again.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from transformer.checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_SUFFIX,
+    atomic_write,
     average_weights,
     check_format_version,
     list_checkpoints,
@@ -33,6 +38,7 @@ from transformer.checkpoint import (
     save_weights,
     step_of,
 )
+from transformer.data.dataset import Corpus, TokenSequences
 from transformer.errors import TransformerError
 
 # Settings a resume may change: budgets, how often to validate and log, threads and compilation, and the
@@ -61,6 +67,47 @@ def data_sha256(pairs: Sequence[tuple[str, str]]) -> str:
     for src, tgt in pairs:
         digest.update(f"{src}\t{tgt}\n".encode("utf-8", errors="surrogatepass"))
     return digest.hexdigest()
+
+
+TRAIN_IDS = "train.ids"  # a safetensors file, named apart from the checkpoints (`*.safetensors`)
+IDS_FORMAT = "1"  # raised when the filtering or the layout changes, which the key cannot see
+
+
+def save_training_ids(run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str]) -> None:
+    """Keep the training split's ids in the run directory, so that a resumed run (and under torchrun every
+    process but the first) reads them instead of tokenising the corpus again: about two minutes at WMT14's
+    4.5M pairs on two cores. `key` names what the ids derive from (digests of the text and the tokenizer,
+    and max_len); the filter's counts go along for the log."""
+    tensors = {}
+    for side, sequences in (("src", corpus.src), ("tgt", corpus.tgt)):
+        tensors[f"{side}.ids"], tensors[f"{side}.offsets"] = sequences.arrays()
+    metadata = {**key, "format": IDS_FORMAT, "counts": json.dumps(counts)}
+    atomic_write(run_dir / TRAIN_IDS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:
+    """The ids and counts `save_training_ids` kept under the same `key`, or None: none kept, or kept for
+    other text, another tokenizer or max_len. A file that cannot be read raises TransformerError."""
+    path = run_dir / TRAIN_IDS
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as saved:
+            metadata = saved.metadata() or {}
+            if any(metadata.get(name) != value for name, value in {**key, "format": IDS_FORMAT}.items()):
+                return None
+            src, tgt = (
+                TokenSequences.from_arrays(
+                    saved.get_tensor(f"{side}.ids"), saved.get_tensor(f"{side}.offsets")
+                )
+                for side in ("src", "tgt")
+            )
+            counts = json.loads(metadata["counts"])
+        if not len(src) == len(tgt) == counts["kept"]:
+            raise ValueError(f"{len(src)} source and {len(tgt)} target sentences for {counts['kept']} pairs")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise TransformerError(f"{path} cannot be read ({error})") from error
+    return Corpus(src, tgt, []), counts
 
 
 def run_record(

@@ -316,20 +316,17 @@ def train(
             f"(model.max_len={model_config.max_len}, less one position for BOS/EOS): lower max_len or "
             f"raise model.max_len"
         )
+    data_digests = {"train": rundir.data_sha256(train_pairs), "valid": rundir.data_sha256(valid_pairs)}
     run_config = rundir.run_record(
-        config_to_dict(model_config),
-        config_to_dict(tc),
-        tokenizer.sha256(),
-        {"train": rundir.data_sha256(train_pairs), "valid": rundir.data_sha256(valid_pairs)},
+        config_to_dict(model_config), config_to_dict(tc), tokenizer.sha256(), data_digests
     )
     if resume:
         rundir.check_resumable(run_dir, saved_record, run_config)
     if distributed.is_main():
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
-    train_data, train_stats = encode_corpus(
-        train_pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars()
-    )
+    ids_key = {"text": data_digests["train"], "tokenizer": tokenizer.sha256(), "max_len": str(tc.max_len)}
+    train_data, train_stats, ids_read = _training_ids(train_pairs, tokenizer, tc.max_len, run_dir, ids_key)
     del train_pairs  # tokenised now: a large corpus's strings are gigabytes
     release_free_memory()
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, longest)
@@ -338,7 +335,7 @@ def train(
             f"warning: {valid_stats['too_long']} {tc.valid_split} pairs have more than the model's {longest} "
             f"tokens a side: validation leaves them out"
         )
-    log.write(event="data", train=train_stats, valid=valid_stats)
+    log.write(event="data", train=train_stats, valid=valid_stats, train_ids_read=ids_read)
     log.write(event="precision", precision=mixed.precision, device=device.type)  # what `auto` chose
     if len(train_data) == 0:
         raise TransformerError(f"no training pairs left in {tc.data_dir}/{tc.train_split} after filtering")
@@ -388,6 +385,43 @@ def train(
     del loop  # its DistributedDataParallel wrapper holds the process group
     distributed.shutdown()
     return results
+
+
+def _training_ids(
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: int, run_dir: Path, key: dict[str, str]
+) -> tuple[Corpus, dict[str, int], bool]:
+    """The training split's ids, filter counts, and whether the ids were read rather than tokenised.
+
+    Read from the run directory when kept there for this text, tokenizer and max_len: on resume, and
+    under torchrun in every process but the first, which wait for rank 0 to tokenise and keep them
+    rather than each running SentencePiece over the corpus on the same cores. A process that cannot see
+    rank 0's file (several machines without shared storage) tokenises the corpus itself.
+    """
+    if distributed.is_main():
+        loaded = _read_training_ids(run_dir, key)
+        if loaded is None:
+            encoded = encode_corpus(pairs, tokenizer, max_len, keep_text=False, progress=_shows_bars())
+            try:
+                rundir.save_training_ids(run_dir, *encoded, key)
+            except OSError as error:  # a full disk now leaves the checkpoints to fail, and to say so
+                tqdm.write(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
+    distributed.barrier()  # rank 0's ids are kept now, for the others to read (a no-op alone)
+    if not distributed.is_main():
+        loaded = _read_training_ids(run_dir, key)
+        if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
+            encoded = encode_corpus(pairs, tokenizer, max_len, keep_text=False)
+    return (*loaded, True) if loaded is not None else (*encoded, False)
+
+
+def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:
+    try:
+        loaded = rundir.load_training_ids(run_dir, key)
+    except TransformerError as error:  # kept ids are a saving, not a need: tokenise again
+        tqdm.write(f"warning: {error}: tokenising the training data again")
+        return None
+    if loaded is not None:
+        tqdm.write(f"train: token ids read from {run_dir / rundir.TRAIN_IDS}")
+    return loaded
 
 
 def _shows_bars() -> bool:

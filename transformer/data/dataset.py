@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate, chain, pairwise
 from typing import overload
 
+import numpy as np
 from tqdm import tqdm
 
 from transformer.data.batching import token_batches
@@ -68,6 +69,23 @@ class TokenSequences(Sequence[list[int]]):
     def nbytes(self) -> int:
         """The memory the ids and offsets take."""
         return len(self._ids) * self._ids.itemsize + len(self._offsets) * self._offsets.itemsize
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, offsets) as numpy arrays over this object's memory, not copies: for saving."""
+        return np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._offsets, dtype=np.int64)
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, offsets: np.ndarray) -> TokenSequences:
+        """The sequences `arrays()` returned (copied in); refuses offsets that do not cut `ids` up."""
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
+            raise ValueError(f"offsets do not run from 0 to the {len(ids)} ids")
+        if (np.diff(offsets) < 0).any():
+            raise ValueError("offsets decrease")
+        sequences = cls()
+        sequences._ids.frombytes(np.ascontiguousarray(ids, dtype=np.int32).view(np.uint8))  # one copy
+        sequences._offsets = array("q")
+        sequences._offsets.frombytes(np.ascontiguousarray(offsets, dtype=np.int64).view(np.uint8))
+        return sequences
 
 
 @dataclasses.dataclass
