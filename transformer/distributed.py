@@ -40,16 +40,17 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-
-# Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as a default
-# argument, evaluated at import. Imported after `init_process_group` (DDP imports it, through torch._dynamo),
-# ten of them would hold the group for the life of the process: `destroy_process_group` would free nothing,
-# and gloo's three threads would run on into the interpreter's teardown (see `shutdown`).
-import torch.distributed.nn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from transformer.errors import TransformerError
+
+if dist.is_available():  # a torch built without it has no process groups to hold
+    # Imported before any process group exists, on purpose: its functions take `group=group.WORLD` as a
+    # default argument, evaluated at import. Imported after `init_process_group` (DDP imports it, through
+    # torch._dynamo), ten of them would hold the group for the life of the process: `destroy_process_group`
+    # would free nothing, and gloo's three threads would run on into the interpreter's teardown (`shutdown`).
+    import torch.distributed.nn
 
 T = TypeVar("T")
 
