@@ -8,6 +8,8 @@ import os
 import random
 import re
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,34 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX mode bits")
+def test_written_files_are_as_readable_as_a_plain_file(tmp_path: Path, umask_022: None) -> None:
+    """safetensors creates its files 0600. Checkpoints get a plain new file's mode (0644 under umask 022),
+    like config.json beside them, so that a server running as another user can load them. A replaced
+    file keeps its own mode."""
+    save_checkpoint(tmp_path, "best", _fresh(0), {"progress": {"step": 1}})
+    atomic_write_text(tmp_path / "config.json", "{}")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"best.safetensors": 0o644, "best.state.pt": 0o644, "config.json": 0o644}
+
+    os.chmod(tmp_path / "best.safetensors", 0o640)
+    save_checkpoint(tmp_path, "best", _fresh(1), {"progress": {"step": 2}})
+    assert stat.S_IMODE((tmp_path / "best.safetensors").stat().st_mode) == 0o640
+
+    def private(tmp: Path) -> None:
+        tmp.touch(mode=0o600)
+
+    atomic_write(tmp_path / "new.bin", private)
+    assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o644
 
 
 def _first_half_of_real_checkpoint(tmp_path: Path) -> bytes:

@@ -239,6 +239,8 @@ def test_export_cli(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(run_dir), "--format", "marian", "--out", str(out)]) == 0
     files = {p.name for p in out.iterdir()}
     assert files >= {"config.json", "model.safetensors", "source.spm", "target.spm", "vocab.json"}
+    mode = {(out / name).stat().st_mode for name in ("config.json", "model.safetensors")}
+    assert len(mode) == 1, "the weights are as readable as the config (safetensors makes them 0600)"
     assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--out", str(out)]) != 0
     assert "onnx" in capsys.readouterr().err
 

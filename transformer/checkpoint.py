@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,17 +58,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def give_ordinary_mode(path: Path, like: Path | None = None) -> None:
+    """Give `path` the permissions a plain `open()` gives a new file (0o666 less the umask), or those of
+    `like` where it exists (the file `path` is about to replace).
+
+    safetensors (since 0.8) writes through a temp file of its own, created 0600: the weights would be
+    readable by their owner alone, beside a config.json that everyone may read, and a server running as
+    another user (a container, a web server's account) could not load them. safetensors issue 782.
+    """
+    if os.name != "posix":  # Windows has no such mode bits
+        return
+    if like is not None and like.exists():
+        mode = stat.S_IMODE(like.stat().st_mode)
+    else:
+        umask = os.umask(0o077)  # read by setting it: a restrictive value for the instant it is in force
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` via `write(tmp)` on a temp file in the same directory, then rename it into place.
 
     The temp file lives next to `path` so that `os.replace` is a same-filesystem, atomic rename: readers
     see the old content or the new, never a mix. On any error the temp file is removed and the error
-    re-raised, and the previous file under `path` is left untouched.
+    re-raised, and the previous file under `path` is left untouched. The new file has the mode of the one
+    it replaces, or a plain new file's (`give_ordinary_mode`), whatever `write` created it with.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        give_ordinary_mode(tmp, like=path)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data must be on disk before the rename makes it visible

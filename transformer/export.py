@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from transformer.checkpoint import give_ordinary_mode
 from transformer.config import TransformerConfig
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from transformer.errors import TransformerError
@@ -277,6 +278,7 @@ def export_marian(checkpoint: str | Path, out: str | Path, name: str = "best") -
         for filename, data in files.items():
             (tmp / filename).write_bytes(data)
         save_file(to_marian_state_dict(translator.model), str(tmp / "model.safetensors"), {"format": "pt"})
+        give_ordinary_mode(tmp / "model.safetensors")  # safetensors makes it 0600: see the function
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
