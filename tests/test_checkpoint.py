@@ -29,6 +29,7 @@ from transformer.checkpoint import (
     load_weights,
     prune_checkpoints,
     save_checkpoint,
+    save_weights,
 )
 from transformer.cli import main
 from transformer.errors import TransformerError
@@ -234,6 +235,10 @@ def test_average_weights_is_the_mean(tmp_path: Path) -> None:
         torch.testing.assert_close(averaged[key], expected.to(value.dtype), rtol=0, atol=0)
     model = _fresh(2)
     model.load_state_dict(averaged, strict=True)
+    # The tied embedding stays one tensor: written once, the average is the size of its checkpoints.
+    assert averaged["out.weight"] is averaged["embed.weight"]
+    save_weights(tmp_path / "avg.safetensors", averaged)
+    assert (tmp_path / "avg.safetensors").stat().st_size == (tmp_path / "step-1.safetensors").stat().st_size
 
 
 def test_average_weights_rejects_different_models(tmp_path: Path) -> None:

@@ -409,21 +409,27 @@ def average_weights(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
     Accumulates in float64 so that averaging many float32/bf16 checkpoints adds no rounding drift, and
     returns each tensor in its dtype in the first checkpoint. Non-floating tensors (integer buffers) cannot
     be averaged meaningfully and are taken from the last checkpoint. Checkpoints are read one at a time,
-    so memory stays at about two models however many are averaged.
+    so memory stays at about two models however many are averaged. Tied weights (one tensor under several
+    keys, as `load_weights` gives them) are averaged once and stay one tensor, so that the average is
+    written once, like its checkpoints, not once per key.
     """
     if not paths:
         raise TransformerError("no checkpoints to average: pass at least one checkpoint file")
     first = Path(paths[0])
     reference = load_weights(first)
     dtypes = {key: t.dtype for key, t in reference.items()}
+    holder: dict[int, str] = {}  # id of a tensor -> the first key that holds it
+    tied_to = {key: holder.setdefault(id(t), key) for key, t in reference.items()}
     sums: dict[str, torch.Tensor] = {
-        key: t.to(torch.float64, copy=True) if t.is_floating_point() else t for key, t in reference.items()
+        key: t.to(torch.float64, copy=True) if t.is_floating_point() else t
+        for key, t in reference.items()
+        if tied_to[key] == key
     }
     for path in paths[1:]:
         path = Path(path)
         weights = load_weights(path)
-        missing = sorted(set(sums) - set(weights))
-        extra = sorted(set(weights) - set(sums))
+        missing = sorted(set(reference) - set(weights))
+        extra = sorted(set(weights) - set(reference))
         if missing or extra:
             key, where = (missing[0], f"missing from {path}") if missing else (extra[0], f"absent in {first}")
             raise TransformerError(
@@ -442,10 +448,11 @@ def average_weights(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
             else:
                 sums[key] = tensor
     count = len(paths)
-    return {
+    means = {
         key: (total / count).to(dtypes[key]) if dtypes[key].is_floating_point else total
         for key, total in sums.items()
     }
+    return {key: means[tied_to[key]] for key in reference}
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[str]:
