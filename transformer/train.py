@@ -316,16 +316,18 @@ def train(
             f"(model.max_len={model_config.max_len}, less one position for BOS/EOS): lower max_len or "
             f"raise model.max_len"
         )
+    # What the run derives from; the kept training ids are keyed by the same digests.
     data_digests = {"train": rundir.data_sha256(train_pairs), "valid": rundir.data_sha256(valid_pairs)}
+    tokenizer_digest = tokenizer.sha256()
     run_config = rundir.run_record(
-        config_to_dict(model_config), config_to_dict(tc), tokenizer.sha256(), data_digests
+        config_to_dict(model_config), config_to_dict(tc), tokenizer_digest, data_digests
     )
     if resume:
         rundir.check_resumable(run_dir, saved_record, run_config)
     if distributed.is_main():
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
-    ids_key = {"text": data_digests["train"], "tokenizer": tokenizer.sha256(), "max_len": str(tc.max_len)}
+    ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
     train_data, train_stats, ids_read = _training_ids(train_pairs, tokenizer, tc.max_len, run_dir, ids_key)
     del train_pairs  # tokenised now: a large corpus's strings are gigabytes
     release_free_memory()
