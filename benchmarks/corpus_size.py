@@ -6,10 +6,10 @@ Multi30k sentences joined two to a line (WMT14 en-de: 4.5M pairs of ~25 words a 
     python benchmarks/corpus_size.py --pairs 1000000
 
 The run is `transformer train` itself (small model, default settings, no test split), in a child process
-whose resident memory is read from /proc every half second. There is no peer here: the figures are the
-cost of the data path, which the training figures elsewhere leave out. The run is then resumed twice
-for 10 more steps: with the token ids it kept (`train.ids`), and without them, tokenising the corpus
-again as every resume did before. Prints JSON and updates benchmarks/RESULTS.md.
+whose resident memory is read from /proc every half second: the cost of the data path, which the
+training figures elsewhere leave out. The run is then resumed twice for 10 more steps: with the token ids
+it kept (`train.ids`), and, as the peer of that resume, without them, tokenising the corpus again as every
+resume did before. Prints JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> None:
     first, peak, training = (
         measured[key] for key in ("seconds_to_first_logged_step", "peak_rss_gb", "training_rss_gb")
     )
-    resumed_first, again_first = (run["seconds_to_first_logged_step"] for run in (resumed, retokenised))
+    resumed_first, again_first = (r["seconds_to_first_logged_step"] for r in (resumed, retokenised))
     body = (
         f"`transformer train` on {args.pairs:,} synthetic pairs (Multi30k's sentences joined two to a "
         f"line), {args.steps} steps of the small model: the first step logged {first} s after the command, "
