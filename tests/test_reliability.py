@@ -298,6 +298,12 @@ def test_repeated_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(
 # ------------------------------------------------------------------------ disk full, unwritable dir
 
 
+def half_then_disk_full(tmp: Path) -> None:
+    """A write that the disk cuts short: some bytes, then ENOSPC."""
+    tmp.write_bytes(b"\0" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -317,12 +323,7 @@ def test_a_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(
             seen[0] += 1
             if seen[0] == 2:
                 before[path.name] = _digest(path)
-
-                def half_then_fail(tmp: Path) -> None:
-                    tmp.write_bytes(b"\0" * 100)
-                    raise OSError(errno.ENOSPC, "No space left on device")
-
-                return atomic_write(path, half_then_fail)
+                return atomic_write(path, half_then_disk_full)
         return atomic_write(path, write)
 
     monkeypatch.setattr(checkpoint, "atomic_write", failing_write)
@@ -345,11 +346,7 @@ def test_a_full_disk_when_keeping_the_training_ids_is_a_warning(
     atomic_write = rundir.atomic_write
 
     def failing_write(path: Path, write: Any) -> None:
-        def half_then_fail(tmp: Path) -> None:
-            tmp.write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        return atomic_write(path, half_then_fail if path.name == TRAIN_IDS else write)
+        return atomic_write(path, half_then_disk_full if path.name == TRAIN_IDS else write)
 
     monkeypatch.setattr(rundir, "atomic_write", failing_write)
     assert main(train_argv(quick_recipe(quick_data, max_steps=4, eval_every=0), run)) == 0
