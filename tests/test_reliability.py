@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from transformer import checkpoint, distributed, rundir
 from transformer import train as train_module
+from transformer import translate as translate_module
 from transformer.checkpoint import load_checkpoint, load_state, load_weights, save_weights
 from transformer.cli import main
 from transformer.config import TrainConfig
@@ -575,6 +576,22 @@ def test_warnings_number_sentences_from_where_the_block_starts(
     blocks = translator.translate_blocks(["Ein Mann.", "Hund " * 200], beam=1, block=1, first=7)
     assert len(list(blocks)) == 2
     assert capsys.readouterr().err.startswith("warning: sentence 8 has ")
+
+
+def test_an_input_encoded_in_chunks_translates_and_warns_as_in_one(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long input's ids are made `ENCODE_CHUNK` sentences at a time: the chunks must not move a warning's
+    sentence number, a truncation, or which sentence `strict` refuses."""
+    sentences = ["Ein Mann.", "Hund " * 200, "", "Zwei Katzen.", "Katze " * 150]
+    whole = translator.translate(sentences, beam=1)
+    warnings = capsys.readouterr().err
+    assert warnings.count("warning: sentence") == 2
+    monkeypatch.setattr(translate_module, "ENCODE_CHUNK", 2)
+    assert translator.translate(sentences, beam=1) == whole
+    assert capsys.readouterr().err == warnings
+    with pytest.raises(TransformerError, match=r"^sentence 5 has \d+ tokens"):  # in the second chunk
+        next(translator.translate_blocks(sentences[2:], beam=1, strict=True, first=3))
 
 
 def test_invalid_utf8_is_replaced_with_a_warning_or_refused_when_strict(

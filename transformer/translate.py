@@ -12,6 +12,7 @@ from torch import nn
 from transformer.checkpoint import checkpoint_path, load_weights
 from transformer.config import ModelConfig, TrainConfig, check_search, config_from_dict, model_config_class
 from transformer.data.batching import collate, token_batches
+from transformer.data.dataset import ENCODE_CHUNK, TokenSequences
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from transformer.errors import TransformerError
 from transformer.model import Transformer, build_model
@@ -234,7 +235,8 @@ class Translator:
     def _source_blocks(
         self, sentences: Sequence[str], strict: bool, first: int, block: int
     ) -> Iterator[list[list[int]]]:
-        """The sentences' token ids, `block` sentences at a time; all are encoded and checked at the call."""
+        """The sentences' token ids, `block` sentences at a time; all are encoded and checked at the call,
+        so that `strict` refuses before any translation is made."""
         sources, block = self._encode(sentences, strict, first), max(block, 1)
         return (sources[start : start + block] for start in range(0, len(sources), block))
 
@@ -251,20 +253,25 @@ class Translator:
         """Tokens a source sentence may have: the model's maximum, less room for EOS."""
         return self.model.config.max_len - 1
 
-    def _encode(self, sentences: Sequence[str], strict: bool, first: int = 1) -> list[list[int]]:
+    def _encode(self, sentences: Sequence[str], strict: bool, first: int = 1) -> TokenSequences:
         """Token ids per sentence ([] for a blank one), cut to the model's maximum with a warning on
-        stderr, or refused with `strict`; the sentences are numbered from `first` in both."""
-        sources, limit = source_ids(self.tokenizer, sentences), self.max_source_len
-        for n, ids in enumerate(sources, first):
-            if len(ids) <= limit:
-                continue
-            if strict:
-                raise TransformerError(
-                    f"sentence {n} has {len(ids)} tokens, more than the model's maximum of {limit}; "
-                    f"--strict refuses it: split the sentence"
-                )
-            print(f"warning: sentence {n} has {len(ids)} tokens; truncated to {limit}", file=sys.stderr)
-            sources[n - first] = ids[:limit]
+        stderr, or refused with `strict`; the sentences are numbered from `first` in both. Held 4 bytes a
+        token and made `ENCODE_CHUNK` sentences at a time: as lists of ints a million-line input's ids
+        took 1.4 GB, on top of its text."""
+        sources, limit = TokenSequences(), self.max_source_len
+        for start in range(0, len(sentences), ENCODE_CHUNK):
+            chunk = source_ids(self.tokenizer, sentences[start : start + ENCODE_CHUNK])
+            for n, ids in enumerate(chunk, first + start):
+                if len(ids) <= limit:
+                    continue
+                if strict:
+                    raise TransformerError(
+                        f"sentence {n} has {len(ids)} tokens, more than the model's maximum of {limit}; "
+                        f"--strict refuses it: split the sentence"
+                    )
+                print(f"warning: sentence {n} has {len(ids)} tokens; truncated to {limit}", file=sys.stderr)
+                chunk[n - first - start] = ids[:limit]
+            sources.extend(chunk)
         return sources
 
     def _device(self) -> torch.device:
