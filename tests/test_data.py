@@ -409,10 +409,23 @@ def test_token_sequences_hold_what_lists_hold(sequences: list[list[int]], split:
 
 
 def test_token_sequences_refuse_offsets_that_do_not_cut_up_the_ids() -> None:
-    ids, _ = TokenSequences([[1, 2], [3]]).arrays()
+    ids, offsets = TokenSequences([[1, 2], [3]]).arrays()
     for bad in ([0, 2], [1, 2, 3], [0, 2, 1, 3], []):
         with pytest.raises(ValueError, match="offsets"):
             TokenSequences.from_arrays(ids, np.array(bad, dtype=np.int64))
+    with pytest.raises(ValueError, match="int32 and int64"):
+        TokenSequences.from_arrays(ids.astype(np.int64), offsets)
+
+
+def test_token_sequences_from_arrays_hold_the_arrays_given_not_copies() -> None:
+    """So that a memory map of kept ids stays one (shared by a torchrun's processes); such sequences
+    cannot grow, since the arrays are not theirs."""
+    ids, offsets = np.array([4, 5, 6], dtype=np.int32), np.array([0, 1, 3], dtype=np.int64)
+    held = TokenSequences.from_arrays(ids, offsets)
+    assert all(np.shares_memory(a, b) for a, b in zip(held.arrays(), (ids, offsets), strict=True))
+    assert list(held) == [[4], [5, 6]] and held.lengths() == [1, 2] and held.length(1) == 2
+    with pytest.raises(TypeError, match="cannot be extended"):
+        held.extend([[7]])
 
 
 def test_token_sequences_take_4_bytes_a_token() -> None:

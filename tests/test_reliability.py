@@ -435,6 +435,12 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
     loaded, loaded_counts = load_training_ids(tmp_path, key)
     assert list(loaded.src) == list(corpus.src) and list(loaded.tgt) == list(corpus.tgt)
     assert loaded_counts == counts and loaded.tgt_text == []
+    # Mapped from the file, not copied: a torchrun's processes share the pages.
+    assert str(tmp_path / TRAIN_IDS) in Path("/proc/self/maps").read_text()
+    nothing = Corpus(TokenSequences(), TokenSequences(), [])  # no pair kept: nothing to map
+    (tmp_path / "none").mkdir()
+    save_training_ids(tmp_path / "none", nothing, {**counts, "kept": 0}, key)
+    assert len(load_training_ids(tmp_path / "none", key)[0]) == 0
     for name in key:
         assert load_training_ids(tmp_path, {**key, name: "other"}) is None, name
     path = tmp_path / TRAIN_IDS

@@ -397,7 +397,8 @@ def _training_ids(
     Read from the run directory when kept there for this text, tokenizer and max_len: on resume, and
     under torchrun in every process but the first, which wait for rank 0 to tokenise and keep them
     rather than each running SentencePiece over the corpus on the same cores. A process that cannot see
-    rank 0's file (several machines without shared storage) tokenises the corpus itself.
+    rank 0's file (several machines without shared storage) tokenises the corpus itself. Every process
+    that can see the file trains from it, mapped into memory: one copy for all of them.
     """
     if distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
@@ -405,7 +406,9 @@ def _training_ids(
             encoded = encode_corpus(pairs, tokenizer, max_len, keep_text=False, progress=_shows_bars())
             try:
                 rundir.save_training_ids(run_dir, *encoded, key)
-            except OSError as error:  # a full disk now leaves the checkpoints to fail, and to say so
+                # Trained from the file too: its pages are the other processes', and the kernel's to drop.
+                encoded = rundir.load_training_ids(run_dir, key) or encoded
+            except (OSError, TransformerError) as error:  # a full disk leaves the checkpoints to say so
                 tqdm.write(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
     distributed.barrier()  # rank 0's ids are kept now, for the others to read (a no-op alone)
     if not distributed.is_main():

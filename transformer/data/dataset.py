@@ -3,7 +3,8 @@
 A Python list of token ids costs about 36 bytes a token (an 8-byte pointer to a 28-byte int object):
 WMT14 en-de's 4.5M pairs, some 270M tokens, would take ~10 GB in every training process, eight times over
 under `torchrun --nproc_per_node=8`. `TokenSequences` keeps all sequences of a split in one flat array of
-32-bit ids with their offsets, 4 bytes a token, and hands out a sentence as a list when it is asked for one.
+32-bit ids with their offsets, 4 bytes a token, and hands out a sentence as a list when it is asked for one;
+read from a run's kept ids, the arrays are a memory map that the processes share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate, chain, pairwise
+from itertools import accumulate, chain
 from typing import overload
 
 import numpy as np
@@ -25,14 +26,20 @@ ENCODE_CHUNK = 100_000  # pairs tokenised at a time: bounds the transient lists 
 
 
 class TokenSequences(Sequence[list[int]]):
-    """Token-id sequences in one flat int32 array: `seqs[i]` is sequence i as a list of ints."""
+    """Token-id sequences in one flat int32 array: `seqs[i]` is sequence i as a list of ints.
+
+    Built with `extend`, the arrays are the process's own. `from_arrays` keeps the arrays it is given,
+    and a memory map of a kept file (`transformer.rundir.load_training_ids`) stays one: the processes of
+    a torchrun that map one file share its pages, where each would otherwise hold a copy."""
 
     def __init__(self, sequences: Iterable[Sequence[int]] = ()) -> None:
-        self._ids = array("i")  # every sequence's ids, one after another
-        self._offsets = array("q", [0])  # sequence i is _ids[_offsets[i] : _offsets[i + 1]]
+        self._ids: array | np.ndarray = array("i")  # every sequence's ids, one after another
+        self._offsets: array | np.ndarray = array("q", [0])  # sequence i: _ids[_offsets[i] : _offsets[i + 1]]
         self.extend(sequences)
 
     def extend(self, sequences: Iterable[Sequence[int]]) -> None:
+        if isinstance(self._ids, np.ndarray):
+            raise TypeError("sequences held in given arrays (`from_arrays`) cannot be extended")
         sequences = list(sequences)
         self._ids.extend(chain.from_iterable(sequences))
         ends = accumulate((len(s) for s in sequences), initial=self._offsets[-1])
@@ -59,11 +66,11 @@ class TokenSequences(Sequence[list[int]]):
 
     def lengths(self) -> list[int]:
         """Every sequence's number of tokens, without building the sequences."""
-        return [end - start for start, end in pairwise(self._offsets)]
+        return np.diff(self._offsets).tolist()
 
     def length(self, index: int) -> int:
         """Sequence `index`'s number of tokens (0 <= index < len), without building it."""
-        return self._offsets[index + 1] - self._offsets[index]
+        return int(self._offsets[index + 1] - self._offsets[index])
 
     @property
     def nbytes(self) -> int:
@@ -72,19 +79,20 @@ class TokenSequences(Sequence[list[int]]):
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, offsets) as numpy arrays over this object's memory, not copies: for saving."""
-        return np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._offsets, dtype=np.int64)
+        return np.asarray(self._ids, dtype=np.int32), np.asarray(self._offsets, dtype=np.int64)
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, offsets: np.ndarray) -> TokenSequences:
-        """The sequences `arrays()` returned (copied in); refuses offsets that do not cut `ids` up."""
+        """The sequences in `arrays()`'s layout, held in the arrays given (not copied, so a memory map
+        stays one) and not extensible; refuses arrays of another type or offsets that do not cut `ids` up."""
+        if ids.dtype != np.int32 or offsets.dtype != np.int64 or ids.ndim != 1:
+            raise ValueError(f"ids and offsets must be 1-d int32 and int64, not {ids.dtype}, {offsets.dtype}")
         if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
             raise ValueError(f"offsets do not run from 0 to the {len(ids)} ids")
         if (np.diff(offsets) < 0).any():
             raise ValueError("offsets decrease")
         sequences = cls()
-        sequences._ids.frombytes(np.ascontiguousarray(ids, dtype=np.int32).view(np.uint8))  # one copy
-        sequences._offsets = array("q")
-        sequences._offsets.frombytes(np.ascontiguousarray(offsets, dtype=np.int64).view(np.uint8))
+        sequences._ids, sequences._offsets = np.asarray(ids), np.asarray(offsets)  # a memmap's slices cost 2x
         return sequences
 
 
