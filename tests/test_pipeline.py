@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines
 from transformer.data.dataset import encode_corpus
+from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
@@ -361,6 +363,29 @@ def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
     # Not a sample where only blank sides were left out
     build_tokenizer([*pairs[:100], ("", "")], tiny_recipe(data_dir, tokenizer_lines=202), tmp_path, log)
     assert "sample" not in capsys.readouterr().out
+
+
+def test_the_round_trip_check_takes_at_most_round_trip_lines_spread_over_the_sample(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2M-line sample took 31 s to check; `ROUND_TRIP_LINES` evenly spaced lines show a lossy tokenizer
+    as well, from every part of the corpus, and the log says how many were checked."""
+    pairs = list(zip(read_lines(data_dir / "train.de"), read_lines(data_dir / "train.en"), strict=True))
+    checked: list[Sequence[str]] = []
+    check = train_module.round_trip_mismatches
+
+    def spy(tokenizer: Tokenizer, texts: Sequence[str]) -> list[int]:
+        checked.append(texts)
+        return check(tokenizer, texts)
+
+    monkeypatch.setattr(train_module, "round_trip_mismatches", spy)
+    monkeypatch.setattr(train_module, "ROUND_TRIP_LINES", 30)
+    log = MetricsLog(tmp_path / "m.jsonl")
+    build_tokenizer(pairs, tiny_recipe(data_dir), tmp_path, log)
+    texts = [t for pair in pairs for t in pair]
+    assert len(texts) == 400 and checked == [texts[::14]]  # 29 lines, 14 apart, from first to last part
+    event = json.loads((tmp_path / "m.jsonl").read_text())
+    assert (event["lines"], event["round_trip_lines"], event["round_trip_mismatches"]) == (400, 29, 0)
 
 
 def test_early_stopping_ends_the_run_patience_validations_after_its_best(
