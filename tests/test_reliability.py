@@ -33,7 +33,6 @@ from transformer import translate as translate_module
 from transformer.checkpoint import load_checkpoint, load_state, load_weights, save_weights
 from transformer.cli import main
 from transformer.config import TrainConfig
-from transformer.data.corpus import read_parallel
 from transformer.data.dataset import Corpus, TokenSequences
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
@@ -472,25 +471,34 @@ def test_a_resume_reads_the_kept_ids_and_tokenises_again_when_they_are_damaged(
     assert kept_ids(run) == kept_ids(reference), "kept again, as at the start"
 
 
-def test_a_process_that_cannot_see_rank_0s_ids_tokenises_for_itself(
+def test_a_process_that_cannot_see_rank_0s_ids_reads_and_tokenises_the_text_itself(
     reference: Path, quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under torchrun the processes after rank 0 read the ids rank 0 kept. On another machine without
-    shared storage they are out of sight: such a process tokenises the split itself, to the same ids, and
-    writes nothing (only rank 0 writes)."""
+    """Under torchrun the processes after rank 0 do not read the training text: they read the ids rank 0
+    kept. On another machine without shared storage those are out of sight: such a process reads the
+    text and tokenises it, to the same ids, and writes nothing (only rank 0 writes). Its copy of the text
+    must be rank 0's, or its batches would not be the others'."""
     metadata, _ = kept_ids(reference)
     key = {name: metadata[name] for name in ("text", "tokenizer", "max_len")}
-    pairs = read_parallel(quick_data / "train.de", quick_data / "train.en")
+    tc = quick_recipe(quick_data)
+    assert str(tc.max_len) == key["max_len"]
     tokenizer = Tokenizer.load(reference / "tokenizer.model")
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     kept, kept_counts = load_training_ids(reference, key)
-    max_len = int(key["max_len"])
     for run_dir, read in ((tmp_path / "elsewhere", False), (reference, True)):
         run_dir.mkdir(exist_ok=True)
-        corpus, counts, was_read = train_module._training_ids(pairs, tokenizer, max_len, run_dir, key)
+        corpus, counts, was_read = train_module._training_ids(tc, None, tokenizer, run_dir, key)
         assert was_read == read and counts == kept_counts
         assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+    other = tmp_path / "other-copy"
+    shutil.copytree(quick_data, other)
+    for lang, line in (("de", "Eine Zeile mehr."), ("en", "One line more.")):
+        with (other / f"train.{lang}").open("a") as text:
+            text.write(line + "\n")
+    with pytest.raises(TransformerError, match=r"split in .* differs here .* from rank 0's"):
+        train_module._training_ids(quick_recipe(other), None, tokenizer, tmp_path / "elsewhere", key)
 
 
 def kept_ids(run: Path) -> tuple[dict[str, str], dict[str, list[int]]]:

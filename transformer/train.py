@@ -291,8 +291,12 @@ def train(
     mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
     if note := emulation_warning(tc.precision, device.type):
         tqdm.write(note)
-    # Read the data first: a bad corpus stops the run before anything is written.
-    train_pairs, valid_pairs = _read_splits(tc)
+    # Read the data first: a bad corpus stops the run before anything is written. Only rank 0 reads the
+    # training text (gigabytes of strings at WMT's size): the others train from the ids it keeps, and
+    # wait here for its digest of the text, so a corpus it cannot read stops them too.
+    train_pairs = _read_pairs(tc, tc.train_split) if distributed.is_main() else None
+    valid_pairs = _read_pairs(tc, tc.valid_split)
+    train_digest = distributed.from_main(rundir.data_sha256(train_pairs) if train_pairs is not None else None)
     if resume:
         if not checkpoint.list_checkpoints(run_dir):
             raise TransformerError(f"cannot resume: {run_dir} holds no checkpoint")
@@ -325,7 +329,7 @@ def train(
             f"raise model.max_len"
         )
     # What the run derives from; the kept training ids are keyed by the same digests.
-    data_digests = {"train": rundir.data_sha256(train_pairs), "valid": rundir.data_sha256(valid_pairs)}
+    data_digests = {"train": train_digest, "valid": rundir.data_sha256(valid_pairs)}
     tokenizer_digest = tokenizer.sha256()
     run_config = rundir.run_record(
         config_to_dict(model_config), config_to_dict(tc), tokenizer_digest, data_digests
@@ -336,7 +340,7 @@ def train(
         checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
 
     ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
-    train_data, train_stats, ids_read = _training_ids(train_pairs, tokenizer, tc.max_len, run_dir, ids_key)
+    train_data, train_stats, ids_read = _training_ids(tc, train_pairs, tokenizer, run_dir, ids_key)
     del train_pairs  # tokenised now: a large corpus's strings are gigabytes
     release_free_memory()
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, longest)
@@ -398,20 +402,26 @@ def train(
 
 
 def _training_ids(
-    pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_len: int, run_dir: Path, key: dict[str, str]
+    tc: TrainConfig,
+    pairs: list[tuple[str, str]] | None,
+    tokenizer: Tokenizer,
+    run_dir: Path,
+    key: dict[str, str],
 ) -> tuple[Corpus, dict[str, int], bool]:
     """The training split's ids, filter counts, and whether the ids were read rather than tokenised.
 
     Read from the run directory when kept there for this text, tokenizer and max_len: on resume, and
     under torchrun in every process but the first, which wait for rank 0 to tokenise and keep them
-    rather than each running SentencePiece over the corpus on the same cores. A process that cannot see
-    rank 0's file (several machines without shared storage) tokenises the corpus itself. Every process
-    that can see the file trains from it, mapped into memory: one copy for all of them.
+    rather than each running SentencePiece over the corpus on the same cores. Those processes have not
+    read the text (`pairs` is None): one that cannot see rank 0's file (several machines without shared
+    storage) reads and tokenises it itself. Every process that can see the file trains from it, mapped
+    into memory: one copy for all of them.
     """
     if distributed.is_main():
+        assert pairs is not None, "rank 0 reads the training text"
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:
-            encoded = encode_corpus(pairs, tokenizer, max_len, keep_text=False, progress=_shows_bars())
+            encoded = encode_corpus(pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
             try:
                 rundir.save_training_ids(run_dir, *encoded, key)
                 # Trained from the file too: its pages are the other processes', and the kernel's to drop.
@@ -422,7 +432,9 @@ def _training_ids(
     if not distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
-            encoded = encode_corpus(pairs, tokenizer, max_len, keep_text=False)
+            encoded = encode_corpus(
+                _own_training_pairs(tc, key["text"]), tokenizer, tc.max_len, keep_text=False
+            )
     return (*loaded, True) if loaded is not None else (*encoded, False)
 
 
@@ -442,18 +454,26 @@ def _shows_bars() -> bool:
     return distributed.is_main() and sys.stderr.isatty()
 
 
-def _read_splits(tc: TrainConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The training and validation pairs; an empty split is one clear error."""
-    train_pairs, valid_pairs = (
-        read_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang),
-        read_split(tc.data_dir, tc.valid_split, tc.src_lang, tc.tgt_lang),
-    )
-    for split, pairs in ((tc.train_split, train_pairs), (tc.valid_split, valid_pairs)):
-        if not any(src and tgt for src, tgt in pairs):
-            raise TransformerError(
-                f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
-            )
-    return train_pairs, valid_pairs
+def _own_training_pairs(tc: TrainConfig, digest: str) -> list[tuple[str, str]]:
+    """The training split as this process reads it, which must be rank 0's text: on other text its batch
+    list would differ from the others', and the group would train on mismatched batches or hang."""
+    pairs = _read_pairs(tc, tc.train_split)
+    if rundir.data_sha256(pairs) != digest:
+        raise TransformerError(
+            f"the {tc.train_split!r} split in {tc.data_dir} differs here (rank {distributed.rank()}) from "
+            f"rank 0's: every machine needs the same copy of the data"
+        )
+    return pairs
+
+
+def _read_pairs(tc: TrainConfig, split: str) -> list[tuple[str, str]]:
+    """A split's pairs; an empty split is one clear error."""
+    pairs = read_split(tc.data_dir, split, tc.src_lang, tc.tgt_lang)
+    if not any(src and tgt for src, tgt in pairs):
+        raise TransformerError(
+            f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
+        )
+    return pairs
 
 
 def _restore(
