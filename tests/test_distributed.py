@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def torchrun_env() -> dict[str, str]:
     }
 
 
-def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0) -> None:
+def torchrun(
+    run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0, succeeds: bool = True
+) -> subprocess.CompletedProcess[str]:
     """`transformer train` on two CPU processes, each with one thread."""
     recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
     overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL, "dropout": dropout}.items()]
@@ -81,7 +84,8 @@ def torchrun(run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout
         *extra,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == succeeds, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +153,21 @@ def test_a_resumed_two_process_run_with_dropout_is_the_unbroken_one(data_dir: Pa
     a, b = load_weights(unbroken / "last.safetensors"), load_weights(resumed / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(unbroken, "train")] == [r["loss"] for r in records(resumed, "train")]
+
+
+def test_a_training_split_rank_0_cannot_read_stops_both_processes_with_its_error(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 0 alone reads the training text; the other process must stop with rank 0's one-line error,
+    not with a traceback of the connection rank 0 closed, and nothing is written."""
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    for lang in ("de", "en"):
+        (bad / f"train.{lang}").write_text("\n\n")
+    done = torchrun(tmp_path / "run", bad, 2, succeeds=False)
+    error = f"error: the 'train' split in {bad} is empty (no line pair with text on both sides)"
+    assert done.stderr.count(error) == 2, done.stderr[-3000:]  # one line from each process
+    assert "[rank1]" not in done.stderr and not (tmp_path / "run").exists()
 
 
 def children(pid: int) -> list[Path]:
