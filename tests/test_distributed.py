@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,15 @@ def test_alone_every_collective_is_the_identity() -> None:
     assert distributed.all_sum([1, 2.5]) == [1.0, 2.5] and distributed.from_main("x") == "x"
     assert distributed.map_sharded(lambda part: [2 * x for x in part], [1, 2, 3]) == [2, 4, 6]
     assert distributed.own_state(["only"]) == "only" and distributed.own_state(["a", "b"]) is None
+    assert distributed.on_main(lambda: "done") == "done"
+    with pytest.raises(TransformerError, match=r"^no such split$"):
+        distributed.on_main(partial(failing, TransformerError("no such split")))
+    with pytest.raises(ValueError, match=r"^a bug$"):  # only the toolkit's own errors are shared
+        distributed.on_main(partial(failing, ValueError("a bug")))
+
+
+def failing(error: Exception) -> None:
+    raise error
 
 
 def test_shutdown_leaves_the_process_group_and_is_a_no_op_outside_one(tmp_path: Path) -> None:

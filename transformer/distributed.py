@@ -202,6 +202,21 @@ def from_main(value: T) -> T:
     return box[0]
 
 
+def on_main(work: Callable[[], T]) -> T | None:
+    """`work()` run by rank 0 alone: its result there, None in the others, which wait for it. A
+    TransformerError it raises is raised in every process, so that all stop with rank 0's one-line error
+    rather than the others with a traceback of the connection rank 0 closed when it left."""
+    result, failure = None, None
+    if is_main():
+        try:
+            result = work()
+        except TransformerError as error:
+            failure = error
+    if message := from_main(str(failure) if failure else ""):
+        raise failure or TransformerError(message)
+    return result
+
+
 def all_gather(value: T) -> list[T]:
     """Every process's `value`, in rank order, on every process."""
     if not active():

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -291,8 +292,10 @@ def train(
     mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
     if note := emulation_warning(tc.precision, device.type):
         tqdm.write(note)
-    # Read the data first: a bad corpus stops the run before anything is written.
-    train_pairs, train_digest = _read_training_text(tc)
+    # Read the data first: a bad corpus stops the run before anything is written. Only rank 0 reads the
+    # training text (gigabytes of strings at WMT's size): the others train from the ids it keeps.
+    train_pairs = distributed.on_main(partial(_read_pairs, tc, tc.train_split))
+    train_digest = distributed.from_main(rundir.data_sha256(train_pairs) if train_pairs is not None else "")
     valid_pairs = _read_pairs(tc, tc.valid_split)
     if resume:
         if not checkpoint.list_checkpoints(run_dir):
@@ -313,7 +316,7 @@ def train(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        trained = build_tokenizer(train_pairs, tc, run_dir, log) if distributed.is_main() else None
+        trained = distributed.on_main(partial(build_tokenizer, train_pairs, tc, run_dir, log))
         model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
@@ -449,23 +452,6 @@ def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict
 def _shows_bars() -> bool:
     """Progress bars: on the first process, at a terminal (no redraws in a log file)."""
     return distributed.is_main() and sys.stderr.isatty()
-
-
-def _read_training_text(tc: TrainConfig) -> tuple[list[tuple[str, str]] | None, str]:
-    """Rank 0's training pairs and, in every process, their digest. Only rank 0 reads the text (gigabytes
-    of strings at WMT's size): the others train from the ids it keeps (`_training_ids`). A corpus rank 0
-    cannot read stops every process with rank 0's error, not the others with a broken connection."""
-    pairs, outcome = None, ("", "")
-    if distributed.is_main():
-        try:
-            pairs = _read_pairs(tc, tc.train_split)
-            outcome = ("", rundir.data_sha256(pairs))
-        except TransformerError as error:
-            outcome = (str(error), "")
-    error, digest = distributed.from_main(outcome)
-    if error:
-        raise TransformerError(error)
-    return pairs, digest
 
 
 def _own_training_pairs(tc: TrainConfig, digest: str) -> list[tuple[str, str]]:
