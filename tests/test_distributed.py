@@ -171,6 +171,19 @@ def test_a_training_split_rank_0_cannot_read_stops_both_processes_with_its_error
     assert "[rank1]" not in done.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_checkpoint_rank_0_cannot_write_stops_both_processes_with_its_error(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 0 writes checkpoints while the other process waits: a write that fails (here onto a directory
+    in its place; a full disk alike) stops both with rank 0's one-line error."""
+    run = tmp_path / "run"
+    (run / "step-0000002.safetensors").mkdir(parents=True)  # the first checkpoint's place
+    done = torchrun(run, data_dir, 2, succeeds=False)
+    error = f"error: could not write checkpoint {run / 'step-0000002.safetensors'} (Is a directory)"
+    assert done.stderr.count(error) == 2, done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr
+
+
 def children(pid: int) -> list[Path]:
     """The /proc entries of a process's children (in /proc/PID/stat the field after the command's
     closing parenthesis is the state, then the parent's pid)."""

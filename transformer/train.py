@@ -755,20 +755,15 @@ class TrainingLoop:
         process's random streams."""
         self.progress.seconds = time.monotonic() - self.started
         rng_per_rank = distributed.all_gather(_rng_state())  # every process's, to resume each exactly
-        if not distributed.is_main():
-            return
-        checkpoint.save_checkpoint(
-            self.run_dir,
-            name,
-            self.model,
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rng_per_rank[0],
-                "rng_per_rank": rng_per_rank,
-                "progress": self.progress.to_dict(),
-            },
-        )
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
+            "progress": self.progress.to_dict(),
+        }
+        # Rank 0 writes; a write that fails (a full disk) stops every process with its error.
+        distributed.on_main(partial(checkpoint.save_checkpoint, self.run_dir, name, self.model, state))
 
 
 def finish(
