@@ -171,16 +171,23 @@ def test_a_training_split_rank_0_cannot_read_stops_both_processes_with_its_error
     assert "[rank1]" not in done.stderr and not (tmp_path / "run").exists()
 
 
-def test_a_checkpoint_rank_0_cannot_write_stops_both_processes_with_its_error(
-    data_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("blocked", "error"),
+    [
+        ("step-0000002.safetensors", "could not write checkpoint {path} (Is a directory)"),  # in save()
+        ("results.json", "[Errno 21] Is a directory: "),  # an OSError, in finish()
+    ],
+)
+def test_a_file_rank_0_cannot_write_stops_both_processes_with_its_error(
+    data_dir: Path, tmp_path: Path, blocked: str, error: str
 ) -> None:
-    """Rank 0 writes checkpoints while the other process waits: a write that fails (here onto a directory
-    in its place; a full disk alike) stops both with rank 0's one-line error."""
+    """Rank 0 writes the run's files while the other process waits: a write that fails (here onto a
+    directory in its place; a full disk alike) stops both with rank 0's one-line error."""
     run = tmp_path / "run"
-    (run / "step-0000002.safetensors").mkdir(parents=True)  # the first checkpoint's place
+    (run / blocked).mkdir(parents=True)
     done = torchrun(run, data_dir, 2, succeeds=False)
-    error = f"error: could not write checkpoint {run / 'step-0000002.safetensors'} (Is a directory)"
-    assert done.stderr.count(error) == 2, done.stderr[-3000:]
+    line = "error: " + error.format(path=run / blocked)
+    assert done.stderr.count(line) == 2, done.stderr[-3000:]
     assert "[rank1]" not in done.stderr
 
 
@@ -234,7 +241,9 @@ def test_alone_every_collective_is_the_identity() -> None:
     assert distributed.on_main(lambda: "done") == "done"
     with pytest.raises(TransformerError, match=r"^no such split$"):
         distributed.on_main(partial(failing, TransformerError("no such split")))
-    with pytest.raises(ValueError, match=r"^a bug$"):  # only the toolkit's own errors are shared
+    with pytest.raises(OSError, match=r"^disk full$"):
+        distributed.on_main(partial(failing, OSError("disk full")))
+    with pytest.raises(ValueError, match=r"^a bug$"):  # a bug is not shared: its traceback is what to read
         distributed.on_main(partial(failing, ValueError("a bug")))
 
 

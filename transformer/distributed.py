@@ -203,17 +203,22 @@ def from_main(value: T) -> T:
 
 
 def on_main(work: Callable[[], T]) -> T | None:
-    """`work()` run by rank 0 alone: its result there, None in the others, which wait for it. A
-    TransformerError it raises is raised in every process, so that all stop with rank 0's one-line error
-    rather than the others with a traceback of the connection rank 0 closed when it left."""
+    """`work()` run by rank 0 alone (reading the corpus, writing a checkpoint): its result there, None in
+    the others, which wait for it. A TransformerError or OSError (a full disk) it raises is raised in
+    every process, so that all stop with rank 0's one-line error rather than the others with a traceback
+    of the connection rank 0 closed when it left."""
     result, failure = None, None
     if is_main():
         try:
             result = work()
-        except TransformerError as error:
+        except (TransformerError, OSError) as error:
             failure = error
-    if message := from_main(str(failure) if failure else ""):
-        raise failure or TransformerError(message)
+    shared = from_main(failure and (isinstance(failure, OSError), str(failure)))
+    if failure:
+        raise failure
+    if shared:
+        is_os_error, message = shared
+        raise OSError(message) if is_os_error else TransformerError(message)
     return result
 
 

@@ -336,8 +336,8 @@ def train(
     )
     if resume:
         rundir.check_resumable(run_dir, saved_record, run_config)
-    if distributed.is_main():
-        checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
+    record = json.dumps(run_config, indent=2) + "\n"
+    distributed.on_main(partial(checkpoint.atomic_write_text, run_dir / "config.json", record))
 
     ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
     train_data, train_stats, ids_read = _training_ids(tc, train_pairs, tokenizer, run_dir, ids_key)
@@ -785,8 +785,7 @@ def finish(
     results: dict[str, Any] = {"valid_best_single": best_bleu}
     average_is_best = False
     if len(recent) > 1:
-        if distributed.is_main():
-            model.load_state_dict(checkpoint.average_weights(recent))
+        distributed.on_main(lambda: model.load_state_dict(checkpoint.average_weights(recent)))
         distributed.sync_from_main(model)
         _, avg_scores = validate(model, tokenizer, valid_data, tc)
         results["valid_averaged"] = avg_scores.bleu
@@ -796,13 +795,13 @@ def finish(
             f"(best single {best_bleu:.2f})"
         )
         average_is_best = avg_scores.bleu > best_bleu
-        if average_is_best and distributed.is_main():
-            checkpoint.save_checkpoint(
-                run_dir, "best", model, {"source": "average", "checkpoints": names[-len(recent) :]}
-            )
+        if average_is_best:
+            state = {"source": "average", "checkpoints": names[-len(recent) :]}
+            distributed.on_main(partial(checkpoint.save_checkpoint, run_dir, "best", model, state))
     if not average_is_best:
-        if distributed.is_main():
-            model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
+        distributed.on_main(
+            lambda: model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
+        )
         distributed.sync_from_main(model)
 
     if tc.test_split:
@@ -812,15 +811,18 @@ def finish(
         model.eval()
         search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
         hypotheses, test_scores = translate_and_score(model, tokenizer, test_data, search)
-        if distributed.is_main():
-            (run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}").write_text("\n".join(hypotheses) + "\n")
+        hypotheses_file = run_dir / f"{tc.test_split}.hyp.{tc.tgt_lang}"
+        distributed.on_main(
+            partial(checkpoint.atomic_write_text, hypotheses_file, "\n".join(hypotheses) + "\n")
+        )
         results[tc.test_split] = test_scores.to_dict()
         tqdm.write(f"{tc.test_split} (beam {tc.beam}):\n{test_scores}")
     results["wall_seconds"] = time.monotonic() - started
     log.write(event="results", **results)
-    if distributed.is_main():
-        checkpoint.atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    distributed.barrier()  # the run directory is complete when any process returns
+    # The others wait for rank 0's write: the run directory is complete when any process returns.
+    distributed.on_main(
+        partial(checkpoint.atomic_write_text, run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    )
     return results
 
 
