@@ -743,8 +743,9 @@ class TrainingLoop:
             f"BLEU {valid_scores.bleu:.2f}{' (best)' if improved else ''}"
         )
         self.save(f"step-{p.step:07d}")
-        if distributed.is_main():
-            checkpoint.prune_checkpoints(self.run_dir, keep=max(self.tc.average_last, 1))
+        distributed.on_main(
+            partial(checkpoint.prune_checkpoints, self.run_dir, keep=max(self.tc.average_last, 1))
+        )
         if improved:
             self.save("best")
         self.save("last")
