@@ -23,8 +23,10 @@ How the work is split, and why the result equals one process's up to floating-po
   then differs by ~lr after a few steps, while it changes no output and the other weights agree to ~1e-7.
 - Decisions that could differ between processes (stop on a signal or the time budget) are agreed with a
   collective, so that no process waits forever for a peer that has left the loop.
-- Only rank 0 writes files and prints; validation and test decoding are sharded over all processes and
-  gathered, so every process gets the same scores and takes the same early-stopping decision.
+- Only rank 0 reads the training text, writes files and prints; validation and test decoding are sharded
+  over all processes and gathered, so every process gets the same scores and takes the same
+  early-stopping decision. What rank 0 does alone goes through `on_main`, so that its failure (a corpus
+  it cannot read, a full disk) stops every process with its error.
 """
 
 from __future__ import annotations
