@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,7 +46,7 @@ from transformer.rundir import (
     resume_point,
     save_training_ids,
 )
-from transformer.textio import decode_lines, single_line
+from transformer.textio import decode_lines, decode_stream, single_line
 from transformer.train import MAX_BAD_STEPS, train
 from transformer.translate import Translator
 
@@ -646,6 +647,46 @@ def test_decoding_input_gives_back_its_lines(lines: list[str]) -> None:
     assert decode_lines(text.encode()) == lines
     # Without the final newline too, unless the last line is empty (then it is not there to see).
     assert decode_lines(text.removesuffix("\n").encode()) == lines or lines[-1:] == [""]
+
+
+def decoded_at_once(raw: bytes) -> tuple[list[str], str]:
+    """The reference `decode_stream` must match: the whole text decoded in one piece, and the first
+    undecodable byte's line and offset."""
+    try:
+        text, bad = raw.decode("utf-8"), ""
+    except UnicodeDecodeError as error:
+        text = raw.decode("utf-8", errors="replace")
+        line = raw.count(b"\n", 0, error.start) + 1
+        bad = f"line {line} is not valid UTF-8 ({error.reason} at byte {error.start})"
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines], bad
+
+
+odd_bytes = st.lists(
+    st.sampled_from(
+        [b"\n", b"\r", b"\r\n", "\ufeff".encode(), "\u00e4\u20ac\U0001f600".encode(), b"\xff", b"\xe2\x82"]
+    )
+    | st.binary(max_size=5)
+    | st.text(max_size=5).map(str.encode),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=odd_bytes, chunk=st.integers(1, 9))
+def test_reading_in_chunks_decodes_as_reading_whole(raw: bytes, chunk: int) -> None:
+    """A corpus is decoded a chunk at a time: wherever a chunk ends (inside a character, between CR and
+    LF, inside a byte-order mark), the lines, the replaced bytes and the line and byte of an error are
+    those of the whole text decoded at once."""
+    lines, bad = decoded_at_once(raw)
+    assert decode_stream(io.BytesIO(raw), chunk=chunk, source="x") == lines
+    if bad:
+        with pytest.raises(TransformerError, match=re.escape(f"x {bad}; --strict refuses it")):
+            decode_stream(io.BytesIO(raw), chunk=chunk, source="x", strict=True)
+    else:
+        assert decode_stream(io.BytesIO(raw), chunk=chunk, strict=True) == lines
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,7 +6,7 @@ import gzip
 from pathlib import Path
 
 from transformer.errors import TransformerError
-from transformer.textio import decode_lines
+from transformer.textio import decode_stream
 
 
 def _read_raw(path: str | Path) -> list[str]:
@@ -21,14 +21,10 @@ def _read_raw(path: str | Path) -> list[str]:
     if not path.is_file():
         raise TransformerError(f"{path}: no such file")
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            return decode_stream(f, source=str(path))
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
         raise TransformerError(f"cannot read {path}: {e}") from e
-    return decode_lines(raw, source=str(path))
 
 
 def read_lines(path: str | Path) -> list[str]:
