@@ -114,13 +114,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _read_input(path: str | None, strict: bool) -> list[str]:
-    """Lines of a file or of stdin; see `transformer.textio` for odd bytes and line breaks."""
-    from transformer.textio import decode_lines
+    """Lines of a file or of stdin; see `transformer.textio` for odd bytes and line breaks. A file is
+    decoded a chunk at a time; stdin, which cannot be read twice, whole."""
+    from transformer.textio import decode_lines, decode_stream
 
-    if path and not Path(path).is_file():
+    if not path:
+        return decode_lines(sys.stdin.buffer.read(), strict=strict, source="stdin")
+    if not Path(path).is_file():
         raise TransformerError(f"no input file at {path}")
-    raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
-    return decode_lines(raw, strict=strict, source=path or "stdin")
+    with Path(path).open("rb") as file:
+        return decode_stream(file, strict=strict, source=path)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
