@@ -60,11 +60,15 @@ def decode_stream(
 
 
 class _NotUtf8(Exception):
+    """The first undecodable byte: its line, the decoder's reason and its offset in the stream."""
+
     def __init__(self, line: int, reason: str, byte: int) -> None:
         self.line, self.reason, self.byte = line, reason, byte
 
 
 def _read_lines(stream: BinaryIO, errors: str, first_line: int, chunk: int) -> list[str]:
+    """The stream's lines, decoded with `errors` ("strict": `_NotUtf8` at the first bad byte). A chunk
+    may end inside a character (the decoder holds its start), between CR and LF, or inside a line."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     lines: list[str] = []
     begun, fed, at_start = "", 0, True  # the line read but not ended; bytes given to the decoder
