@@ -472,20 +472,26 @@ def test_a_resume_reads_the_kept_ids_and_tokenises_again_when_they_are_damaged(
     assert kept_ids(run) == kept_ids(reference), "kept again, as at the start"
 
 
-def test_a_process_that_cannot_see_rank_0s_ids_reads_and_tokenises_the_text_itself(
+def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
     reference: Path, quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under torchrun the processes after rank 0 do not read the training text: they read the ids rank 0
-    kept. On another machine without shared storage those are out of sight: such a process reads the
-    text and tokenises it, to the same ids, and writes nothing (only rank 0 writes). Its copy of the text
-    must be rank 0's, or its batches would not be the others'."""
+    """Rank 0 drops the training text while the tokenizer trains, and the processes after it never read
+    it: they read the ids rank 0 kept. Rank 0 on a new run, and a process on another machine without
+    shared storage, read the text again and tokenise it, to the same ids; only rank 0 writes them. The
+    text must be what rank 0 read at the start, or the batches would not be the others'."""
     metadata, _ = kept_ids(reference)
     key = {name: metadata[name] for name in ("text", "tokenizer", "max_len")}
     tc = quick_recipe(quick_data)
     assert str(tc.max_len) == key["max_len"]
     tokenizer = Tokenizer.load(reference / "tokenizer.model")
-    monkeypatch.setattr(distributed, "is_main", lambda: False)
     kept, kept_counts = load_training_ids(reference, key)
+    new_run = tmp_path / "new-run"  # rank 0 on a new run
+    new_run.mkdir()
+    corpus, counts, was_read = train_module._training_ids(tc, None, tokenizer, new_run, key)
+    assert not was_read and counts == kept_counts and kept_ids(new_run) == kept_ids(reference)
+    assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
     for run_dir, read in ((tmp_path / "elsewhere", False), (reference, True)):
         run_dir.mkdir(exist_ok=True)
         corpus, counts, was_read = train_module._training_ids(tc, None, tokenizer, run_dir, key)
@@ -498,8 +504,10 @@ def test_a_process_that_cannot_see_rank_0s_ids_reads_and_tokenises_the_text_itse
     for lang, line in (("de", "Eine Zeile mehr."), ("en", "One line more.")):
         with (other / f"train.{lang}").open("a") as text:
             text.write(line + "\n")
-    with pytest.raises(TransformerError, match=r"split in .* differs here .* from rank 0's"):
-        train_module._training_ids(quick_recipe(other), None, tokenizer, tmp_path / "elsewhere", key)
+    for is_rank_0 in (False, True):
+        monkeypatch.setattr(distributed, "is_main", lambda is_rank_0=is_rank_0: is_rank_0)
+        with pytest.raises(TransformerError, match=r"split in .* is not the text rank 0 read at the start"):
+            train_module._training_ids(quick_recipe(other), None, tokenizer, tmp_path / "elsewhere", key)
 
 
 def kept_ids(run: Path) -> tuple[dict[str, str], dict[str, list[int]]]:

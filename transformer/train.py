@@ -78,9 +78,16 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Train the joint subword model on the training pairs (both sides; a sample of `tc.tokenizer_lines`
     lines of a larger corpus) and check that those lines (`ROUND_TRIP_LINES` of them at most) round-trip."""
-    texts = tokenizer_sample(pairs, tc.tokenizer_lines, tc.seed)
-    if 2 * len(pairs) > tc.tokenizer_lines:
-        sample = f"{len(texts):,} of the {2 * len(pairs):,} lines (tokenizer_lines={tc.tokenizer_lines})"
+    return train_tokenizer(tokenizer_sample(pairs, tc.tokenizer_lines, tc.seed), len(pairs), tc, run_dir, log)
+
+
+def train_tokenizer(
+    texts: list[str], pairs: int, tc: TrainConfig, run_dir: Path, log: MetricsLog
+) -> Tokenizer:
+    """`build_tokenizer` from its sample of the `pairs` training pairs: the corpus itself need not be in
+    memory while SentencePiece, which holds every line it trains on, takes its peak."""
+    if 2 * pairs > tc.tokenizer_lines:
+        sample = f"{len(texts):,} of the {2 * pairs:,} lines (tokenizer_lines={tc.tokenizer_lines})"
         tqdm.write(f"tokenizer: training on a sample, {sample}")
     elif len(texts) >= 200_000:  # a minute or more of silence otherwise
         tqdm.write(f"tokenizer: training on {len(texts):,} lines")
@@ -316,7 +323,13 @@ def train(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        trained = distributed.on_main(partial(build_tokenizer, train_pairs, tc, run_dir, log))
+        # Rank 0 keeps only the tokenizer's sample while SentencePiece trains: its peak, which the whole
+        # text beside it would raise by 2 GB at 4.5M pairs. `_training_ids` reads the text again.
+        sample = tokenizer_sample(train_pairs, tc.tokenizer_lines, tc.seed) if train_pairs is not None else []
+        n_pairs, train_pairs = len(train_pairs or ()), None
+        release_free_memory()
+        trained = distributed.on_main(partial(train_tokenizer, sample, n_pairs, tc, run_dir, log))
+        del sample
         model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
@@ -413,15 +426,17 @@ def _training_ids(
     Read from the run directory when kept there for this text, tokenizer and max_len: on resume, and
     under torchrun in every process but the first, which wait for rank 0 to tokenise and keep them
     rather than each running SentencePiece over the corpus on the same cores. Those processes have not
-    read the text (`pairs` is None): one that cannot see rank 0's file (several machines without shared
-    storage) reads and tokenises it itself. Every process that can see the file trains from it, mapped
-    into memory: one copy for all of them.
+    read the text, and rank 0 has dropped it to train the tokenizer (`pairs` is None): a process without
+    kept ids (rank 0 on a new run; one that cannot see rank 0's file, on several machines without shared
+    storage) reads it again, and must find the text rank 0 first read. Every process that can see the
+    file trains from it, mapped into memory: one copy for all of them.
     """
     if distributed.is_main():
-        assert pairs is not None, "rank 0 reads the training text"
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:
+            pairs = pairs if pairs is not None else _own_training_pairs(tc, key["text"])
             encoded = encode_corpus(pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
+            del pairs  # the strings are gigabytes at WMT's size; the ids are what is kept
             try:
                 rundir.save_training_ids(run_dir, *encoded, key)
                 # Trained from the file too: its pages are the other processes', and the kernel's to drop.
@@ -455,13 +470,14 @@ def _shows_bars() -> bool:
 
 
 def _own_training_pairs(tc: TrainConfig, digest: str) -> list[tuple[str, str]]:
-    """The training split as this process reads it, which must be rank 0's text: on other text its batch
-    list would differ from the others', and the group would train on mismatched batches or hang."""
+    """The training split as this process reads it, which must be the text rank 0 read at the start (of
+    which `digest` is the digest): on other text this process's batches would not be the others', and
+    the run record would name text it was not trained on."""
     pairs = _read_pairs(tc, tc.train_split)
     if rundir.data_sha256(pairs) != digest:
         raise TransformerError(
-            f"the {tc.train_split!r} split in {tc.data_dir} differs here (rank {distributed.rank()}) from "
-            f"rank 0's: every machine needs the same copy of the data"
+            f"the {tc.train_split!r} split in {tc.data_dir}, read by rank {distributed.rank()}, is not the "
+            f"text rank 0 read at the start: every machine needs the same copy, unchanged while a run starts"
         )
     return pairs
 
