@@ -22,7 +22,7 @@ from transformer import train as train_module
 from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
-from transformer.data.corpus import read_lines
+from transformer.data.corpus import read_lines, read_split
 from transformer.data.dataset import encode_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
@@ -363,6 +363,14 @@ def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
     # Not a sample where only blank sides were left out
     build_tokenizer([*pairs[:100], ("", "")], tiny_recipe(data_dir, tokenizer_lines=202), tmp_path, log)
     assert "sample" not in capsys.readouterr().out
+
+
+def test_a_runs_tokenizer_is_the_one_its_text_gives(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """`train` hands SentencePiece a copy of the sample (joined and split again, so that the text's memory
+    can be freed while SentencePiece trains): the same lines, so the same model, byte for byte."""
+    pairs = read_split(data_dir, "train", "de", "en")
+    tokenizer = build_tokenizer(pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m.jsonl"))
+    assert tokenizer.model_bytes == (run_dir / "tokenizer.model").read_bytes()
 
 
 def test_the_round_trip_check_takes_at_most_round_trip_lines_spread_over_the_sample(
