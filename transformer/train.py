@@ -438,9 +438,7 @@ def _training_ids(
     if distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:
-            pairs = pairs if pairs is not None else _own_training_pairs(tc, key["text"])
-            encoded = encode_corpus(pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
-            del pairs  # the strings are gigabytes at WMT's size; the ids are what is kept
+            encoded = _tokenise_training_text(tc, pairs, tokenizer, key)
             try:
                 rundir.save_training_ids(run_dir, *encoded, key)
                 # Trained from the file too: its pages are the other processes', and the kernel's to drop.
@@ -451,10 +449,18 @@ def _training_ids(
     if not distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
-            encoded = encode_corpus(
-                _own_training_pairs(tc, key["text"]), tokenizer, tc.max_len, keep_text=False
-            )
+            encoded = _tokenise_training_text(tc, None, tokenizer, key)
     return (*loaded, True) if loaded is not None else (*encoded, False)
+
+
+def _tokenise_training_text(
+    tc: TrainConfig, pairs: list[tuple[str, str]] | None, tokenizer: Tokenizer, key: dict[str, str]
+) -> tuple[Corpus, dict[str, int]]:
+    """The training split's ids and filter counts, from `pairs`, or where this process holds none from the
+    text read again (`_own_training_pairs`), whose strings are then freed on return."""
+    if pairs is None:
+        pairs = _own_training_pairs(tc, key["text"])
+    return encode_corpus(pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
 
 
 def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:
