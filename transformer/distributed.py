@@ -215,7 +215,7 @@ def on_main(work: Callable[[], T]) -> T | None:
             result = work()
         except (TransformerError, OSError) as error:
             failure = error
-    shared = from_main(failure and (isinstance(failure, OSError), str(failure)))
+    shared = from_main((isinstance(failure, OSError), str(failure)) if failure else None)
     if failure:
         raise failure
     if shared:
