@@ -114,12 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _read_input(path: str | None, strict: bool) -> list[str]:
-    """Lines of a file or of stdin; see `transformer.textio` for odd bytes and line breaks. A file is
-    decoded a chunk at a time; stdin, which cannot be read twice, whole."""
-    from transformer.textio import decode_lines, decode_stream
+    """Lines of a file or of stdin, decoded a chunk at a time; see `transformer.textio` for odd bytes and
+    line breaks."""
+    from transformer.textio import decode_stream
 
     if not path:
-        return decode_lines(sys.stdin.buffer.read(), strict=strict, source="stdin")
+        return decode_stream(sys.stdin.buffer, strict=strict, source="stdin")
     if not Path(path).is_file():
         raise TransformerError(f"no input file at {path}")
     with Path(path).open("rb") as file:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import io
 import sys
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from transformer.errors import TransformerError
@@ -38,59 +39,64 @@ def decode_stream(
     first_line: int = 1,
     chunk: int = CHUNK_BYTES,
 ) -> list[str]:
-    """`decode_lines` of a seekable binary stream's bytes, read and decoded `chunk` bytes at a time: a
-    corpus file is never in memory as bytes and as text besides its lines (a 655-MB file of 4.5M lines
-    peaked at 2.96 GB read whole, where its lines take 1.02 GB). Text that is not UTF-8 is read twice."""
-    start = stream.tell()
-    try:
-        return _read_lines(stream, "strict", first_line, chunk)
-    except _NotUtf8 as bad:
-        if strict:
-            raise TransformerError(
-                f"{source} line {bad.line} is not valid UTF-8 ({bad.reason} at byte {bad.byte}); "
-                f"--strict refuses it: convert the file to UTF-8 (e.g. iconv -t UTF-8)"
-            ) from None
-        print(
-            f"warning: {source} is not valid UTF-8 (first at line {bad.line}); undecodable bytes were "
-            f"replaced with U+FFFD",
-            file=sys.stderr,
-        )
-    stream.seek(start)
-    return _read_lines(stream, "replace", first_line, chunk)
-
-
-class _NotUtf8(Exception):
-    """The first undecodable byte: its line, the decoder's reason and its offset in the stream."""
-
-    def __init__(self, line: int, reason: str, byte: int) -> None:
-        self.line, self.reason, self.byte = line, reason, byte
-
-
-def _read_lines(stream: BinaryIO, errors: str, first_line: int, chunk: int) -> list[str]:
-    """The stream's lines, decoded with `errors` ("strict": `_NotUtf8` at the first bad byte). A chunk
-    may end inside a character (the decoder holds its start), between CR and LF, or inside a line."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    """`decode_lines` of a binary stream's bytes, read and decoded `chunk` bytes at a time: a file is never
+    in memory as bytes and as text besides its lines (a 655-MB file of 4.5M lines peaked at 2.96 GB read
+    whole, where its lines take 1.02 GB)."""
     lines: list[str] = []
-    begun, fed, at_start = "", 0, True  # the line read but not ended; bytes given to the decoder
+    for block in iter_line_blocks(stream, strict=strict, source=source, first_line=first_line, chunk=chunk):
+        lines.extend(block)
+    return lines
+
+
+def iter_line_blocks(
+    stream: BinaryIO,
+    *,
+    strict: bool = False,
+    source: str = "input",
+    first_line: int = 1,
+    chunk: int = CHUNK_BYTES,
+) -> Iterator[list[str]]:
+    """The lines of `decode_stream`, a chunk's worth at a time: a corpus larger than memory can be digested
+    and tokenised as it is read.
+
+    A chunk may end inside a character (the decoder holds its start), between CR and LF, or inside a line
+    (held until its end comes). At the first byte that is not UTF-8, `strict` raises; otherwise a warning
+    names its line and the rest is decoded with U+FFFD for each bad byte, by a decoder that takes over the
+    strict one's state, so the stream is read once."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    begun, fed, at_start, line = "", 0, True, first_line  # the line read but not ended; bytes decoded
     while True:
         block = stream.read(chunk)
-        held = len(decoder.getstate()[0])  # the start of a character cut by the last block's end
+        held = decoder.getstate()  # the start of a character cut by the last block's end
         try:
             text = decoder.decode(block, final=not block)
         except UnicodeDecodeError as error:  # error.object: the held bytes and this block
-            line = first_line + len(lines) + error.object.count(b"\n", 0, error.start)
-            raise _NotUtf8(line, error.reason, fed - held + error.start) from None
+            bad, byte = line + error.object.count(b"\n", 0, error.start), fed - len(held[0]) + error.start
+            where = f"line {bad} is not valid UTF-8 ({error.reason} at byte {byte})"
+            if strict:
+                raise TransformerError(
+                    f"{source} {where}; --strict refuses it: convert the file to UTF-8 (e.g. iconv -t UTF-8)"
+                ) from None
+            print(
+                f"warning: {source} is not valid UTF-8 (first at line {bad}); undecodable bytes were "
+                f"replaced with U+FFFD",
+                file=sys.stderr,
+            )
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            decoder.setstate(held)  # a failed decode leaves the state as it was
+            text = decoder.decode(block, final=not block)
         fed += len(block)
         if at_start and text:
             text, at_start = text.removeprefix(_BOM), False
         parts = (begun + text).split("\n")
         begun = parts.pop()
-        lines.extend(part.removesuffix("\r") for part in parts)
+        if parts:
+            line += len(parts)
+            yield [part.removesuffix("\r") for part in parts]
         if not block:
             break
     if begun:
-        lines.append(begun.removesuffix("\r"))
-    return lines
+        yield [begun.removesuffix("\r")]
 
 
 def single_line(text: str) -> str:
