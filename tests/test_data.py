@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from transformer import runtime
 from transformer.data import dataset
 from transformer.data.batching import Batch, collate, token_batches
-from transformer.data.corpus import corpus_paths, filter_pairs, read_lines, read_parallel
+from transformer.data.corpus import (
+    corpus_paths,
+    filter_pairs,
+    iter_split,
+    read_lines,
+    read_parallel,
+    read_split,
+)
 from transformer.data.dataset import TokenSequences, encode_corpus
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
@@ -108,6 +115,30 @@ def test_read_parallel_mismatched_counts_names_both_files(tmp_path: Path) -> Non
     assert "train.de.gz has 3 lines but" in message
     assert "train.en.gz has 2:" in message
     assert "aligned line by line" in message
+
+
+@pytest.mark.parametrize("layout", ["two files", "tsv"])
+def test_a_split_read_in_blocks_is_the_split_read_whole(tmp_path: Path, layout: str) -> None:
+    """Training streams its split (`iter_split`): the blocks, whatever their size, hold the pairs
+    `read_split` returns, in order; files of different lengths fail once both are read."""
+    pairs = [(f" Satz {i} ", f"sentence {i} ") for i in range(23)]
+    if layout == "tsv":
+        write(tmp_path / "train.de-en.tsv.gz", "".join(f"{s}\t{t}\n" for s, t in pairs))
+    else:
+        write(tmp_path / "train.de.gz", "".join(s + "\n" for s, _ in pairs))
+        write(tmp_path / "train.en", "".join(t + "\n" for _, t in pairs))
+    whole = read_split(tmp_path, "train", "de", "en")
+    assert whole == [(s.strip(), t.strip()) for s, t in pairs]
+    for block in (1, 5, 23, 100):
+        blocks = list(iter_split(tmp_path, "train", "de", "en", block=block))
+        assert [len(b) for b in blocks[:-1]] == [block] * (len(blocks) - 1)
+        assert list(itertools.chain.from_iterable(blocks)) == whole
+    if layout == "two files":
+        write(tmp_path / "train.en", "".join(t + "\n" for _, t in pairs[:-3]))
+        blocks = iter_split(tmp_path, "train", "de", "en", block=5)
+        assert len(next(blocks)) == 5  # pairs up to where the shorter file ends
+        with pytest.raises(TransformerError, match=r"train\.de\.gz has 23 lines but .*train\.en has 20"):
+            list(blocks)
 
 
 def test_corpus_paths_names_a_split_that_is_not_a_file(tmp_path: Path) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import gzip
+from collections import deque
+from collections.abc import Iterator
+from itertools import chain, islice
 from pathlib import Path
 
 from transformer.errors import TransformerError
-from transformer.textio import decode_stream
+from transformer.textio import iter_line_blocks
+
+BLOCK_PAIRS = 100_000  # pairs `iter_split` gives at a time: ~15 MB of text, where a corpus can be gigabytes
 
 
 def _read_raw(path: str | Path) -> list[str]:
@@ -17,12 +22,21 @@ def _read_raw(path: str | Path) -> list[str]:
     keeps a stray control character inside a sentence from breaking the line alignment of a parallel
     corpus; the "\\r" of CRLF files is removed.
     """
+    return list(chain.from_iterable(_raw_blocks(path)))
+
+
+def _raw_blocks(path: str | Path) -> Iterator[list[str]]:
+    """`_read_raw`'s lines as they are decoded, a chunk at a time; a missing file is an error at once."""
     path = Path(path)
     if not path.is_file():
         raise TransformerError(f"{path}: no such file")
+    return _decoded(path)
+
+
+def _decoded(path: Path) -> Iterator[list[str]]:
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            return decode_stream(f, source=str(path))
+            yield from iter_line_blocks(f, source=str(path))
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
         raise TransformerError(f"cannot read {path}: {e}") from e
 
@@ -35,20 +49,50 @@ def read_lines(path: str | Path) -> list[str]:
 def read_parallel(src_path: str | Path, tgt_path: str | Path | None = None) -> list[tuple[str, str]]:
     """Sentence pairs from two line-aligned files, or from one TSV file (source TAB target) if `tgt_path`
     is None. Both sides are stripped."""
+    return list(chain.from_iterable(iter_parallel(src_path, tgt_path)))
+
+
+def iter_parallel(
+    src_path: str | Path, tgt_path: str | Path | None = None, block: int = BLOCK_PAIRS
+) -> Iterator[list[tuple[str, str]]]:
+    """`read_parallel`'s pairs, `block` at a time as the files are read: a corpus is digested, sampled and
+    tokenised without ever being in memory whole. Files of different lengths are an error once the
+    shorter one ends, after the pairs up to there."""
     if tgt_path is None:
-        return _read_tsv(src_path)
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
+        return _tsv_blocks(_raw_blocks(src_path), src_path, block)
+    return _aligned_blocks(_raw_blocks(src_path), _raw_blocks(tgt_path), src_path, tgt_path, block)
+
+
+def _aligned_blocks(
+    src_blocks: Iterator[list[str]],
+    tgt_blocks: Iterator[list[str]],
+    src_path: str | Path,
+    tgt_path: str | Path,
+    block: int,
+) -> Iterator[list[tuple[str, str]]]:
+    counts = [0, 0]  # lines decoded from each file
+
+    def stripped(blocks: Iterator[list[str]], side: int) -> Iterator[list[str]]:
+        for lines in blocks:
+            counts[side] += len(lines)
+            yield [line.strip() for line in lines]
+
+    src, tgt = (chain.from_iterable(stripped(b, side)) for side, b in enumerate((src_blocks, tgt_blocks)))
+    pairs = zip(src, tgt)  # noqa: B905 (the lengths are compared below, with both counts in the error)
+    while chunk := list(islice(pairs, block)):
+        yield chunk
+    for rest in (src, tgt):  # count the longer file to its end
+        deque(rest, maxlen=0)
+    if counts[0] != counts[1]:
         raise TransformerError(
-            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+            f"{src_path} has {counts[0]} lines but {tgt_path} has {counts[1]}: "
             "the files must be aligned line by line"
         )
-    return list(zip(src, tgt, strict=True))
 
 
-def _read_tsv(path: str | Path) -> list[tuple[str, str]]:
-    pairs = []
-    for number, line in enumerate(_read_raw(path), start=1):
+def _tsv_blocks(lines: Iterator[list[str]], path: str | Path, block: int) -> Iterator[list[tuple[str, str]]]:
+    pairs: list[tuple[str, str]] = []
+    for number, line in enumerate(chain.from_iterable(lines), start=1):
         columns = line.split("\t")
         if len(columns) != 2:
             raise TransformerError(
@@ -56,7 +100,11 @@ def _read_tsv(path: str | Path) -> list[tuple[str, str]]:
                 "file must be TSV (source<TAB>target); otherwise give the target file as well"
             )
         pairs.append((columns[0].strip(), columns[1].strip()))
-    return pairs
+        if len(pairs) == block:
+            yield pairs
+            pairs = []
+    if pairs:
+        yield pairs
 
 
 def corpus_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path]:
@@ -118,10 +166,18 @@ def splits_in(data_dir: str | Path, src_lang: str, tgt_lang: str) -> list[str]:
 def read_split(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> list[tuple[str, str]]:
     """The sentence pairs of a split: `{split}.{src}-{tgt}.tsv[.gz]` (source TAB target) if present, else
     the two files `{split}.{src}[.gz]` and `{split}.{tgt}[.gz]`."""
+    return list(chain.from_iterable(iter_split(data_dir, split, src_lang, tgt_lang)))
+
+
+def iter_split(
+    data_dir: str | Path, split: str, src_lang: str, tgt_lang: str, block: int = BLOCK_PAIRS
+) -> Iterator[list[tuple[str, str]]]:
+    """`read_split`'s pairs, `block` at a time as they are read (`iter_parallel`); a split that is not
+    there is an error at once, a file that cannot be read one when it is reached."""
     for name in (f"{split}.{src_lang}-{tgt_lang}.tsv", f"{split}.{src_lang}-{tgt_lang}.tsv.gz"):
         if (Path(data_dir) / name).is_file():
-            return read_parallel(Path(data_dir) / name)
-    return read_parallel(*corpus_paths(data_dir, split, src_lang, tgt_lang))
+            return iter_parallel(Path(data_dir) / name, block=block)
+    return iter_parallel(*corpus_paths(data_dir, split, src_lang, tgt_lang), block=block)
 
 
 def filter_pairs(pairs: list[tuple[list[int], list[int]]], max_len: int) -> tuple[list[int], dict[str, int]]:
