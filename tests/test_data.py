@@ -24,6 +24,7 @@ from transformer.data import dataset
 from transformer.data.batching import Batch, collate, token_batches
 from transformer.data.corpus import (
     corpus_paths,
+    count_pairs,
     filter_pairs,
     iter_split,
     read_lines,
@@ -139,6 +140,21 @@ def test_a_split_read_in_blocks_is_the_split_read_whole(tmp_path: Path, layout: 
         assert len(next(blocks)) == 5  # pairs up to where the shorter file ends
         with pytest.raises(TransformerError, match=r"train\.de\.gz has 23 lines but .*train\.en has 20"):
             list(blocks)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n", "a\nb\n", "a\nb", "a\r\nb\r\n\n", "\ufeffa\n\xff\n", "a\x0bb\u2028c\n"]
+)
+@pytest.mark.parametrize("name", ["train.de", "train.de.gz", "train.de-en.tsv.gz"])
+def test_count_pairs_counts_the_lines_reading_gives(tmp_path: Path, text: str, name: str) -> None:
+    """Sampling a split as it is read needs its size first: counted in bytes, without decoding, it must
+    be the number of lines (pairs) that reading gives, with or without a final newline."""
+    raw = text.encode("utf-8", errors="surrogateescape").replace("\xff".encode(), b"\xff")
+    if name.endswith(".tsv.gz"):
+        raw = raw.replace(b"\n", b"\tx\n") + (b"\tx" if raw and not raw.endswith(b"\n") else b"")
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    (tmp_path / "train.en").write_bytes(raw)
+    assert count_pairs(tmp_path, "train", "de", "en") == len(read_split(tmp_path, "train", "de", "en"))
 
 
 def test_corpus_paths_names_a_split_that_is_not_a_file(tmp_path: Path) -> None:

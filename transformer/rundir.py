@@ -66,10 +66,23 @@ MAY_CHANGE = frozenset(
 def data_sha256(pairs: Sequence[tuple[str, str]]) -> str:
     """A digest of a split's sentence pairs as the trainer reads them (after stripping), so a plain and a
     gzipped copy of the same text agree but any changed, added or removed line does not."""
-    digest = hashlib.sha256()
-    for src, tgt in pairs:
-        digest.update(f"{src}\t{tgt}\n".encode("utf-8", errors="surrogatepass"))
+    digest = DataDigest()
+    digest.update(pairs)
     return digest.hexdigest()
+
+
+class DataDigest:
+    """`data_sha256` of pairs given a block at a time, as a large split is read (`corpus.iter_split`)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def update(self, pairs: Sequence[tuple[str, str]]) -> None:
+        for src, tgt in pairs:  # faster than one update of the block joined (0.6 s a million, not 1.0 s)
+            self._sha.update(f"{src}\t{tgt}\n".encode("utf-8", errors="surrogatepass"))
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 TRAIN_IDS = "train.ids"  # a safetensors file, named apart from the checkpoints (`*.safetensors`)

@@ -9,7 +9,7 @@ from itertools import chain, islice
 from pathlib import Path
 
 from transformer.errors import TransformerError
-from transformer.textio import iter_line_blocks
+from transformer.textio import CHUNK_BYTES, iter_line_blocks
 
 BLOCK_PAIRS = 100_000  # pairs `iter_split` gives at a time: ~15 MB of text, where a corpus can be gigabytes
 
@@ -174,10 +174,30 @@ def iter_split(
 ) -> Iterator[list[tuple[str, str]]]:
     """`read_split`'s pairs, `block` at a time as they are read (`iter_parallel`); a split that is not
     there is an error at once, a file that cannot be read one when it is reached."""
+    return iter_parallel(*_split_files(data_dir, split, src_lang, tgt_lang), block=block)
+
+
+def count_pairs(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> int:
+    """The pairs `iter_split` will give, counted as line ends in the source (or TSV) file's bytes, without
+    decoding them (4.5M lines: 0.4 s plain, 2.6 s gzipped): what a random sample of a split must know
+    before it is read. Files of different lengths are `iter_split`'s error to report."""
+    path = Path(_split_files(data_dir, split, src_lang, tgt_lang)[0])
+    lines, last = 0, b"\n"
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    except (OSError, EOFError) as e:
+        raise TransformerError(f"cannot read {path}: {e}") from e
+    return lines + (last != b"\n")  # a last line without its newline
+
+
+def _split_files(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path | None]:
+    """A split's TSV file and None, or its source and target files."""
     for name in (f"{split}.{src_lang}-{tgt_lang}.tsv", f"{split}.{src_lang}-{tgt_lang}.tsv.gz"):
         if (Path(data_dir) / name).is_file():
-            return iter_parallel(Path(data_dir) / name, block=block)
-    return iter_parallel(*corpus_paths(data_dir, split, src_lang, tgt_lang), block=block)
+            return Path(data_dir) / name, None
+    return corpus_paths(data_dir, split, src_lang, tgt_lang)
 
 
 def filter_pairs(pairs: list[tuple[list[int], list[int]]], max_len: int) -> tuple[list[int], dict[str, int]]:

@@ -125,28 +125,41 @@ def encode_corpus(
 ) -> tuple[Corpus, dict[str, int]]:
     """Tokenise pairs, dropping empty ones and (with `max_len`) over-long ones; returns the counts too.
 
-    The pairs are tokenised `ENCODE_CHUNK` at a time, so that only one chunk's ids are ever Python lists.
-    `keep_text=False` keeps no reference text: training needs none, and a large split's strings are
-    gigabytes that the caller can then free. `progress` shows a bar when there is more than one chunk
-    (4.5M pairs take about two minutes on two cores).
+    The pairs are tokenised `ENCODE_CHUNK` at a time (`encode_blocks`). `keep_text=False` keeps no
+    reference text: training needs none. `progress` shows a bar when there is more than one chunk (4.5M
+    pairs take about two minutes on two cores).
     """
+    chunks = (pairs[start : start + ENCODE_CHUNK] for start in range(0, len(pairs), ENCODE_CHUNK))
+    progress = progress and len(pairs) > ENCODE_CHUNK
+    return encode_blocks(chunks, tokenizer, max_len, keep_text=keep_text, progress=progress, total=len(pairs))
+
+
+def encode_blocks(
+    blocks: Iterable[Sequence[tuple[str, str]]],
+    tokenizer: Tokenizer,
+    max_len: int | None,
+    *,
+    keep_text: bool = True,
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[Corpus, dict[str, int]]:
+    """`encode_corpus` of pairs given a block at a time, as a large split is read (`corpus.iter_split`):
+    only one block is ever text or lists of ids, and the corpus grows as 4-byte ids. `total`, the number of
+    pairs where known, sizes the progress bar."""
     corpus = Corpus(TokenSequences(), TokenSequences(), [])
-    counts = {"pairs": len(pairs), "kept": 0, "empty": 0, "too_long": 0}
-    one_chunk = len(pairs) <= ENCODE_CHUNK
-    with tqdm(
-        total=len(pairs), desc="tokenising", unit=" pairs", leave=False, disable=one_chunk or not progress
-    ) as bar:
-        for start in range(0, len(pairs), ENCODE_CHUNK):
-            chunk = pairs[start : start + ENCODE_CHUNK]
-            src = tokenizer.encode_batch([s for s, _ in chunk])
-            tgt = tokenizer.encode_batch([t for _, t in chunk])
+    counts = {"pairs": 0, "kept": 0, "empty": 0, "too_long": 0}
+    with tqdm(total=total, desc="tokenising", unit=" pairs", leave=False, disable=not progress) as bar:
+        for block in blocks:
+            src = tokenizer.encode_batch([s for s, _ in block])
+            tgt = tokenizer.encode_batch([t for _, t in block])
             keep, dropped = filter_pairs(list(zip(src, tgt, strict=True)), max_len or 10**9)
             corpus.src.extend(src[i] for i in keep)
             corpus.tgt.extend(tgt[i] for i in keep)
             if keep_text:
-                corpus.tgt_text.extend(chunk[i][1] for i in keep)
+                corpus.tgt_text.extend(block[i][1] for i in keep)
+            counts["pairs"] += len(block)
             counts["kept"] += len(keep)
             for reason, n in dropped.items():
                 counts[reason] += n
-            bar.update(len(chunk))
+            bar.update(len(block))
     return corpus, counts
