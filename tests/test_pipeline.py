@@ -28,7 +28,7 @@ from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
-from transformer.rundir import run_record
+from transformer.rundir import data_sha256, run_record
 from transformer.train import MetricsLog, Progress, Window, build_tokenizer, parse_overrides, train
 from transformer.translate import Translator
 
@@ -365,9 +365,25 @@ def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
     assert "sample" not in capsys.readouterr().out
 
 
+def test_the_training_text_read_in_blocks_gives_the_digest_and_sample_of_the_whole(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train` reads its training split once, a block at a time, for its digest, its size and the
+    tokenizer's sample (kept a block at a time): the same as the whole split gives at once."""
+    pairs = read_split(data_dir, "train", "de", "en")
+    monkeypatch.setattr(train_module, "ENCODE_CHUNK", 7)
+    for lines in (101, 400):
+        tc = tiny_recipe(data_dir, tokenizer_lines=lines)
+        text = train_module._scan_training_text(tc, sample=True)
+        assert (text.digest, text.pairs) == (data_sha256(pairs), len(pairs))
+        assert text.sample.take_lines() == train_module.tokenizer_sample(pairs, lines, tc.seed)
+        assert text.sample.take_lines() == []  # taken
+    assert train_module._scan_training_text(tc, sample=False).sample is None
+
+
 def test_a_runs_tokenizer_is_the_one_its_text_gives(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    """`train` hands SentencePiece a copy of the sample (joined and split again, so that the text's memory
-    can be freed while SentencePiece trains): the same lines, so the same model, byte for byte."""
+    """`train` trains SentencePiece on a sample it took a block at a time while reading the text: the same
+    lines as from the whole text, so the same model, byte for byte."""
     pairs = read_split(data_dir, "train", "de", "en")
     tokenizer = build_tokenizer(pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m.jsonl"))
     assert tokenizer.model_bytes == (run_dir / "tokenizer.model").read_bytes()

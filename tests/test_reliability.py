@@ -487,14 +487,14 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
     kept, kept_counts = load_training_ids(reference, key)
     new_run = tmp_path / "new-run"  # rank 0 on a new run
     new_run.mkdir()
-    corpus, counts, was_read = train_module._training_ids(tc, None, tokenizer, new_run, key)
+    corpus, counts, was_read = train_module._training_ids(tc, tokenizer, new_run, key)
     assert not was_read and counts == kept_counts and kept_ids(new_run) == kept_ids(reference)
     assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
 
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     for run_dir, read in ((tmp_path / "elsewhere", False), (reference, True)):
         run_dir.mkdir(exist_ok=True)
-        corpus, counts, was_read = train_module._training_ids(tc, None, tokenizer, run_dir, key)
+        corpus, counts, was_read = train_module._training_ids(tc, tokenizer, run_dir, key)
         assert was_read == read and counts == kept_counts
         assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
     assert list((tmp_path / "elsewhere").iterdir()) == []
@@ -507,7 +507,7 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
     for is_rank_0 in (False, True):
         monkeypatch.setattr(distributed, "is_main", lambda is_rank_0=is_rank_0: is_rank_0)
         with pytest.raises(TransformerError, match=r"split in .* is not the text rank 0 read at the start"):
-            train_module._training_ids(quick_recipe(other), None, tokenizer, tmp_path / "elsewhere", key)
+            train_module._training_ids(quick_recipe(other), tokenizer, tmp_path / "elsewhere", key)
 
 
 def kept_ids(run: Path) -> tuple[dict[str, str], dict[str, list[int]]]:

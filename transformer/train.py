@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -38,8 +39,8 @@ from transformer.config import (
     model_width,
 )
 from transformer.data.batching import Batch, collate
-from transformer.data.corpus import read_split
-from transformer.data.dataset import Corpus, encode_corpus
+from transformer.data.corpus import count_pairs, iter_split, read_split
+from transformer.data.dataset import ENCODE_CHUNK, Corpus, encode_blocks, encode_corpus
 from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
@@ -115,16 +116,42 @@ def train_tokenizer(
 
 
 def tokenizer_sample(pairs: Sequence[tuple[str, str]], lines: int, seed: int) -> list[str]:
-    """Both sides of every pair, or of a random sample of `lines // 2` pairs when there are more.
+    """Both sides of every pair, or of a random sample of `lines // 2` pairs when there are more
+    (`TokenizerSample`, given the pairs at once)."""
+    sample = TokenizerSample(lines, seed, len(pairs))
+    sample.add(pairs)
+    return sample.take_lines()
+
+
+class TokenizerSample:
+    """The lines SentencePiece trains on, taken from a corpus of `pairs` pairs read a block at a time: both
+    sides of every pair, or of `lines // 2` pairs chosen at random when there are more, in corpus order.
 
     SentencePiece holds every line it trains on in memory (6.3 GB for 2M lines of ~25 words, measured), and
     a sample of millions of lines gives it the same statistics: Marian samples 2M lines by default too.
-    The sample is fixed by the seed, so a run's tokenizer is reproducible."""
-    if 2 * len(pairs) <= lines:
-        chosen: Sequence[tuple[str, str]] = pairs
-    else:
-        chosen = [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), lines // 2))]
-    return [text for pair in chosen for text in pair if text]
+    The sample is fixed by the seed, so a run's tokenizer is reproducible. Each block's chosen lines are
+    kept joined in one string: kept as separate strings, lines lie scattered among those of the blocks
+    read and dropped, and keep that memory from being reused (keeping one pair in five so slowed reading
+    4.5M pairs from 5.5 s to 7.3 s), and from being handed back to SentencePiece at its peak.
+    """
+
+    def __init__(self, lines: int, seed: int, pairs: int) -> None:
+        every = 2 * pairs <= lines
+        self._chosen = range(pairs) if every else sorted(random.Random(seed).sample(range(pairs), lines // 2))
+        self.pairs = 0  # pairs seen
+        self._texts: list[str] = []  # each block's chosen lines, joined by newlines
+
+    def add(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """The next pairs of the corpus."""
+        start, self.pairs = self.pairs, self.pairs + len(pairs)
+        chosen = self._chosen[bisect_left(self._chosen, start) : bisect_left(self._chosen, self.pairs)]
+        if texts := "\n".join(text for i in chosen for text in pairs[i - start] if text):
+            self._texts.append(texts)
+
+    def take_lines(self) -> list[str]:
+        """The sample's non-empty lines in corpus order, and the sample emptied."""
+        joined, self._texts = "\n".join(self._texts), []
+        return joined.split("\n") if joined else []  # no line holds a newline, nor is empty
 
 
 def batch_loss(
@@ -300,9 +327,9 @@ def train(
     if note := emulation_warning(tc.precision, device.type):
         tqdm.write(note)
     # Read the data first: a bad corpus stops the run before anything is written. Only rank 0 reads the
-    # training text (gigabytes of strings at WMT's size): the others train from the ids it keeps.
-    train_pairs = distributed.on_main(partial(_read_pairs, tc, tc.train_split))
-    train_digest = distributed.from_main(rundir.data_sha256(train_pairs) if train_pairs is not None else "")
+    # training text, a block at a time (gigabytes at WMT's size): the others train from the ids it keeps.
+    train_text = distributed.on_main(partial(_scan_training_text, tc, sample=not resume))
+    train_digest = distributed.from_main(train_text.digest if train_text is not None else "")
     valid_pairs = _read_pairs(tc, tc.valid_split)
     if resume:
         if not checkpoint.list_checkpoints(run_dir):
@@ -323,15 +350,9 @@ def train(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        # Rank 0 keeps only the tokenizer's sample while SentencePiece trains (its peak), not the whole
-        # text; `_training_ids` reads that again. The sample is copied out of the text first, joined and
-        # split again: its strings, scattered among the text's, would keep most of its memory from being
-        # freed (4.5M pairs: 2.04 GB left after dropping the text, 0.65 GB with the copy).
-        sample = "\n".join(tokenizer_sample(train_pairs, tc.tokenizer_lines, tc.seed)) if train_pairs else ""
-        n_pairs, train_pairs = len(train_pairs or ()), None
-        release_free_memory()
-        lines = sample.split("\n") if sample else []  # no line holds a newline, nor is empty
-        del sample
+        lines = train_text.sample.take_lines() if train_text and train_text.sample else []
+        n_pairs = train_text.pairs if train_text else 0
+        release_free_memory()  # what the sample's first strings held, for SentencePiece's peak
         trained = distributed.on_main(partial(train_tokenizer, lines, n_pairs, tc, run_dir, log))
         del lines
         model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
@@ -357,8 +378,7 @@ def train(
     distributed.on_main(partial(checkpoint.atomic_write_text, run_dir / "config.json", record))
 
     ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
-    train_data, train_stats, ids_read = _training_ids(tc, train_pairs, tokenizer, run_dir, ids_key)
-    del train_pairs  # tokenised now: a large corpus's strings are gigabytes
+    train_data, train_stats, ids_read = _training_ids(tc, tokenizer, run_dir, ids_key)
     release_free_memory()
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, longest)
     if valid_stats["too_long"]:
@@ -419,26 +439,21 @@ def train(
 
 
 def _training_ids(
-    tc: TrainConfig,
-    pairs: list[tuple[str, str]] | None,
-    tokenizer: Tokenizer,
-    run_dir: Path,
-    key: dict[str, str],
+    tc: TrainConfig, tokenizer: Tokenizer, run_dir: Path, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int], bool]:
     """The training split's ids, filter counts, and whether the ids were read rather than tokenised.
 
     Read from the run directory when kept there for this text, tokenizer and max_len: on resume, and
     under torchrun in every process but the first, which wait for rank 0 to tokenise and keep them
-    rather than each running SentencePiece over the corpus on the same cores. Those processes have not
-    read the text, and rank 0 has dropped it to train the tokenizer (`pairs` is None): a process without
-    kept ids (rank 0 on a new run; one that cannot see rank 0's file, on several machines without shared
-    storage) reads it again, and must find the text rank 0 first read. Every process that can see the
-    file trains from it, mapped into memory: one copy for all of them.
+    rather than each running SentencePiece over the corpus on the same cores. A process without kept ids
+    (rank 0 on a new run; one that cannot see rank 0's file, on several machines without shared storage)
+    reads the text and tokenises it as it reads. Every process that can see the file trains from it,
+    mapped into memory: one copy for all of them.
     """
     if distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:
-            encoded = _tokenise_training_text(tc, pairs, tokenizer, key)
+            encoded = _tokenise_training_text(tc, tokenizer, key)
             try:
                 rundir.save_training_ids(run_dir, *encoded, key)
                 # Trained from the file too: its pages are the other processes', and the kernel's to drop.
@@ -449,18 +464,31 @@ def _training_ids(
     if not distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
-            encoded = _tokenise_training_text(tc, None, tokenizer, key)
+            encoded = _tokenise_training_text(tc, tokenizer, key)
     return (*loaded, True) if loaded is not None else (*encoded, False)
 
 
 def _tokenise_training_text(
-    tc: TrainConfig, pairs: list[tuple[str, str]] | None, tokenizer: Tokenizer, key: dict[str, str]
+    tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int]]:
-    """The training split's ids and filter counts, from `pairs`, or where this process holds none from the
-    text read again (`_own_training_pairs`), whose strings are then freed on return."""
-    if pairs is None:
-        pairs = _own_training_pairs(tc, key["text"])
-    return encode_corpus(pairs, tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
+    """The training split's ids and filter counts, tokenised a block at a time as the text is read. The
+    text must be what rank 0 read at the start (of which `key["text"]` is the digest): on other text this
+    process's batches would not be the others', and the run record would name text it was not trained on."""
+    digest = rundir.DataDigest()
+
+    def digested(blocks: Iterator[list[tuple[str, str]]]) -> Iterator[list[tuple[str, str]]]:
+        for block in blocks:
+            digest.update(block)
+            yield block
+
+    blocks = iter_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang, block=ENCODE_CHUNK)
+    encoded = encode_blocks(digested(blocks), tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
+    if digest.hexdigest() != key["text"]:
+        raise TransformerError(
+            f"the {tc.train_split!r} split in {tc.data_dir}, read by rank {distributed.rank()}, is not the "
+            f"text rank 0 read at the start: every machine needs the same copy, unchanged while a run starts"
+        )
+    return encoded
 
 
 def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:
@@ -479,27 +507,44 @@ def _shows_bars() -> bool:
     return distributed.is_main() and sys.stderr.isatty()
 
 
-def _own_training_pairs(tc: TrainConfig, digest: str) -> list[tuple[str, str]]:
-    """The training split as this process reads it, which must be the text rank 0 read at the start (of
-    which `digest` is the digest): on other text this process's batches would not be the others', and
-    the run record would name text it was not trained on."""
-    pairs = _read_pairs(tc, tc.train_split)
-    if rundir.data_sha256(pairs) != digest:
-        raise TransformerError(
-            f"the {tc.train_split!r} split in {tc.data_dir}, read by rank {distributed.rank()}, is not the "
-            f"text rank 0 read at the start: every machine needs the same copy, unchanged while a run starts"
-        )
-    return pairs
+@dataclasses.dataclass(frozen=True)
+class TrainingText:
+    """What a run needs of its training text before tokenising it."""
+
+    digest: str  # rundir.data_sha256 of its pairs
+    pairs: int
+    sample: TokenizerSample | None  # the tokenizer's lines, on a new run
+
+
+def _scan_training_text(tc: TrainConfig, *, sample: bool) -> TrainingText:
+    """One pass over the training split, a block at a time: it is never in memory whole (a whole 4.5M-pair
+    split is 2.3 GB of strings; WMT14 en-fr's 36M pairs would be ~18 GB)."""
+    split = (tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang)
+    chosen = TokenizerSample(tc.tokenizer_lines, tc.seed, count_pairs(*split)) if sample else None
+    digest, pairs, with_text = rundir.DataDigest(), 0, False
+    for block in iter_split(*split, block=ENCODE_CHUNK):
+        digest.update(block)
+        if chosen is not None:
+            chosen.add(block)
+        pairs += len(block)
+        with_text = with_text or any(src and tgt for src, tgt in block)
+    if not with_text:
+        raise _empty_split(tc, tc.train_split)
+    return TrainingText(digest.hexdigest(), pairs, chosen)
 
 
 def _read_pairs(tc: TrainConfig, split: str) -> list[tuple[str, str]]:
     """A split's pairs; an empty split is one clear error."""
     pairs = read_split(tc.data_dir, split, tc.src_lang, tc.tgt_lang)
     if not any(src and tgt for src, tgt in pairs):
-        raise TransformerError(
-            f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
-        )
+        raise _empty_split(tc, split)
     return pairs
+
+
+def _empty_split(tc: TrainConfig, split: str) -> TransformerError:
+    return TransformerError(
+        f"the {split!r} split in {tc.data_dir} is empty (no line pair with text on both sides)"
+    )
 
 
 def _restore(
