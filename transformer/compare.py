@@ -36,7 +36,7 @@ from transformer import rundir
 from transformer.checkpoint import load_state
 from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_to_dict
 from transformer.data.batching import collate
-from transformer.data.corpus import corpus_paths, read_split
+from transformer.data.corpus import corpus_paths, iter_split, read_split
 from transformer.data.dataset import encode_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
@@ -144,11 +144,14 @@ def _reused_or_resumed(run_dir: Path) -> bool:
 
 
 def _data_digests(tc: TrainConfig) -> dict[str, str]:
-    """The digests `train` records for the data it reads (`rundir.run_record`)."""
-    return {
-        split: rundir.data_sha256(read_split(tc.data_dir, name, tc.src_lang, tc.tgt_lang))
-        for split, name in (("train", tc.train_split), ("valid", tc.valid_split))
-    }
+    """The digests `train` records for the data it reads (`rundir.run_record`), read a block at a time."""
+    digests = {}
+    for split, name in (("train", tc.train_split), ("valid", tc.valid_split)):
+        digest = rundir.DataDigest()
+        for block in iter_split(tc.data_dir, name, tc.src_lang, tc.tgt_lang):
+            digest.update(block)
+        digests[split] = digest.hexdigest()
+    return digests
 
 
 def check_reusable(settings: CompareSettings, out: Path) -> None:
