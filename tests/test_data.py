@@ -405,6 +405,45 @@ def test_token_batches_deterministic_per_seed_and_epoch() -> None:
         token_batches(src_lens, tgt_lens, 0, shuffle=False)
 
 
+def batches_one_example_at_a_time(
+    src_lens: list[int], tgt_lens: list[int], max_tokens: int, shuffle: bool, seed: int, epoch: int
+) -> list[list[int]]:
+    """The reference for `token_batches`: the plain loop it replaced, which cut an example at a time. The
+    same batches in the same order keep a run's batches, and so its resume, as they were."""
+    width = [max(s, t) + 1 for s, t in zip(src_lens, tgt_lens, strict=True)]
+    rng = random.Random(f"{seed}:{epoch}")
+    order = rng.sample(range(len(width)), len(width)) if shuffle else range(len(width))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in sorted(order, key=width.__getitem__):
+        if batch and (len(batch) + 1) * width[i] > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), max_size=300),
+    max_tokens=st.integers(1, 300),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+@settings(max_examples=200, deadline=None)
+def test_token_batches_are_those_of_cutting_one_example_at_a_time(
+    lengths: list[tuple[int, int]], max_tokens: int, shuffle: bool, seed: int
+) -> None:
+    src_lens, tgt_lens = [s for s, _ in lengths], [t for _, t in lengths]
+    expected = batches_one_example_at_a_time(src_lens, tgt_lens, max_tokens, shuffle, seed, epoch=1)
+    batches = token_batches(src_lens, tgt_lens, max_tokens, shuffle=shuffle, seed=seed, epoch=1)
+    assert len(batches) == len(expected)
+    assert list(batches) == expected and batches[1::2] == expected[1::2]
+
+
 def test_collate_shapes_special_tokens_and_padding() -> None:
     batch = collate([([5, 6, 7], [8]), ([9], [10, 11])])
     assert batch.src.tolist() == [[5, 6, 7, EOS_ID], [9, EOS_ID, PAD_ID, PAD_ID]]
@@ -444,7 +483,7 @@ def test_token_sequences_hold_what_lists_hold(sequences: list[list[int]], split:
         assert len(held) == len(sequences)
         assert list(held) == sequences and held[:] == sequences
         assert held[1::2] == sequences[1::2] and held[::-1] == sequences[::-1]
-        assert held.lengths() == [len(s) for s in sequences]
+        assert held.lengths().tolist() == [len(s) for s in sequences]
         assert [held.length(i) for i in range(len(held))] == [len(s) for s in sequences]
         if sequences:
             assert held[-1] == sequences[-1] and type(held[0]) is list
@@ -470,7 +509,7 @@ def test_token_sequences_from_arrays_hold_the_arrays_given_not_copies() -> None:
     ids, offsets = np.array([4, 5, 6], dtype=np.int32), np.array([0, 1, 3], dtype=np.int64)
     held = TokenSequences.from_arrays(ids, offsets)
     assert all(np.shares_memory(a, b) for a, b in zip(held.arrays(), (ids, offsets), strict=True))
-    assert list(held) == [[4], [5, 6]] and held.lengths() == [1, 2] and held.length(1) == 2
+    assert list(held) == [[4], [5, 6]] and held.lengths().tolist() == [1, 2] and held.length(1) == 2
     with pytest.raises(TypeError, match="cannot be extended"):
         held.extend([[7]])
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import overload
 
+import numpy as np
 import torch
 
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -17,44 +19,92 @@ from transformer.errors import TransformerError
 
 
 def token_batches(
-    src_lens: Sequence[int],
-    tgt_lens: Sequence[int],
+    src_lens: Sequence[int] | np.ndarray,
+    tgt_lens: Sequence[int] | np.ndarray,
     max_tokens: int,
     *,
     shuffle: bool,
     seed: int = 0,
     epoch: int = 0,
-) -> list[list[int]]:
+) -> TokenBatches:
     """Split example indices into batches of similar length whose padded size fits `max_tokens`.
 
     Lengths are token counts without BOS/EOS. A batch of n examples costs n * (longest side + 1), the +1
-    for the EOS (source, target output) or BOS (target input) that `collate` adds. An example over the
-    budget on its own gets a batch of its own. With `shuffle`, equal lengths are ordered randomly and the
-    batches come in random order, the same for the same (seed, epoch) and different across epochs.
+    for the EOS (source, target output) or BOS (target input) that `collate` adds. The examples are sorted
+    by that width and cut greedily: a batch takes the next example unless, with it, it would exceed the
+    budget; an example over the budget on its own gets a batch of its own. With `shuffle`, equal widths
+    are ordered randomly and the batches come in random order, the same for the same (seed, epoch) and
+    different across epochs.
     """
-    if len(src_lens) != len(tgt_lens):
-        raise ValueError(f"{len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
+    src, tgt = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    if len(src) != len(tgt):
+        raise ValueError(f"{len(src)} source lengths but {len(tgt)} target lengths")
     if max_tokens < 1:
         raise TransformerError(f"max_tokens must be at least 1, got {max_tokens}")
-    width = [max(s, t) + 1 for s, t in zip(src_lens, tgt_lens, strict=True)]
-    # A string seed is hashed with SHA-512: stable across runs and distinct for every (seed, epoch).
+    width = np.maximum(src, tgt) + 1
+    # A string seed is hashed with SHA-512: stable across runs and distinct for every (seed, epoch). The
+    # order is Python's `sample`, as before the batching was vectorised: the same batches for a run's seed.
     rng = random.Random(f"{seed}:{epoch}")
-    order = rng.sample(range(len(width)), len(width)) if shuffle else range(len(width))
-    order = sorted(order, key=width.__getitem__)  # stable: ties keep the (shuffled) order
-
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for i in order:
-        # Sorted ascending, so example i is the widest of the batch so far.
-        if batch and (len(batch) + 1) * width[i] > max_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
+    n = len(width)
+    order = np.array(rng.sample(range(n), n) if shuffle else range(n), dtype=np.int64)
+    order = order[np.argsort(width[order], kind="stable")]  # stable: ties keep the (shuffled) order
+    starts = _batch_starts(width[order], max_tokens)
+    batch_order = list(range(len(starts)))
     if shuffle:
-        rng.shuffle(batches)
-    return batches
+        rng.shuffle(batch_order)
+    index_type = np.int32 if n < 2**31 else np.int64
+    return TokenBatches(order.astype(index_type), np.append(starts, n), np.array(batch_order, dtype=np.int64))
+
+
+def _batch_starts(width: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Where each batch begins among examples sorted by `width`: the greedy cut, made a run of equal widths
+    at a time (a batch of width w holds max_tokens // w examples, at least one) rather than an example at
+    a time, which took 2.9 s of the 7.7 s of 4.5M pairs' batches."""
+    if len(width) == 0:
+        return np.empty(0, dtype=np.int64)
+    values, run_starts = np.unique(width, return_index=True)
+    run_ends = [*run_starts[1:].tolist(), len(width)]
+    starts = [0]
+    size = 0  # examples in the open batch
+    for value, begin, end in zip(values.tolist(), run_starts.tolist(), run_ends, strict=True):
+        room = max(max_tokens // value, 1)  # the most examples a batch this wide may hold
+        if size >= room:  # the open batch cannot take one of these: a new one begins
+            starts.append(begin)
+            size = 0
+        taken = min(room - size, end - begin)
+        size += taken
+        if begin + taken < end:  # full batches of `room`, then an open one to go on in the next run
+            new = range(begin + taken, end, room)
+            starts.extend(new)
+            size = end - new[-1]
+    return np.array(starts, dtype=np.int64)
+
+
+class TokenBatches(Sequence[list[int]]):
+    """Token-budget batches: example indices sorted by width in one array, cut at `bounds`, batch `k`
+    being cut `batch_order[k]`. Each batch is a list of ints when taken; the whole takes 4 bytes an
+    example, where a list of lists of ints took ~36 (1.3 GB a process at WMT14 en-fr's 36M pairs)."""
+
+    def __init__(self, indices: np.ndarray, bounds: np.ndarray, batch_order: np.ndarray) -> None:
+        self._indices, self._bounds, self._order = indices, bounds, batch_order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, k: int) -> list[int]: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[list[int]]: ...
+    def __getitem__(self, k: int | slice) -> list[int] | list[list[int]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        cut = int(self._order[k])
+        return self._indices[self._bounds[cut] : self._bounds[cut + 1]].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by contents, as lists are
 
 
 @dataclass(frozen=True)

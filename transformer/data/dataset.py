@@ -64,9 +64,9 @@ class TokenSequences(Sequence[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         return (self[i] for i in range(len(self)))
 
-    def lengths(self) -> list[int]:
+    def lengths(self) -> np.ndarray:
         """Every sequence's number of tokens, without building the sequences."""
-        return np.diff(self._offsets).tolist()
+        return np.diff(self._offsets)
 
     def length(self, index: int) -> int:
         """Sequence `index`'s number of tokens (0 <= index < len), without building it."""
