@@ -27,6 +27,7 @@ from conftest import TINY_MODEL, tiny_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from transformer import checkpoint, distributed, rundir
 from transformer import train as train_module
@@ -38,7 +39,9 @@ from transformer.data.dataset import Corpus, TokenSequences
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.rundir import (
+    IDS_FORMAT,
     TRAIN_IDS,
+    TrainingIdsWriter,
     check_resumable,
     drop_partial_line,
     load_training_ids,
@@ -443,6 +446,27 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
     assert len(load_training_ids(tmp_path / "none", key)[0]) == 0
     for name in key:
         assert load_training_ids(tmp_path, {**key, name: "other"}) is None, name
+    # The file is safetensors' own: the same tensors and metadata as its writer gives, whatever the blocks.
+    reference = tmp_path / "reference.safetensors"
+    arrays = {
+        f"{side}.{part}": a
+        for side in ("src", "tgt")
+        for part, a in zip(("ids", "offsets"), getattr(corpus, side).arrays(), strict=True)
+    }
+    save_file(arrays, str(reference), metadata={**key, "format": IDS_FORMAT, "counts": json.dumps(counts)})
+    (tmp_path / "blocks").mkdir()
+    with TrainingIdsWriter(tmp_path / "blocks", key) as writer:
+        writer.add(corpus.src[:1], corpus.tgt[:1])
+        writer.add([], [])
+        writer.add(corpus.src[1:], corpus.tgt[1:])
+        writer.finish(counts)
+    for written in (tmp_path / TRAIN_IDS, tmp_path / "blocks" / TRAIN_IDS):
+        with safe_open(str(written), "numpy") as ours, safe_open(str(reference), "numpy") as theirs:
+            assert ours.metadata() == theirs.metadata() and set(ours.keys()) == set(theirs.keys())
+            for name in theirs.keys():  # noqa: SIM118
+                assert ours.get_tensor(name).dtype == theirs.get_tensor(name).dtype
+                assert ours.get_tensor(name).tolist() == theirs.get_tensor(name).tolist()
+    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == [TRAIN_IDS], "no part left behind"
     path = tmp_path / TRAIN_IDS
     os.truncate(path, path.stat().st_size - 7)
     with pytest.raises(TransformerError, match=r"train\.ids cannot be read"):
@@ -508,6 +532,7 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
         monkeypatch.setattr(distributed, "is_main", lambda is_rank_0=is_rank_0: is_rank_0)
         with pytest.raises(TransformerError, match=r"split in .* is not the text rank 0 read at the start"):
             train_module._training_ids(quick_recipe(other), tokenizer, tmp_path / "elsewhere", key)
+    assert list((tmp_path / "elsewhere").iterdir()) == [], "rank 0's parts of train.ids are removed"
 
 
 def kept_ids(run: Path) -> tuple[dict[str, str], dict[str, list[int]]]:

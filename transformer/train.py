@@ -40,7 +40,14 @@ from transformer.config import (
 )
 from transformer.data.batching import Batch, collate
 from transformer.data.corpus import count_pairs, iter_split, read_split
-from transformer.data.dataset import ENCODE_CHUNK, Corpus, encode_blocks, encode_corpus
+from transformer.data.dataset import (
+    ENCODE_CHUNK,
+    Corpus,
+    TokenSequences,
+    encode_corpus,
+    encode_stream,
+    new_counts,
+)
 from transformer.data.tokenizer import PAD_ID, Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
@@ -453,13 +460,7 @@ def _training_ids(
     if distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
         if loaded is None:
-            encoded = _tokenise_training_text(tc, tokenizer, key)
-            try:
-                rundir.save_training_ids(run_dir, *encoded, key)
-                # Trained from the file too: its pages are the other processes', and the kernel's to drop.
-                encoded = rundir.load_training_ids(run_dir, key) or encoded
-            except (OSError, TransformerError) as error:  # a full disk leaves the checkpoints to say so
-                tqdm.write(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
+            encoded = _tokenise_into(run_dir, tc, tokenizer, key)
     distributed.barrier()  # rank 0's ids are kept now, for the others to read (a no-op alone)
     if not distributed.is_main():
         loaded = _read_training_ids(run_dir, key)
@@ -468,27 +469,52 @@ def _training_ids(
     return (*loaded, True) if loaded is not None else (*encoded, False)
 
 
+def _tokenise_into(
+    run_dir: Path, tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
+) -> tuple[Corpus, dict[str, int]]:
+    """Rank 0's ids of the training split, written into the run directory as they are made, then trained
+    from mapped: the process never holds them (1.15 GB at 4.5M pairs), and their pages are the other
+    processes' too, and the kernel's to drop. Where they cannot be written, tokenised again in memory."""
+    counts = new_counts()
+    try:
+        with rundir.TrainingIdsWriter(run_dir, key) as writer:
+            for src, tgt in _training_text_ids(tc, tokenizer, key, counts):
+                writer.add(src, tgt)
+            writer.finish(counts)
+    except OSError as error:  # a full disk: the checkpoints will say so too
+        tqdm.write(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
+        return _tokenise_training_text(tc, tokenizer, key)
+    return rundir.load_training_ids(run_dir, key) or _tokenise_training_text(tc, tokenizer, key)
+
+
 def _tokenise_training_text(
     tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int]]:
-    """The training split's ids and filter counts, tokenised a block at a time as the text is read. The
-    text must be what rank 0 read at the start (of which `key["text"]` is the digest): on other text this
-    process's batches would not be the others', and the run record would name text it was not trained on."""
+    """The training split's ids and filter counts, in this process's memory."""
+    corpus, counts = Corpus(TokenSequences(), TokenSequences(), []), new_counts()
+    for src, tgt in _training_text_ids(tc, tokenizer, key, counts):
+        corpus.src.extend(src)
+        corpus.tgt.extend(tgt)
+    return corpus, counts
+
+
+def _training_text_ids(
+    tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str], counts: dict[str, int]
+) -> Iterator[tuple[list[list[int]], list[list[int]]]]:
+    """The source and target ids of the training split's kept pairs, tokenised a block at a time as the
+    text is read; `counts` adds up the filter's counts. The text must be what rank 0 read at the start
+    (of which `key["text"]` is the digest): on other text this process's batches would not be the
+    others', and the run record would name text it was not trained on."""
     digest = rundir.DataDigest()
-
-    def digested(blocks: Iterator[list[tuple[str, str]]]) -> Iterator[list[tuple[str, str]]]:
-        for block in blocks:
-            digest.update(block)
-            yield block
-
     blocks = iter_split(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang, block=ENCODE_CHUNK)
-    encoded = encode_blocks(digested(blocks), tokenizer, tc.max_len, keep_text=False, progress=_shows_bars())
+    for block, _, src, tgt in encode_stream(blocks, tokenizer, tc.max_len, counts, _shows_bars()):
+        digest.update(block)
+        yield src, tgt
     if digest.hexdigest() != key["text"]:
         raise TransformerError(
             f"the {tc.train_split!r} split in {tc.data_dir}, read by rank {distributed.rank()}, is not the "
             f"text rank 0 read at the start: every machine needs the same copy, unchanged while a run starts"
         )
-    return encoded
 
 
 def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:

@@ -147,19 +147,39 @@ def encode_blocks(
     only one block is ever text or lists of ids, and the corpus grows as 4-byte ids. `total`, the number of
     pairs where known, sizes the progress bar."""
     corpus = Corpus(TokenSequences(), TokenSequences(), [])
-    counts = {"pairs": 0, "kept": 0, "empty": 0, "too_long": 0}
+    counts = new_counts()
+    for block, keep, src, tgt in encode_stream(blocks, tokenizer, max_len, counts, progress, total):
+        corpus.src.extend(src)
+        corpus.tgt.extend(tgt)
+        if keep_text:
+            corpus.tgt_text.extend(block[i][1] for i in keep)
+    return corpus, counts
+
+
+def new_counts() -> dict[str, int]:
+    """The filter's counts, as `encode_stream` adds them up."""
+    return {"pairs": 0, "kept": 0, "empty": 0, "too_long": 0}
+
+
+def encode_stream(
+    blocks: Iterable[Sequence[tuple[str, str]]],
+    tokenizer: Tokenizer,
+    max_len: int | None,
+    counts: dict[str, int],
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[tuple[Sequence[tuple[str, str]], list[int], list[list[int]], list[list[int]]]]:
+    """Each block, the indices of its pairs kept, and their source and target ids, tokenised a block at a
+    time; `counts` (`new_counts`) adds up the pairs read, kept and dropped, for whoever keeps the ids
+    (`encode_blocks` in memory, training into its run directory as it reads)."""
     with tqdm(total=total, desc="tokenising", unit=" pairs", leave=False, disable=not progress) as bar:
         for block in blocks:
             src = tokenizer.encode_batch([s for s, _ in block])
             tgt = tokenizer.encode_batch([t for _, t in block])
             keep, dropped = filter_pairs(list(zip(src, tgt, strict=True)), max_len or 10**9)
-            corpus.src.extend(src[i] for i in keep)
-            corpus.tgt.extend(tgt[i] for i in keep)
-            if keep_text:
-                corpus.tgt_text.extend(block[i][1] for i in keep)
+            yield block, keep, [src[i] for i in keep], [tgt[i] for i in keep]
             counts["pairs"] += len(block)
             counts["kept"] += len(keep)
             for reason, n in dropped.items():
                 counts[reason] += n
             bar.update(len(block))
-    return corpus, counts
