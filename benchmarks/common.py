@@ -241,8 +241,8 @@ def time_by_kind(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
 
 
 def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
-    """VmRSS (now) or VmHWM (peak) of a process from /proc/<pid>/status, in MB; None off Linux or once
-    the process has gone."""
+    """VmRSS (now), VmHWM (peak) or RssAnon (its own, not mapped from files) of a process from
+    /proc/<pid>/status, in MB; None off Linux or once the process has gone."""
     try:
         match = re.search(rf"^{field}:\s*(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     except OSError:
