@@ -125,34 +125,18 @@ def encode_corpus(
 ) -> tuple[Corpus, dict[str, int]]:
     """Tokenise pairs, dropping empty ones and (with `max_len`) over-long ones; returns the counts too.
 
-    The pairs are tokenised `ENCODE_CHUNK` at a time (`encode_blocks`). `keep_text=False` keeps no
-    reference text: training needs none. `progress` shows a bar when there is more than one chunk (4.5M
-    pairs take about two minutes on two cores).
+    The pairs are tokenised `ENCODE_CHUNK` at a time (`encode_stream`), so that only one chunk's ids are
+    ever Python lists. `keep_text=False` keeps no reference text: training needs none. `progress` shows a
+    bar when there is more than one chunk (4.5M pairs take about two minutes on two cores).
     """
+    corpus, counts = Corpus(TokenSequences(), TokenSequences(), []), new_counts()
     chunks = (pairs[start : start + ENCODE_CHUNK] for start in range(0, len(pairs), ENCODE_CHUNK))
     progress = progress and len(pairs) > ENCODE_CHUNK
-    return encode_blocks(chunks, tokenizer, max_len, keep_text=keep_text, progress=progress, total=len(pairs))
-
-
-def encode_blocks(
-    blocks: Iterable[Sequence[tuple[str, str]]],
-    tokenizer: Tokenizer,
-    max_len: int | None,
-    *,
-    keep_text: bool = True,
-    progress: bool = False,
-    total: int | None = None,
-) -> tuple[Corpus, dict[str, int]]:
-    """`encode_corpus` of pairs given a block at a time, as a large split is read (`corpus.iter_split`):
-    only one block is ever text or lists of ids, and the corpus grows as 4-byte ids. `total`, the number of
-    pairs where known, sizes the progress bar."""
-    corpus = Corpus(TokenSequences(), TokenSequences(), [])
-    counts = new_counts()
-    for block, keep, src, tgt in encode_stream(blocks, tokenizer, max_len, counts, progress, total):
+    for chunk, keep, src, tgt in encode_stream(chunks, tokenizer, max_len, counts, progress, len(pairs)):
         corpus.src.extend(src)
         corpus.tgt.extend(tgt)
         if keep_text:
-            corpus.tgt_text.extend(block[i][1] for i in keep)
+            corpus.tgt_text.extend(chunk[i][1] for i in keep)
     return corpus, counts
 
 
@@ -171,7 +155,7 @@ def encode_stream(
 ) -> Iterator[tuple[Sequence[tuple[str, str]], list[int], list[list[int]], list[list[int]]]]:
     """Each block, the indices of its pairs kept, and their source and target ids, tokenised a block at a
     time; `counts` (`new_counts`) adds up the pairs read, kept and dropped, for whoever keeps the ids
-    (`encode_blocks` in memory, training into its run directory as it reads)."""
+    (`encode_corpus` in memory, training into its run directory as it reads)."""
     with tqdm(total=total, desc="tokenising", unit=" pairs", leave=False, disable=not progress) as bar:
         for block in blocks:
             src = tokenizer.encode_batch([s for s, _ in block])
