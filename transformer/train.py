@@ -362,6 +362,7 @@ def train(
         release_free_memory()  # what the sample's first strings held, for SentencePiece's peak
         trained = distributed.on_main(partial(train_tokenizer, lines, n_pairs, tc, run_dir, log))
         del lines
+        release_free_memory()  # what SentencePiece freed: 36M pairs tokenised with 1.15 GB held, not 2.30 GB
         model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
