@@ -65,15 +65,15 @@ def watch(command: list[str], interval: float = 0.5) -> dict[str, Any]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    peak = training = private = 0.0
+    peak = training = private = training_private = 0.0
     while child.poll() is None:
         rss = common.proc_status_mb("VmRSS", child.pid) or 0.0
-        peak = max(peak, rss)
-        # Resident memory counts the pages of the mapped ids the process has touched, which the kernel
-        # may drop and read again; its anonymous memory is what it holds itself.
-        private = max(private, common.proc_status_mb("RssAnon", child.pid) or 0.0)
+        # Resident memory counts the pages of mapped files the process has touched (the ids, torch's
+        # libraries), which the kernel may drop and read again; its anonymous memory it holds itself.
+        own = common.proc_status_mb("RssAnon", child.pid) or 0.0
+        peak, private = max(peak, rss), max(private, own)
         if first_step:
-            training = max(training, rss)
+            training, training_private = max(training, rss), max(training_private, own)
         time.sleep(interval)
     reader.join()
     if child.returncode:
@@ -84,6 +84,7 @@ def watch(command: list[str], interval: float = 0.5) -> dict[str, Any]:
         "peak_rss_gb": round(peak / 1024, 2),
         "peak_private_gb": round(private / 1024, 2),
         "training_rss_gb": round(training / 1024, 2),
+        "training_private_gb": round(training_private / 1024, 2),
         "log": [line for line in lines if not line.startswith(("trainer_interface", "unigram_model"))],
     }
 
@@ -146,13 +147,14 @@ def main() -> None:
         f"; {retokenised['seconds_to_first_logged_step']} s without them, tokenising the corpus again "
         f"({retokenised['peak_rss_gb']} GB)"
         if retokenised
-        else " (the peer, tokenising again, was left out: --no-peer)"
+        else ". The peer, the resume that tokenises again, was left out (`--no-peer`)"
     )
     body = (
         f"`transformer train` on {args.pairs:,} synthetic pairs (Multi30k's sentences joined two to a "
         f"line), {args.steps} steps of the small model: the first step logged {first} s after the command, "
         f"{peak} GB resident at the peak ({measured['peak_private_gb']} GB of it the process's own, not "
-        f"mapped from files), {training} GB while training.\n\n"
+        f"mapped from files), {training} GB while training ({measured['training_private_gb']} GB its "
+        f"own).\n\n"
         f"`--resume` for 10 steps more logged its first step {resumed['seconds_to_first_logged_step']} s "
         f"after the command, reading the ids the run kept ({result['kept_ids_gb']} GB on disk; "
         f"{resumed['peak_rss_gb']} GB resident at the peak){peer}.\n\n```\n"
