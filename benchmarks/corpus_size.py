@@ -152,9 +152,9 @@ def main() -> None:
     body = (
         f"`transformer train` on {args.pairs:,} synthetic pairs (Multi30k's sentences joined two to a "
         f"line), {args.steps} steps of the small model: the first step logged {first} s after the command, "
-        f"{peak} GB resident at the peak ({measured['peak_private_gb']} GB of it the process's own, not "
-        f"mapped from files), {training} GB while training ({measured['training_private_gb']} GB its "
-        f"own).\n\n"
+        f"{peak} GB resident at the peak, {training} GB while training; the process's own memory, not "
+        f"mapped from files, peaked at {measured['peak_private_gb']} GB, "
+        f"{measured['training_private_gb']} GB while training.\n\n"
         f"`--resume` for 10 steps more logged its first step {resumed['seconds_to_first_logged_step']} s "
         f"after the command, reading the ids the run kept ({result['kept_ids_gb']} GB on disk; "
         f"{resumed['peak_rss_gb']} GB resident at the peak){peer}.\n\n```\n"
