@@ -23,7 +23,7 @@ from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
 from transformer.data.corpus import read_lines, read_split
-from transformer.data.dataset import encode_corpus
+from transformer.data.dataset import Corpus, encode_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
@@ -330,6 +330,24 @@ def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path:
     shutil.copytree(run_dir, run)
     with pytest.raises(TransformerError, match="d_model: 32 -> 48"):
         train(tiny_recipe(data_dir, max_steps=40), {**TINY_MODEL, "d_model": 48}, run, resume=True)
+
+
+def test_tokens_per_second_leave_out_building_an_epochs_batches(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch's batches take a minute to build at 36M pairs; counted as training time, they made the
+    first record of every epoch report a tenth of the speed."""
+    build = Corpus.batches
+
+    def slow(self: Corpus, *args: object, **kwargs: object) -> object:
+        time.sleep(2.0)
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(Corpus, "batches", slow)
+    run = tmp_path / "run"
+    train(tiny_recipe(data_dir, max_steps=2, log_every=1, eval_every=0, average_last=0), TINY_MODEL, run)
+    first = records(run, "train")[0]
+    assert first["tokens_seen"] / first["tokens_per_s"] < 1.0  # two tiny steps' seconds, not the 2 s sleep
 
 
 def test_a_smaller_vocabulary_than_asked_for_is_announced(data_dir: Path, tmp_path: Path, capsys) -> None:

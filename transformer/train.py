@@ -663,7 +663,9 @@ class TrainingLoop:
     def epoch(self, train_data: Corpus, stop_signal: list[str], bars: ExitStack) -> bool:
         """Go on with the current epoch (a resumed run may start mid-epoch); True when training must stop."""
         p, tc = self.progress, self.tc
+        building = time.monotonic()
         batches = train_data.batches(tc.max_tokens, shuffle=True, seed=tc.seed, epoch=p.epoch)
+        self.window_started += time.monotonic() - building  # training time only: 59 s at 36M pairs
         bar = tqdm(
             total=len(batches),
             initial=p.batch,
