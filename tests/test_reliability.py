@@ -476,6 +476,26 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
         load_training_ids(tmp_path, key)
 
 
+def test_a_writer_of_training_ids_that_cannot_start_leaves_no_part_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk may stop `TrainingIdsWriter` while it creates its part files, before any `with` holds
+    it: the parts it made are removed, and the error is the disk's."""
+    opened: list[str] = []
+    real_open = Path.open
+
+    def open_until_full(self: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(self.name)
+        if len(opened) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        TrainingIdsWriter(tmp_path, {"text": "a" * 64})
+    assert len(opened) == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_a_resume_reads_the_kept_ids_and_tokenises_again_when_they_are_damaged(
     reference: Path, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
