@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain, islice
 from pathlib import Path
+from typing import BinaryIO
 
 from transformer.errors import TransformerError
 from transformer.textio import CHUNK_BYTES, iter_line_blocks
@@ -34,9 +36,17 @@ def _raw_blocks(path: str | Path) -> Iterator[list[str]]:
 
 
 def _decoded(path: Path) -> Iterator[list[str]]:
+    with _opened(path) as f:
+        yield from iter_line_blocks(f, source=str(path))
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[BinaryIO]:
+    """A corpus file's bytes, gunzipped if it ends in .gz; a failure to read them, then or while they are
+    read, is one clear error."""
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            yield from iter_line_blocks(f, source=str(path))
+            yield f
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError
         raise TransformerError(f"cannot read {path}: {e}") from e
 
@@ -183,12 +193,9 @@ def count_pairs(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) 
     before it is read. Files of different lengths are `iter_split`'s error to report."""
     path = Path(_split_files(data_dir, split, src_lang, tgt_lang)[0])
     lines, last = 0, b"\n"
-    try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                lines, last = lines + chunk.count(b"\n"), chunk[-1:]
-    except (OSError, EOFError) as e:
-        raise TransformerError(f"cannot read {path}: {e}") from e
+    with _opened(path) as f:
+        while chunk := f.read(CHUNK_BYTES):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
     return lines + (last != b"\n")  # a last line without its newline
 
 
