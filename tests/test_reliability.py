@@ -47,7 +47,6 @@ from transformer.rundir import (
     load_training_ids,
     read_run_record,
     resume_point,
-    save_training_ids,
 )
 from transformer.textio import decode_lines, decode_stream, single_line
 from transformer.train import MAX_BAD_STEPS, train
@@ -427,14 +426,21 @@ def test_resume_refuses_changed_data(reference: Path, quick_data: Path, tmp_path
         check_resumable(run, {**saved, "data_sha256": None}, moved)  # a record without digests
 
 
+def keep_ids(run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str]) -> None:
+    """A corpus's ids kept in `run_dir` in one block."""
+    with TrainingIdsWriter(run_dir, key) as writer:
+        writer.add(corpus.src, corpus.tgt)
+        writer.finish(counts)
+
+
 def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) -> None:
-    """What `save_training_ids` kept comes back equal under the same key. Under any other (other text,
+    """What `TrainingIdsWriter` kept comes back equal under the same key. Under any other (other text,
     tokenizer or max_len) it is not used; a damaged file is one error, which train turns into a warning."""
     corpus = Corpus(TokenSequences([[5, 6, 7], [], [8]]), TokenSequences([[9], [10, 11], [12, 13, 14]]), [])
     counts = {"pairs": 5, "kept": 3, "empty": 1, "too_long": 1}
     key = {"text": "a" * 64, "tokenizer": "b" * 64, "max_len": "100"}
     assert load_training_ids(tmp_path, key) is None  # nothing kept yet
-    save_training_ids(tmp_path, corpus, counts, key)
+    keep_ids(tmp_path, corpus, counts, key)
     loaded, loaded_counts = load_training_ids(tmp_path, key)
     assert list(loaded.src) == list(corpus.src) and list(loaded.tgt) == list(corpus.tgt)
     assert loaded_counts == counts and loaded.tgt_text == []
@@ -442,7 +448,7 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
     assert str(tmp_path / TRAIN_IDS) in Path("/proc/self/maps").read_text()
     nothing = Corpus(TokenSequences(), TokenSequences(), [])  # no pair kept: nothing to map
     (tmp_path / "none").mkdir()
-    save_training_ids(tmp_path / "none", nothing, {**counts, "kept": 0}, key)
+    keep_ids(tmp_path / "none", nothing, {**counts, "kept": 0}, key)
     assert len(load_training_ids(tmp_path / "none", key)[0]) == 0
     for name in key:
         assert load_training_ids(tmp_path, {**key, name: "other"}) is None, name

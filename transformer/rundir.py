@@ -87,31 +87,26 @@ class DataDigest:
 
 TRAIN_IDS = "train.ids"  # a safetensors file, named apart from the checkpoints (`*.safetensors`)
 IDS_FORMAT = "1"  # raised when the filtering or the layout changes, which the key cannot see
-
-
-def save_training_ids(run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str]) -> None:
-    """Keep the training split's ids in the run directory, so that a resumed run (and under torchrun every
-    process but the first) reads them instead of tokenising the corpus again: about two minutes at WMT14's
-    4.5M pairs on two cores. `key` names what the ids derive from (digests of the text and the tokenizer,
-    and max_len); the filter's counts go along for the log. `TrainingIdsWriter` writes the same file from
-    ids given a block at a time."""
-    with TrainingIdsWriter(run_dir, key) as writer:
-        writer.add(corpus.src, corpus.tgt)
-        writer.finish(counts)
+_NUMPY_DTYPES = {"I32": np.int32, "I64": np.int64}  # safetensors' names of the dtypes the kept ids use
+# train.ids's arrays, in the file's order: the int64 ones first, so that every array is aligned.
+_IDS_ARRAYS = {"src.offsets": "I64", "tgt.offsets": "I64", "src.ids": "I32", "tgt.ids": "I32"}
 
 
 class TrainingIdsWriter:
-    """`save_training_ids` of ids given a block at a time, as the training split is tokenised: each block
-    goes to disk at once, into one part file per array, so the process never holds the corpus's ids (1.15 GB
-    at 4.5M pairs, 9.2 GB at WMT14 en-fr's 36M). `finish` joins the parts into a safetensors file, written
-    atomically; the parts are removed however it ends (named as temp files, so that a resume also removes
-    those of a killed run)."""
+    """Keep the training split's ids in the run directory, so that a resumed run (and under torchrun every
+    process but the first) reads them instead of tokenising the corpus again: about two minutes at WMT14's
+    4.5M pairs on two cores. `key` names what the ids derive from (digests of the text and the tokenizer,
+    and max_len); the filter's counts go along for the log.
 
-    _ORDER = ("src.offsets", "tgt.offsets", "src.ids", "tgt.ids")  # the int64 arrays first: aligned
+    The ids are given a block at a time, as the training split is tokenised: each block goes to disk at
+    once, into one part file per array, so the process never holds the corpus's ids (1.15 GB at 4.5M pairs,
+    9.2 GB at WMT14 en-fr's 36M). `finish` joins the parts into a safetensors file, written atomically;
+    the parts are removed however it ends (named as temp files, so that a resume also removes those of a
+    killed run)."""
 
     def __init__(self, run_dir: Path, key: dict[str, str]) -> None:
         self._path, self._key = run_dir / TRAIN_IDS, key
-        self._parts = {name: run_dir / f".{TRAIN_IDS}.{name}.tmp-{os.getpid()}" for name in self._ORDER}
+        self._parts = {name: run_dir / f".{TRAIN_IDS}.{name}.tmp-{os.getpid()}" for name in _IDS_ARRAYS}
         self._files: dict[str, BinaryIO] = {}
         self._ends = {"src": 0, "tgt": 0}  # tokens written so far, a side
         try:
@@ -140,14 +135,10 @@ class TrainingIdsWriter:
             "__metadata__": {**self._key, "format": IDS_FORMAT, "counts": json.dumps(counts)}
         }
         start = 0
-        for name in self._ORDER:
+        for name, dtype in _IDS_ARRAYS.items():
             size = self._parts[name].stat().st_size
-            dtype = "I64" if name.endswith("offsets") else "I32"
-            header[name] = {
-                "dtype": dtype,
-                "shape": [size // (8 if dtype == "I64" else 4)],
-                "data_offsets": [start, start + size],
-            }
+            shape = [size // np.dtype(_NUMPY_DTYPES[dtype]).itemsize]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + size]}
             start += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
@@ -155,7 +146,7 @@ class TrainingIdsWriter:
         def write(tmp: Path) -> None:
             with tmp.open("wb") as out:
                 out.write(struct.pack("<Q", len(encoded)) + encoded)
-                for name in self._ORDER:
+                for name in _IDS_ARRAYS:
                     with self._parts[name].open("rb") as part:
                         shutil.copyfileobj(part, out, 1 << 24)
 
@@ -171,7 +162,7 @@ class TrainingIdsWriter:
 
 
 def load_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[str, int]] | None:
-    """The ids and counts `save_training_ids` kept under the same `key`, or None: none kept, or kept for
+    """The ids and counts `TrainingIdsWriter` kept under the same `key`, or None: none kept, or kept for
     other text, another tokenizer or max_len. A file that cannot be read raises TransformerError.
 
     The ids are a read-only memory map of the file, not a copy: under torchrun the processes share one
@@ -196,9 +187,6 @@ def load_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise TransformerError(f"{path} cannot be read ({error})") from error
     return Corpus(src, tgt, []), counts
-
-
-_NUMPY_DTYPES = {"I32": np.int32, "I64": np.int64}  # safetensors' names of the dtypes the kept ids use
 
 
 def _mapped_arrays(path: Path) -> dict[str, np.ndarray]:
