@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from transformer import runtime
 from transformer.data import dataset
-from transformer.data.batching import Batch, collate, token_batches
+from transformer.data.batching import BATCH_ORDER, Batch, collate, token_batches
 from transformer.data.corpus import (
     corpus_paths,
     count_pairs,
@@ -388,42 +388,69 @@ def test_token_batches_cover_every_index_within_budget(shuffle: bool) -> None:
         assert widths == sorted(widths)
 
 
-def test_token_batches_deterministic_per_seed_and_epoch() -> None:
+@pytest.mark.parametrize("order", [1, BATCH_ORDER])
+def test_token_batches_deterministic_per_seed_and_epoch(order: int) -> None:
     src_lens, tgt_lens = random_lengths(300)
 
     def make(seed: int, epoch: int) -> list[list[int]]:
-        return token_batches(src_lens, tgt_lens, 200, shuffle=True, seed=seed, epoch=epoch)
+        return token_batches(src_lens, tgt_lens, 200, shuffle=True, seed=seed, epoch=epoch, order=order)
 
-    state = random.getstate()
+    state, (_, numpy_key, numpy_pos, *_) = random.getstate(), np.random.get_state()
     assert make(0, 0) == make(0, 0)
     assert make(0, 0) != make(0, 1)
     assert make(0, 0) != make(1, 0)
-    assert random.getstate() == state  # the global RNG is left alone
-    unshuffled = token_batches(src_lens, tgt_lens, 200, shuffle=False, seed=5, epoch=9)
+    assert random.getstate() == state  # the global RNGs are left alone
+    _, key, pos, *_ = np.random.get_state()
+    assert (key == numpy_key).all() and pos == numpy_pos
+    unshuffled = token_batches(src_lens, tgt_lens, 200, shuffle=False, seed=5, epoch=9, order=order)
     assert unshuffled == token_batches(src_lens, tgt_lens, 200, shuffle=False)
     with pytest.raises(TransformerError, match="max_tokens"):
         token_batches(src_lens, tgt_lens, 0, shuffle=False)
+    with pytest.raises(TransformerError, match="batch order 3 is unknown"):
+        token_batches(src_lens, tgt_lens, 200, shuffle=True, order=3)
+
+
+def test_the_two_batch_orders_shuffle_differently_and_cut_alike() -> None:
+    src_lens, tgt_lens = random_lengths(300)
+    first, second = (token_batches(src_lens, tgt_lens, 200, shuffle=True, order=k) for k in (1, 2))
+    assert first != second
+    assert sorted(map(len, first)) == sorted(map(len, second))
 
 
 def batches_one_example_at_a_time(
-    src_lens: list[int], tgt_lens: list[int], max_tokens: int, shuffle: bool, seed: int, epoch: int
+    src_lens: list[int],
+    tgt_lens: list[int],
+    max_tokens: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    order: int,
 ) -> list[list[int]]:
-    """The reference for `token_batches`: the plain loop it replaced, which cut an example at a time. The
-    same batches in the same order keep a run's batches, and so its resume, as they were."""
+    """The reference for `token_batches`: the plain loop it replaced, which cut an example at a time,
+    with the shuffles of both batch orders written out. The same batches in the same order keep a run's
+    batches, and so its resume, as they were."""
     width = [max(s, t) + 1 for s, t in zip(src_lens, tgt_lens, strict=True)]
     rng = random.Random(f"{seed}:{epoch}")
-    order = rng.sample(range(len(width)), len(width)) if shuffle else range(len(width))
+    numpy_rng = np.random.default_rng(rng.getrandbits(128)) if order == 2 else None
+    if not shuffle:
+        examples: list[int] = list(range(len(width)))
+    elif numpy_rng is None:
+        examples = rng.sample(range(len(width)), len(width))
+    else:
+        examples = numpy_rng.permutation(len(width)).tolist()
     batches: list[list[int]] = []
     batch: list[int] = []
-    for i in sorted(order, key=width.__getitem__):
+    for i in sorted(examples, key=width.__getitem__):
         if batch and (len(batch) + 1) * width[i] > max_tokens:
             batches.append(batch)
             batch = []
         batch.append(i)
     if batch:
         batches.append(batch)
-    if shuffle:
+    if shuffle and numpy_rng is None:
         rng.shuffle(batches)
+    elif shuffle:
+        batches = [batches[k] for k in numpy_rng.permutation(len(batches))]
     return batches
 
 
@@ -432,16 +459,32 @@ def batches_one_example_at_a_time(
     max_tokens=st.integers(1, 300),
     shuffle=st.booleans(),
     seed=st.integers(0, 3),
+    order=st.sampled_from([1, 2]),
 )
 @settings(max_examples=200, deadline=None)
 def test_token_batches_are_those_of_cutting_one_example_at_a_time(
-    lengths: list[tuple[int, int]], max_tokens: int, shuffle: bool, seed: int
+    lengths: list[tuple[int, int]], max_tokens: int, shuffle: bool, seed: int, order: int
 ) -> None:
     src_lens, tgt_lens = [s for s, _ in lengths], [t for _, t in lengths]
-    expected = batches_one_example_at_a_time(src_lens, tgt_lens, max_tokens, shuffle, seed, epoch=1)
-    batches = token_batches(src_lens, tgt_lens, max_tokens, shuffle=shuffle, seed=seed, epoch=1)
+    expected = batches_one_example_at_a_time(src_lens, tgt_lens, max_tokens, shuffle, seed, 1, order)
+    batches = token_batches(src_lens, tgt_lens, max_tokens, shuffle=shuffle, seed=seed, epoch=1, order=order)
     assert len(batches) == len(expected)
     assert list(batches) == expected and batches[1::2] == expected[1::2]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_token_batches_keep_the_shuffled_order_among_equal_widths(order: int) -> None:
+    # Thousands of ties, where an unstable sort would reorder them (small inputs sort stably anyway).
+    src_lens, tgt_lens = [i % 4 for i in range(5000)], [0] * 5000
+    expected = batches_one_example_at_a_time(src_lens, tgt_lens, 40, True, 7, 1, order)
+    assert token_batches(src_lens, tgt_lens, 40, shuffle=True, seed=7, epoch=1, order=order) == expected
+
+
+def test_token_batches_sort_widths_past_16_bits_too() -> None:
+    src_lens = [70_000, 5, 70_000, 65_535, 5]
+    batches = token_batches(src_lens, [0] * 5, 10**6, shuffle=False)
+    assert list(batches) == [[1, 4, 3, 0, 2]]
+    assert token_batches(src_lens, [0] * 5, 70_001, shuffle=False) == [[1, 4], [3], [0], [2]]
 
 
 def test_collate_shapes_special_tokens_and_padding() -> None:

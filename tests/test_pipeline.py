@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from transformer import train as train_module
 from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
+from transformer.data import dataset as dataset_module
+from transformer.data.batching import BATCH_ORDER
 from transformer.data.corpus import read_lines, read_split
 from transformer.data.dataset import Corpus, encode_corpus
 from transformer.data.tokenizer import Tokenizer
@@ -322,7 +325,36 @@ def test_progress_reads_what_older_runs_saved() -> None:
     assert progress.to_dict()["window"] == {"loss": 1.5, "tokens": 9, "pad": 0.0, "batches": 0}
     # A run saved before some fields existed resumes with their defaults; a field it no longer has is ignored.
     old = Progress.from_dict({"step": 7, "epoch": 2, "batch": 3, "retired_field": 1})
-    assert old == Progress(step=7, epoch=2, batch=3) and old.validated_step == -1
+    assert old == Progress(step=7, epoch=2, batch=3, batch_order=1) and old.validated_step == -1
+    # but for the batch order: such a run shuffled with the first one, and a new run with the newest
+    assert Progress().batch_order == BATCH_ORDER == 2
+
+
+def test_a_run_saved_with_the_first_batch_order_ends_its_epoch_with_it(
+    run_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run saved mid-epoch before the second batch order existed resumes onto the batches it would have
+    taken, then draws its next epochs with the newest order."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    envelope = torch.load(run / "last.state.pt", weights_only=True)
+    progress = envelope["state"]["progress"]
+    assert progress["batch"] > 0, "the fixture's run must end mid-epoch"
+    del progress["batch_order"]  # as the runs before it saved their progress
+    torch.save(envelope, run / "last.state.pt")
+    orders: list[tuple[int, int]] = []
+    batches = dataset_module.token_batches
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["shuffle"]:
+            orders.append((kwargs["epoch"], kwargs["order"]))
+        return batches(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "token_batches", spy)
+    train(tiny_recipe(data_dir, max_steps=60), TINY_MODEL, run, resume=True)
+    epoch = progress["epoch"]
+    assert orders[:2] == [(epoch, 1), (epoch + 1, 2)]
+    assert load_state(run / "last.state.pt")["progress"]["batch_order"] == 2
 
 
 def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import overload
 import numpy as np
 from tqdm import tqdm
 
-from transformer.data.batching import token_batches
+from transformer.data.batching import BATCH_ORDER, TokenBatches, token_batches
 from transformer.data.corpus import filter_pairs
 from transformer.data.tokenizer import Tokenizer
 
@@ -108,11 +108,12 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.src)
 
-    def batches(self, max_tokens: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    def batches(
+        self, max_tokens: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, order: int = BATCH_ORDER
+    ) -> TokenBatches:
         """Pair indices in token-budget batches (transformer.data.batching.token_batches)."""
-        return token_batches(
-            self.src.lengths(), self.tgt.lengths(), max_tokens, shuffle=shuffle, seed=seed, epoch=epoch
-        )
+        lengths = self.src.lengths(), self.tgt.lengths()
+        return token_batches(*lengths, max_tokens, shuffle=shuffle, seed=seed, epoch=epoch, order=order)
 
 
 def encode_corpus(
