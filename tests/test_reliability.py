@@ -426,6 +426,58 @@ def test_resume_refuses_changed_data(reference: Path, quick_data: Path, tmp_path
         check_resumable(run, {**saved, "data_sha256": None}, moved)  # a record without digests
 
 
+def test_a_resume_reads_the_training_text_only_when_its_files_changed(
+    reference: Path, quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rundir, "RACY_NS", 0)  # the files are copied just before: trust their times at once
+    run, data = copy_run(reference, tmp_path), tmp_path / "data"
+    shutil.copytree(quick_data, data)
+    reads: list[str] = []
+    iter_split = train_module.iter_split
+
+    def counted(data_dir: Path, split: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(split)
+        return iter_split(data_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "iter_split", counted)
+    train(quick_recipe(data, max_steps=12), MODEL, run, resume=True)
+    assert reads == ["train"]  # the text moved: read for its digest, kept with its files' stamps
+    kept = json.loads((run / rundir.TEXT_DIGEST).read_text())
+    assert kept["sha256"] == read_run_record(run)["data_sha256"]["train"]
+    assert [Path(f["path"]).name for f in kept["files"]] == ["train.de", "train.en"]
+    reads.clear()
+    train(quick_recipe(data, max_steps=14), MODEL, run, resume=True)
+    assert reads == [] and records(run)[-1]["event"] == "results"
+    # Other text of the same size, its modification time put back: the status-change time still tells.
+    path = data / "train.en"
+    before, text = path.stat(), path.read_text()
+    path.write_text(text.replace("a", "e", 1))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(TransformerError, match=r"the train data in .* differs from the data the run started"):
+        train(quick_recipe(data, max_steps=16), MODEL, run, resume=True)
+    assert reads == ["train"]
+
+
+def test_text_stamps_vouch_only_for_files_unchanged_and_settled(tmp_path: Path) -> None:
+    files = [tmp_path / "a.de", tmp_path / "a.en"]
+    for path in files:
+        path.write_text("text\n")
+    taken = rundir.TextStamps.take(files)
+    assert taken.settled(files) is None  # written just before they are read
+    stamps = taken.files
+    later = rundir.TextStamps(stamps, max(s["ctime_ns"] for s in stamps) + rundir.RACY_NS + 1)
+    assert later.settled(files) == stamps
+    rundir.keep_text_digest(tmp_path, "f" * 64, stamps)
+    assert rundir.kept_text_digest(tmp_path, files) == "f" * 64
+    assert rundir.kept_text_digest(tmp_path, files[::-1]) is None
+    files[1].write_text("other text\n")
+    assert later.settled(files) is None
+    assert rundir.kept_text_digest(tmp_path, files) is None
+    (tmp_path / rundir.TEXT_DIGEST).write_text("{not json")
+    assert rundir.kept_text_digest(tmp_path, files) is None
+
+
 def keep_ids(run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str]) -> None:
     """A corpus's ids kept in `run_dir` in one block."""
     with TrainingIdsWriter(run_dir, key) as writer:

@@ -14,6 +14,7 @@ derive from, so that a resume reads them instead of tokenising the corpus again.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import shutil
 import struct
+import time
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
@@ -34,6 +36,7 @@ from transformer.checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_SUFFIX,
     atomic_write,
+    atomic_write_text,
     average_weights,
     check_format_version,
     list_checkpoints,
@@ -83,6 +86,64 @@ class DataDigest:
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
+
+
+TEXT_DIGEST = "train.text.json"  # the training text's digest, with the state of the files it was read from
+
+
+def file_stamps(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """What a file's content cannot change without changing, as git's index takes it: its place, size,
+    and modification and status-change times. The kernel sets the last on every write, whatever a tool
+    then does to the modification time (`touch -d`, `cp -p`)."""
+    stamps = []
+    for path in paths:
+        st = path.stat()
+        place = {"path": str(path.resolve()), "device": st.st_dev, "inode": st.st_ino}
+        stamps.append({**place, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns})
+    return stamps
+
+
+def keep_text_digest(run_dir: Path, digest: str, stamps: list[dict[str, Any]]) -> None:
+    """Keep the training text's digest with the stamps of its files (`TextStamps.settled`), for a resume to
+    take instead of reading the text again (70 s at WMT14 en-fr's 36M pairs)."""
+    atomic_write_text(run_dir / TEXT_DIGEST, json.dumps({"sha256": digest, "files": stamps}, indent=2) + "\n")
+
+
+def kept_text_digest(run_dir: Path, paths: Sequence[Path]) -> str | None:
+    """The training text's kept digest if its files are still as they were when it was taken, else None
+    (also for a run that kept none, or an unreadable record): the text is then read again."""
+    try:
+        kept = json.loads((run_dir / TEXT_DIGEST).read_text())
+        if kept["files"] == file_stamps(paths) and isinstance(kept["sha256"], str):
+            return kept["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+RACY_NS = 1_000_000_000  # a file changed this shortly before it is read may change again unseen
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStamps:
+    """A text's files' stamps (`file_stamps`), taken at `taken_ns` (the epoch's ns) before reading them."""
+
+    files: list[dict[str, Any]]
+    taken_ns: int
+
+    @classmethod
+    def take(cls, paths: Sequence[Path]) -> TextStamps:
+        return cls(file_stamps(paths), time.time_ns())
+
+    def settled(self, paths: Sequence[Path]) -> list[dict[str, Any]] | None:
+        """The stamps, read again once the files are read, if they can vouch for what was read: the files
+        did not change while they were read, nor `RACY_NS` before (a change within one tick of the file
+        system's clock would leave the times as they were: git's "racily clean" files). Else None, and
+        the digest is not kept."""
+        recent = self.taken_ns - RACY_NS
+        if file_stamps(paths) != self.files or any(s["ctime_ns"] >= recent for s in self.files):
+            return None
+        return self.files
 
 
 TRAIN_IDS = "train.ids"  # a safetensors file, named apart from the checkpoints (`*.safetensors`)

@@ -39,7 +39,7 @@ from transformer.config import (
     model_width,
 )
 from transformer.data.batching import BATCH_ORDER, Batch, collate
-from transformer.data.corpus import count_pairs, iter_split, read_split
+from transformer.data.corpus import count_pairs, iter_split, read_split, split_paths
 from transformer.data.dataset import (
     ENCODE_CHUNK,
     Corpus,
@@ -338,7 +338,8 @@ def train(
         tqdm.write(note)
     # Read the data first: a bad corpus stops the run before anything is written. Only rank 0 reads the
     # training text, a block at a time (gigabytes at WMT's size): the others train from the ids it keeps.
-    train_text = distributed.on_main(partial(_scan_training_text, tc, sample=not resume))
+    # A resume reads it only if its files changed: else the digest kept in the run directory is its own.
+    train_text = distributed.on_main(partial(_training_text, tc, run_dir, resume=resume))
     train_digest = distributed.from_main(train_text.digest if train_text is not None else "")
     valid_pairs = _read_pairs(tc, tc.valid_split)
     if resume:
@@ -387,6 +388,8 @@ def train(
         rundir.check_resumable(run_dir, saved_record, run_config)
     record = json.dumps(run_config, indent=2) + "\n"
     distributed.on_main(partial(checkpoint.atomic_write_text, run_dir / "config.json", record))
+    if train_text is not None and train_text.stamps:  # rank 0's: the next resume need not read the text
+        rundir.keep_text_digest(run_dir, train_text.digest, train_text.stamps)
 
     ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
     train_data, train_stats, ids_read = _training_ids(tc, tokenizer, run_dir, ids_key)
@@ -544,6 +547,19 @@ class TrainingText:
     digest: str  # rundir.data_sha256 of its pairs
     pairs: int
     sample: TokenizerSample | None  # the tokenizer's lines, on a new run
+    stamps: list[dict[str, Any]] | None = None  # its files' state, to keep with the digest (rundir)
+
+
+def _training_text(tc: TrainConfig, run_dir: Path, *, resume: bool) -> TrainingText:
+    """What the run needs of its training text. A resume whose text files are as they were takes the
+    digest kept in the run directory (`rundir.kept_text_digest`); else one pass over the text
+    (`_scan_training_text`), with the files' stamps where they can vouch for it, for the next resume."""
+    files = split_paths(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang)
+    if resume and (digest := rundir.kept_text_digest(run_dir, files)) is not None:
+        return TrainingText(digest, 0, None)
+    before = rundir.TextStamps.take(files)
+    text = _scan_training_text(tc, sample=not resume)
+    return dataclasses.replace(text, stamps=before.settled(files))
 
 
 def _scan_training_text(tc: TrainConfig, *, sample: bool) -> TrainingText:

@@ -199,6 +199,11 @@ def count_pairs(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) 
     return lines + (last != b"\n")  # a last line without its newline
 
 
+def split_paths(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> list[Path]:
+    """The files a split is read from: its TSV file, or its source and target files."""
+    return [path for path in _split_files(data_dir, split, src_lang, tgt_lang) if path is not None]
+
+
 def _split_files(data_dir: str | Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, Path | None]:
     """A split's TSV file and None, or its source and target files."""
     for name in (f"{split}.{src_lang}-{tgt_lang}.tsv", f"{split}.{src_lang}-{tgt_lang}.tsv.gz"):
