@@ -22,7 +22,7 @@ BATCH_ORDER = 2
 so that a resume mid-epoch takes the batches it would have taken:
 1. Python's `random.sample` (runs from before 2026-12-05): at WMT14 en-fr's 36M pairs an epoch's batches
    took 58 s and 1.7 GB above the lengths, every epoch, in every process;
-2. numpy's `permutation`, seeded from the same (seed, epoch) stream: 4.3 s and 0.56 GB there."""
+2. numpy's `RandomState.permutation`, seeded from the same (seed, epoch) stream: 4.3 s and 0.56 GB there."""
 
 
 def token_batches(
@@ -77,8 +77,10 @@ def _shuffles(n: int, seed: int, epoch: int, order: int) -> tuple[np.ndarray, Ca
         raise TransformerError(
             f"batch order {order} is unknown to this version (it knows 1 and {BATCH_ORDER})"
         )
-    generator = np.random.default_rng(rng.getrandbits(128))
-    return generator.permutation(n), generator.permutation
+    # numpy's legacy RandomState, whose streams numpy keeps frozen (NEP 19): a Generator's methods may
+    # change between versions, and processes that drew other batches would train on other data.
+    state = np.random.RandomState([rng.getrandbits(32) for _ in range(4)])
+    return state.permutation(n), state.permutation
 
 
 def _narrowed(width: np.ndarray) -> np.ndarray:
