@@ -357,6 +357,53 @@ def test_a_run_saved_with_the_first_batch_order_ends_its_epoch_with_it(
     assert load_state(run / "last.state.pt")["progress"]["batch_order"] == 2
 
 
+def test_init_from_starts_a_new_run_from_the_parents_weights_model_and_tokenizer(
+    run_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    child = tmp_path / "child"
+    # A rate so small that a step leaves the weights where they started: the parent's best ones, not the
+    # seed's random ones. The model settings, the parent's own, are no change.
+    recipe = tiny_recipe(
+        data_dir,
+        init_from=str(run_dir),
+        max_steps=1,
+        lr_factor=1e-9,
+        eval_every=0,
+        average_last=0,
+        test_split="",
+    )
+    train(recipe, TINY_MODEL, child)
+    assert (child / "tokenizer.model").read_bytes() == (run_dir / "tokenizer.model").read_bytes()
+    parent, record = (
+        json.loads((run_dir / "config.json").read_text()),
+        json.loads((child / "config.json").read_text()),
+    )
+    assert record["model"] == parent["model"] and record["train"]["init_from"] == str(run_dir)
+    best = load_weights(run_dir / "best.safetensors")
+    for key, value in load_weights(child / "last.safetensors").items():
+        torch.testing.assert_close(value, best[key], atol=1e-6, rtol=0, msg=key)
+    assert records(child, "init") == [
+        {"event": "init", "checkpoint": str((run_dir / "best.safetensors").resolve())}
+    ]
+    assert not records(child, "tokenizer")  # none trained
+    # A new optimizer and schedule: the steps count from 0 again (the parent took 30).
+    assert load_state(child / "last.state.pt")["progress"]["step"] == 1
+    # A resume goes on from the run's own checkpoint, not from the parent again.
+    train(dataclasses.replace(recipe, max_steps=2), TINY_MODEL, child, resume=True)
+    assert load_state(child / "last.state.pt")["progress"]["step"] == 2 and len(records(child, "init")) == 1
+
+
+def test_init_from_refuses_a_missing_parent_and_another_model(
+    run_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(TransformerError, match=r"init_from=.*nowhere: .*nowhere"):
+        train(tiny_recipe(data_dir, init_from=str(tmp_path / "nowhere")), TINY_MODEL, tmp_path / "a")
+    with pytest.raises(TransformerError, match=r"starts from that run's model: d_ff, n_heads cannot change"):
+        model = {**TINY_MODEL, "n_heads": 4, "d_ff": 128}
+        train(tiny_recipe(data_dir, init_from=str(run_dir)), model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing
+
+
 def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

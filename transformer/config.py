@@ -247,6 +247,9 @@ class TrainConfig:
     seed: int = 1
     threads: int = 0  # torch intra-op threads; 0: torch's default
     log_every: int = 20
+    # a run directory (its best checkpoint) or a checkpoint file to start from, as fairseq's --restore-file
+    # with its optimizer, schedule and data loader reset: fine-tuning takes its tokenizer, model and weights
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "tokenizer_lines", "max_len", "max_tokens", "accumulate", "warmup")

@@ -58,7 +58,7 @@ from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, emulation_warning, maybe_compile
 from transformer.runtime import configure_torch, release_free_memory
 from transformer.search import SearchConfig
-from transformer.translate import translate_ids
+from transformer.translate import check_tokenizer, load_run_config, load_weights_into, translate_ids
 
 MAX_BAD_STEPS = 5  # consecutive steps with a non-finite loss or gradient before a run is stopped
 
@@ -215,6 +215,42 @@ def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int
     return RNNConfig(**{"kind": tc.model, **values})
 
 
+@dataclasses.dataclass(frozen=True)
+class Parent:
+    """The run a new run starts from (`TrainConfig.init_from`): the checkpoint its weights start as, and
+    what must stay the parent's for them to mean anything, its model and its tokenizer."""
+
+    weights_file: Path
+    model_config: ModelConfig
+    train_config: TrainConfig
+    tokenizer_bytes: bytes
+
+    @classmethod
+    def read(cls, init_from: str) -> Parent:
+        try:
+            weights_file = checkpoint.checkpoint_path(Path(init_from), "best")
+            run_dir = weights_file.parent
+            model_config, train_config = load_run_config(run_dir)
+            tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+            check_tokenizer(run_dir, tokenizer)
+        except TransformerError as error:
+            raise TransformerError(f"init_from={init_from}: {error}") from None
+        return cls(weights_file, model_config, train_config, tokenizer.model_bytes)
+
+    def adopted_by(self, tc: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+        """`tc` with the parent's model family, preset and vocabulary, which the new run's record must
+        name for the run to be rebuilt and resumed; model overrides that would change the model refused."""
+        saved = config_to_dict(self.model_config)
+        changed = sorted(key for key, value in overrides.items() if key not in saved or saved[key] != value)
+        if changed:
+            raise TransformerError(
+                f"init_from={tc.init_from} starts from that run's model: {', '.join(changed)} cannot change "
+                f"(drop the model settings, or train a new model without init_from)"
+            )
+        parent = self.train_config
+        return dataclasses.replace(tc, model=parent.model, preset=parent.preset, vocab_size=parent.vocab_size)
+
+
 def _rng_state() -> dict[str, Any]:
     cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}  # dropout on the GPU
     return {"torch": torch.get_rng_state(), "python": random.getstate(), **cuda}
@@ -336,10 +372,17 @@ def train(
     mixed = MixedPrecision(tc.precision, device.type)  # refuses fp16 on CPU before anything is written
     if note := emulation_warning(tc.precision, device.type):
         tqdm.write(note)
+    parent = None  # a resumed run goes on from its own checkpoints
+    if tc.init_from and not resume:  # rank 0 reads it: the others may not see its disk (as the text's)
+        parent = distributed.from_main(distributed.on_main(partial(Parent.read, tc.init_from)))
+        tc = parent.adopted_by(tc, model_overrides)
     # Read the data first: a bad corpus stops the run before anything is written. Only rank 0 reads the
     # training text, a block at a time (gigabytes at WMT's size): the others train from the ids it keeps.
     # A resume reads it only if its files changed: else the digest kept in the run directory is its own.
-    train_text = distributed.on_main(partial(_training_text, tc, run_dir, resume=resume))
+    new_tokenizer = not resume and parent is None
+    train_text = distributed.on_main(
+        partial(_training_text, tc, run_dir, resume=resume, sample=new_tokenizer)
+    )
     train_digest = distributed.from_main(train_text.digest if train_text is not None else "")
     valid_pairs = _read_pairs(tc, tc.valid_split)
     if resume:
@@ -361,16 +404,22 @@ def train(
             )
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
-        lines = train_text.sample.take_lines() if train_text and train_text.sample else []
-        n_pairs = train_text.pairs if train_text else 0
-        release_free_memory()  # what the sample's first strings held, for SentencePiece's peak
-        trained = distributed.on_main(partial(train_tokenizer, lines, n_pairs, tc, run_dir, log))
-        del lines
-        release_free_memory()  # what SentencePiece freed: 36M pairs tokenised with 1.15 GB held, not 2.30 GB
-        model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
+        if parent is not None:  # its tokenizer, which the parent's weights read
+            model_bytes = parent.tokenizer_bytes
+            distributed.on_main(partial(_write_bytes, run_dir / "tokenizer.model", model_bytes))
+        else:
+            lines = train_text.sample.take_lines() if train_text and train_text.sample else []
+            n_pairs = train_text.pairs if train_text else 0
+            release_free_memory()  # what the sample's first strings held, for SentencePiece's peak
+            trained = distributed.on_main(partial(train_tokenizer, lines, n_pairs, tc, run_dir, log))
+            del lines
+            release_free_memory()  # what SentencePiece freed: 36M pairs tokenised with 1.15 GB, not 2.30 GB
+            model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
         tokenizer = Tokenizer(model_bytes, run_dir / "tokenizer.model")
 
-    model_config = model_config_for(tc, model_overrides, tokenizer.vocab_size)
+    model_config = (
+        parent.model_config if parent else model_config_for(tc, model_overrides, tokenizer.vocab_size)
+    )
     longest = model_config.max_len - 1  # tokens a sentence may have beside its BOS or EOS
     if tc.max_len > longest:
         raise TransformerError(
@@ -417,6 +466,11 @@ def train(
         model, model_width(model_config), tc.warmup, tc.lr_factor, tc.weight_decay
     )
     progress = Progress()
+    if parent is not None:
+        distributed.on_main(partial(load_weights_into, model, parent.weights_file))
+        distributed.sync_from_main(model)
+        log.write(event="init", checkpoint=str(parent.weights_file.resolve()))
+        tqdm.write(f"starting from the weights of {parent.weights_file}, with a new optimizer and schedule")
     if resume:
         progress = _restore(resume_from, model, optimizer, scheduler, tc, saved_record["train"], log)
         started -= progress.seconds  # the clock continues where the saved run stopped
@@ -550,15 +604,16 @@ class TrainingText:
     stamps: list[dict[str, Any]] | None = None  # its files' state, to keep with the digest (rundir)
 
 
-def _training_text(tc: TrainConfig, run_dir: Path, *, resume: bool) -> TrainingText:
-    """What the run needs of its training text. A resume whose text files are as they were takes the
-    digest kept in the run directory (`rundir.kept_text_digest`); else one pass over the text
-    (`_scan_training_text`), with the files' stamps where they can vouch for it, for the next resume."""
+def _training_text(tc: TrainConfig, run_dir: Path, *, resume: bool, sample: bool) -> TrainingText:
+    """What the run needs of its training text (with `sample`, the lines to train a tokenizer on). A
+    resume whose text files are as they were takes the digest kept in the run directory
+    (`rundir.kept_text_digest`); else one pass over the text (`_scan_training_text`), with the files'
+    stamps where they can vouch for it, for the next resume."""
     files = split_paths(tc.data_dir, tc.train_split, tc.src_lang, tc.tgt_lang)
     if resume and (digest := rundir.kept_text_digest(run_dir, files)) is not None:
         return TrainingText(digest, 0, None)
     before = rundir.TextStamps.take(files)
-    text = _scan_training_text(tc, sample=not resume)
+    text = _scan_training_text(tc, sample=sample)
     return dataclasses.replace(text, stamps=before.settled(files))
 
 
@@ -577,6 +632,10 @@ def _scan_training_text(tc: TrainConfig, *, sample: bool) -> TrainingText:
     if not with_text:
         raise _empty_split(tc, tc.train_split)
     return TrainingText(digest.hexdigest(), pairs, chosen)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _read_pairs(tc: TrainConfig, split: str) -> list[tuple[str, str]]:

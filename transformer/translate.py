@@ -123,14 +123,7 @@ class Translator:
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
         check_tokenizer(run_dir, tokenizer)
         model = build_model(model_config)
-        weights = load_weights(weights_file)
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()
-            raise TransformerError(
-                f"{weights_file} does not fit the model in {run_dir / 'config.json'}: {first[-1].strip()}"
-            ) from None
+        load_weights_into(model, weights_file)
         dtype = weight_dtype(precision, torch.device(device).type)
         return cls(ready_for_decoding(model, device, dtype), tokenizer, train_config)
 
@@ -295,6 +288,17 @@ def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
         config_from_dict(model_class, saved["model"], source=str(path)),
         config_from_dict(TrainConfig, train, source=str(path)),
     )
+
+
+def load_weights_into(model: nn.Module, weights_file: Path) -> None:
+    """Load a checkpoint's weights into `model`, built from the config.json beside it: all of them, of
+    the model's shapes, or one line saying which do not fit."""
+    try:
+        model.load_state_dict(load_weights(weights_file), strict=True)
+    except RuntimeError as error:
+        why = str(error).strip().splitlines()[-1].strip()
+        config = weights_file.parent / "config.json"
+        raise TransformerError(f"{weights_file} does not fit the model in {config}: {why}") from None
 
 
 def check_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
