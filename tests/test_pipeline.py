@@ -32,7 +32,7 @@ from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.rundir import data_sha256, run_record
-from transformer.train import MetricsLog, Progress, Window, build_tokenizer, parse_overrides, train
+from transformer.train import MetricsLog, Parent, Progress, Window, build_tokenizer, parse_overrides, train
 from transformer.translate import Translator
 
 
@@ -402,6 +402,18 @@ def test_init_from_refuses_a_missing_parent_and_another_model(
         model = {**TINY_MODEL, "n_heads": 4, "d_ff": 128}
         train(tiny_recipe(data_dir, init_from=str(run_dir)), model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing
+
+
+def test_init_from_takes_the_parents_model_family_and_warns_of_another_direction(
+    run_dir: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parent = Parent.read(str(run_dir))
+    tc = tiny_recipe(data_dir, init_from=str(run_dir), model="rnn", preset="base", vocab_size=9000)
+    adopted = parent.adopted_by(tc, {"d_model": 32})  # the parent's own width: no change
+    assert (adopted.model, adopted.preset, adopted.vocab_size) == ("transformer", "small", 400)
+    assert "warning" not in capsys.readouterr().out
+    parent.adopted_by(dataclasses.replace(tc, src_lang="en", tgt_lang="de"), {})
+    assert f"init_from={run_dir} translates de→en, this run en→de" in capsys.readouterr().out
 
 
 def test_resume_refuses_a_changed_model(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:

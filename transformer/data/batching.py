@@ -22,7 +22,8 @@ BATCH_ORDER = 2
 so that a resume mid-epoch takes the batches it would have taken:
 1. Python's `random.sample` (runs from before 2026-12-05): at WMT14 en-fr's 36M pairs an epoch's batches
    took 58 s and 1.7 GB above the lengths, every epoch, in every process;
-2. numpy's `RandomState.permutation`, seeded from the same (seed, epoch) stream: 4.3 s and 0.56 GB there."""
+2. numpy's `RandomState.permutation`, seeded from the same (seed, epoch) stream: 4.2-5.5 s and
+   0.56 GB there."""
 
 
 def token_batches(
