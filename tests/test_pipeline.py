@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, tiny_recipe
 
+from transformer import prepare
 from transformer import train as train_module
 from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
@@ -31,8 +32,9 @@ from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
-from transformer.rundir import data_sha256, run_record
-from transformer.train import MetricsLog, Parent, Progress, Window, build_tokenizer, parse_overrides, train
+from transformer.prepare import Parent, build_tokenizer
+from transformer.rundir import MetricsLog, data_sha256, run_record
+from transformer.train import Progress, Window, parse_overrides, train
 from transformer.translate import Translator
 
 
@@ -456,11 +458,11 @@ def test_a_corpus_over_tokenizer_lines_trains_the_vocabulary_on_a_seeded_sample(
     """SentencePiece keeps every line it trains on in memory: a large corpus gives it a sample, both
     sides of `tokenizer_lines // 2` pairs, the same for the same seed."""
     pairs = list(zip(read_lines(data_dir / "train.de"), read_lines(data_dir / "train.en"), strict=True))
-    assert train_module.tokenizer_sample(pairs, 400, seed=1) == [t for pair in pairs for t in pair]
-    sample = train_module.tokenizer_sample(pairs, 101, seed=1)
+    assert prepare.tokenizer_sample(pairs, 400, seed=1) == [t for pair in pairs for t in pair]
+    sample = prepare.tokenizer_sample(pairs, 101, seed=1)
     assert len(sample) == 100 and set(sample) < {t for pair in pairs for t in pair}
-    assert sample == train_module.tokenizer_sample(pairs, 101, seed=1)
-    assert sample != train_module.tokenizer_sample(pairs, 101, seed=2)
+    assert sample == prepare.tokenizer_sample(pairs, 101, seed=1)
+    assert sample != prepare.tokenizer_sample(pairs, 101, seed=2)
     chosen = list(zip(sample[::2], sample[1::2], strict=True))
     assert chosen == [pair for pair in pairs if pair in chosen]  # whole pairs, in the corpus's order
 
@@ -480,14 +482,14 @@ def test_the_training_text_read_in_blocks_gives_the_digest_and_sample_of_the_who
     """`train` reads its training split once, a block at a time, for its digest, its size and the
     tokenizer's sample (kept a block at a time): the same as the whole split gives at once."""
     pairs = read_split(data_dir, "train", "de", "en")
-    monkeypatch.setattr(train_module, "ENCODE_CHUNK", 7)
+    monkeypatch.setattr(prepare, "ENCODE_CHUNK", 7)
     for lines in (101, 400):
         tc = tiny_recipe(data_dir, tokenizer_lines=lines)
-        text = train_module._scan_training_text(tc, sample=True)
+        text = prepare.scan_training_text(tc, sample=True)
         assert (text.digest, text.pairs) == (data_sha256(pairs), len(pairs))
-        assert text.sample.take_lines() == train_module.tokenizer_sample(pairs, lines, tc.seed)
+        assert text.sample.take_lines() == prepare.tokenizer_sample(pairs, lines, tc.seed)
         assert text.sample.take_lines() == []  # taken
-    assert train_module._scan_training_text(tc, sample=False).sample is None
+    assert prepare.scan_training_text(tc, sample=False).sample is None
 
 
 def test_a_runs_tokenizer_is_the_one_its_text_gives(run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -505,14 +507,14 @@ def test_the_round_trip_check_takes_at_most_round_trip_lines_spread_over_the_sam
     as well, from every part of the corpus, and the log says how many were checked."""
     pairs = list(zip(read_lines(data_dir / "train.de"), read_lines(data_dir / "train.en"), strict=True))
     checked: list[Sequence[str]] = []
-    check = train_module.round_trip_mismatches
+    check = prepare.round_trip_mismatches
 
     def spy(tokenizer: Tokenizer, texts: Sequence[str]) -> list[int]:
         checked.append(texts)
         return check(tokenizer, texts)
 
-    monkeypatch.setattr(train_module, "round_trip_mismatches", spy)
-    monkeypatch.setattr(train_module, "ROUND_TRIP_LINES", 30)
+    monkeypatch.setattr(prepare, "round_trip_mismatches", spy)
+    monkeypatch.setattr(prepare, "ROUND_TRIP_LINES", 30)
     log = MetricsLog(tmp_path / "m.jsonl")
     build_tokenizer(pairs, tiny_recipe(data_dir), tmp_path, log)
     texts = [t for pair in pairs for t in pair]
@@ -740,9 +742,7 @@ def test_blank_lines_are_dropped_as_empty_pairs(data_dir: Path, tmp_path: Path) 
     """A blank or whitespace-only side has no tokens, so its pair is dropped and counted as empty (the
     tokenizer used to give it SentencePiece's lone word-boundary piece, and it was trained on)."""
     pairs = list(zip(read_lines(data_dir / "val.de"), read_lines(data_dir / "val.en"), strict=True))
-    tokenizer = train_module.build_tokenizer(
-        pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m")
-    )
+    tokenizer = prepare.build_tokenizer(pairs, tiny_recipe(data_dir), tmp_path, MetricsLog(tmp_path / "m"))
     corpus, stats = encode_corpus([("", "Two dogs."), ("Zwei Hunde.", "  "), pairs[0]], tokenizer, 64)
     assert stats == {"pairs": 3, "kept": 1, "empty": 2, "too_long": 0} and len(corpus) == 1
 

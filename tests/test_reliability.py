@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from transformer import checkpoint, distributed, rundir
+from transformer import checkpoint, distributed, prepare, rundir
 from transformer import train as train_module
 from transformer import translate as translate_module
 from transformer.checkpoint import load_checkpoint, load_state, load_weights, save_weights
@@ -386,7 +386,7 @@ def test_an_unwritable_metrics_log_is_one_clear_line(
     def full_disk(self: Any, **record: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(train_module.MetricsLog, "write", full_disk)
+    monkeypatch.setattr(rundir.MetricsLog, "write", full_disk)
     assert main(train_argv(quick_recipe(quick_data), tmp_path / "run")) == 1
     assert "No space left on device" in one_error_line(capsys, progress=True)
 
@@ -433,13 +433,13 @@ def test_a_resume_reads_the_training_text_only_when_its_files_changed(
     run, data = copy_run(reference, tmp_path), tmp_path / "data"
     shutil.copytree(quick_data, data)
     reads: list[str] = []
-    iter_split = train_module.iter_split
+    iter_split = prepare.iter_split
 
     def counted(data_dir: Path, split: str, *args: Any, **kwargs: Any) -> Any:
         reads.append(split)
         return iter_split(data_dir, split, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "iter_split", counted)
+    monkeypatch.setattr(prepare, "iter_split", counted)
     train(quick_recipe(data, max_steps=12), MODEL, run, resume=True)
     assert reads == ["train"]  # the text moved: read for its digest, kept with its files' stamps
     kept = json.loads((run / rundir.TEXT_DIGEST).read_text())
@@ -589,14 +589,14 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
     kept, kept_counts = load_training_ids(reference, key)
     new_run = tmp_path / "new-run"  # rank 0 on a new run
     new_run.mkdir()
-    corpus, counts, was_read = train_module._training_ids(tc, tokenizer, new_run, key)
+    corpus, counts, was_read = prepare.training_ids(tc, tokenizer, new_run, key)
     assert not was_read and counts == kept_counts and kept_ids(new_run) == kept_ids(reference)
     assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
 
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     for run_dir, read in ((tmp_path / "elsewhere", False), (reference, True)):
         run_dir.mkdir(exist_ok=True)
-        corpus, counts, was_read = train_module._training_ids(tc, tokenizer, run_dir, key)
+        corpus, counts, was_read = prepare.training_ids(tc, tokenizer, run_dir, key)
         assert was_read == read and counts == kept_counts
         assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
     assert list((tmp_path / "elsewhere").iterdir()) == []
@@ -609,7 +609,7 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
     for is_rank_0 in (False, True):
         monkeypatch.setattr(distributed, "is_main", lambda is_rank_0=is_rank_0: is_rank_0)
         with pytest.raises(TransformerError, match=r"split in .* is not the text rank 0 read at the start"):
-            train_module._training_ids(quick_recipe(other), tokenizer, tmp_path / "elsewhere", key)
+            prepare.training_ids(quick_recipe(other), tokenizer, tmp_path / "elsewhere", key)
     assert list((tmp_path / "elsewhere").iterdir()) == [], "rank 0's parts of train.ids are removed"
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from transformer import distributed
 from transformer.checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_SUFFIX,
@@ -64,6 +65,19 @@ MAY_CHANGE = frozenset(
         "clip_norm",
     }
 )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if not distributed.is_main():  # rank 0 logs for all processes
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def data_sha256(pairs: Sequence[tuple[str, str]]) -> str:
