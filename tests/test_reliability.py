@@ -426,6 +426,25 @@ def test_resume_refuses_changed_data(reference: Path, quick_data: Path, tmp_path
         check_resumable(run, {**saved, "data_sha256": None}, moved)  # a record without digests
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_as_that_settings_default(
+    reference: Path, quick_data: Path, tmp_path: Path
+) -> None:
+    run = copy_run(reference, tmp_path)
+    record = json.loads((run / "config.json").read_text())
+    del record["train"]["init_from"]  # as runs started before init_from existed recorded theirs
+    (run / "config.json").write_text(json.dumps(record))
+    saved = read_run_record(run)
+    train(quick_recipe(quick_data, max_steps=12), MODEL, run, resume=True)
+    current = read_run_record(run)
+    assert current["train"]["init_from"] == "" and records(run)[-1]["event"] == "results"
+    check_resumable(run, saved, current)
+    # Another value than the default is still a change the record refuses.
+    with pytest.raises(
+        TransformerError, match=r"the train config differs \(init_from: None -> 'elsewhere'\)"
+    ):
+        check_resumable(run, saved, {**current, "train": {**current["train"], "init_from": "elsewhere"}})
+
+
 def test_a_resume_reads_the_training_text_only_when_its_files_changed(
     reference: Path, quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,6 +45,7 @@ from transformer.checkpoint import (
     save_weights,
     step_of,
 )
+from transformer.config import TrainConfig, model_config_class
 from transformer.data.dataset import Corpus, TokenSequences
 from transformer.errors import TransformerError
 
@@ -336,14 +337,24 @@ def _short(digest: object) -> str:
     return f"{digest}"[:12]
 
 
-def _settings_differ(saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str]) -> list[str]:
+def _settings_differ(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    may_change: frozenset[str],
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
     """The settings of `current` that differ from `saved`, as `key: old -> new`, in `current`'s order; keys
-    in `may_change` are not compared."""
+    in `may_change` are not compared. A setting `saved` lacks (a run started before it existed) ran as its
+    default does: a new setting's default keeps the behaviour from before it."""
     return [
         f"{key}: {saved.get(key)!r} -> {value!r}"
         for key, value in current.items()
-        if key not in may_change and saved.get(key) != value
+        if key not in may_change and saved.get(key, (defaults or {}).get(key)) != value
     ]
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def run_difference(
@@ -369,8 +380,10 @@ def run_difference(
                 f"with (sha256 {_short(digest)}… -> {_short(now)}…); train a new run for new data"
             )
     may_change = may_change | ({"data_dir"} if saved.get("data_sha256") else set())
+    family = model_config_class(current["train"].get("model", "transformer"))
+    defaults = {"model": _field_defaults(family), "train": _field_defaults(TrainConfig)}
     for section in ("model", "train"):
-        differ = _settings_differ(saved[section], current[section], may_change)
+        differ = _settings_differ(saved[section], current[section], may_change, defaults[section])
         if differ:
             return f"the {section} config differs ({'; '.join(differ)})"
     return None
