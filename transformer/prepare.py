@@ -147,10 +147,7 @@ class Parent:
                 f"(drop the model settings, or train a new model without init_from)"
             )
         parent = self.train_config
-        if (parent.src_lang, parent.tgt_lang) != (
-            tc.src_lang,
-            tc.tgt_lang,
-        ):  # a choice, but seldom the intent
+        if (parent.src_lang, parent.tgt_lang) != (tc.src_lang, tc.tgt_lang):  # allowed, seldom meant
             tqdm.write(
                 f"warning: init_from={tc.init_from} translates {parent.src_lang}→{parent.tgt_lang}, this run "
                 f"{tc.src_lang}→{tc.tgt_lang}, with that run's tokenizer"
