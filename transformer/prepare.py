@@ -266,6 +266,12 @@ def training_text(tc: TrainConfig, run_dir: Path, *, resume: bool, sample: bool)
     return dataclasses.replace(text, stamps=before.settled(files))
 
 
+def keep_text_digest(run_dir: Path, text: TrainingText) -> None:
+    """Keep the text's digest in the run directory where its files' stamps can vouch for it."""
+    if text.stamps:
+        rundir.keep_text_digest(run_dir, text.digest, text.stamps)
+
+
 def scan_training_text(tc: TrainConfig, *, sample: bool) -> TrainingText:
     """One pass over the training split, a block at a time: it is never in memory whole (a whole 4.5M-pair
     split is 2.3 GB of strings; WMT14 en-fr's 36M pairs would be ~18 GB)."""

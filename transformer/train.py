@@ -50,6 +50,7 @@ from transformer.optim import build_optimizer
 from transformer.precision import MixedPrecision, emulation_warning, maybe_compile
 from transformer.prepare import (
     Parent,
+    keep_text_digest,
     read_pairs,
     shows_bars,
     train_tokenizer,
@@ -303,8 +304,7 @@ def train(
         rundir.check_resumable(run_dir, saved_record, run_config)
     record = json.dumps(run_config, indent=2) + "\n"
     distributed.on_main(partial(checkpoint.atomic_write_text, run_dir / "config.json", record))
-    if train_text is not None and train_text.stamps:  # rank 0's: the next resume need not read the text
-        rundir.keep_text_digest(run_dir, train_text.digest, train_text.stamps)
+    distributed.on_main(partial(keep_text_digest, run_dir, train_text))  # the next resume need not read it
 
     ids_key = {"text": data_digests["train"], "tokenizer": tokenizer_digest, "max_len": str(tc.max_len)}
     train_data, train_stats, ids_read = training_ids(tc, tokenizer, run_dir, ids_key)
