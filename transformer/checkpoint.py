@@ -108,6 +108,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
 def check_format_version(found: object, where: Path) -> None:
     """Refuse a run directory or state file written in another layout than this version reads."""
     if found != FORMAT_VERSION:

@@ -20,14 +20,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from transformer import checkpoint, distributed, rundir
+from transformer import distributed, rundir
 from transformer.config import ModelConfig, TrainConfig, config_to_dict
 from transformer.data.corpus import count_pairs, iter_split, read_split, split_paths
 from transformer.data.dataset import ENCODE_CHUNK, Corpus, TokenSequences, encode_stream, new_counts
 from transformer.data.tokenizer import Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.rundir import MetricsLog
-from transformer.translate import check_tokenizer, load_run_config
+from transformer.translate import read_checkpoint
 
 # Training lines whose round trip through the new tokenizer is checked, at most: a fraction that a loss
 # shows up in as clearly as in all 2M lines of a full sample, in 3.4 s instead of 35.3 s (Zen 4, two cores).
@@ -127,11 +127,7 @@ class Parent:
     @classmethod
     def read(cls, init_from: str) -> Parent:
         try:
-            weights_file = checkpoint.checkpoint_path(Path(init_from), "best")
-            run_dir = weights_file.parent
-            model_config, train_config = load_run_config(run_dir)
-            tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-            check_tokenizer(run_dir, tokenizer)
+            weights_file, model_config, train_config, tokenizer = read_checkpoint(init_from)
         except TransformerError as error:
             raise TransformerError(f"init_from={init_from}: {error}") from None
         return cls(weights_file, model_config, train_config, tokenizer.model_bytes)
@@ -287,10 +283,6 @@ def scan_training_text(tc: TrainConfig, *, sample: bool) -> TrainingText:
     if not with_text:
         raise _empty_split(tc, tc.train_split)
     return TrainingText(digest.hexdigest(), pairs, chosen)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def read_pairs(tc: TrainConfig, split: str) -> list[tuple[str, str]]:

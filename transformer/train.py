@@ -56,7 +56,6 @@ from transformer.prepare import (
     train_tokenizer,
     training_ids,
     training_text,
-    write_bytes,
 )
 from transformer.rundir import MetricsLog
 from transformer.runtime import configure_torch, release_free_memory
@@ -273,7 +272,9 @@ def train(
         torch.manual_seed(tc.seed)
         if parent is not None:  # its tokenizer, which the parent's weights read
             model_bytes = parent.tokenizer_bytes
-            distributed.on_main(partial(write_bytes, run_dir / "tokenizer.model", model_bytes))
+            distributed.on_main(
+                partial(checkpoint.atomic_write_bytes, run_dir / "tokenizer.model", model_bytes)
+            )
         else:
             lines = train_text.sample.take_lines() if train_text and train_text.sample else []
             n_pairs = train_text.pairs if train_text else 0

@@ -116,12 +116,7 @@ class Translator:
         AVX-512 BF16 or AMX and recent GPUs, decoding's small matmuls run several times faster; the
         scores are ranked in fp32, see `transformer.search`), fp16 (CUDA only), or auto (bf16 where the
         hardware multiplies it natively, else fp32)."""
-        path = Path(path)
-        weights_file = checkpoint_path(path, name)
-        run_dir = weights_file.parent
-        model_config, train_config = load_run_config(run_dir)
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
-        check_tokenizer(run_dir, tokenizer)
+        weights_file, model_config, train_config, tokenizer = read_checkpoint(path, name)
         model = build_model(model_config)
         load_weights_into(model, weights_file)
         dtype = weight_dtype(precision, torch.device(device).type)
@@ -288,6 +283,17 @@ def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:
         config_from_dict(model_class, saved["model"], source=str(path)),
         config_from_dict(TrainConfig, train, source=str(path)),
     )
+
+
+def read_checkpoint(path: str | Path, name: str = "best") -> tuple[Path, ModelConfig, TrainConfig, Tokenizer]:
+    """A run directory's `name` checkpoint, or the .safetensors file `path`, with what its weights need
+    from the run directory they lie in: its configs and its tokenizer, checked against its record."""
+    weights_file = checkpoint_path(Path(path), name)
+    run_dir = weights_file.parent
+    model_config, train_config = load_run_config(run_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    check_tokenizer(run_dir, tokenizer)
+    return weights_file, model_config, train_config, tokenizer
 
 
 def load_weights_into(model: nn.Module, weights_file: Path) -> None:
