@@ -12,6 +12,7 @@ see transformer/distributed.py.)
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -260,6 +262,72 @@ def test_shutdown_leaves_the_process_group_and_is_a_no_op_outside_one(tmp_path: 
     distributed.shutdown()
     assert not distributed.active()
     distributed.shutdown()
+
+
+@pytest.fixture
+def group_of_one(tmp_path: Path):
+    """A gloo process group of one process, in which the collectives run for real."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        distributed.shutdown()
+
+
+def test_long_work_runs_on_a_thread_while_the_processes_meet_once_a_heartbeat(group_of_one, monkeypatch):
+    beats = []
+    monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
+    monkeypatch.setattr(distributed, "from_main", lambda value: beats.append(value) or value)
+
+    def work() -> str:
+        time.sleep(0.5)
+        return threading.current_thread().name
+
+    assert distributed.on_main(work, long=True) == "on_main"
+    assert beats[-2:] == [True, None] and len(beats) >= 6 and not any(beats[:-2]), beats
+    beats.clear()
+    assert distributed.on_main(work) == "MainThread" and beats == [None]  # short work: no thread, no beats
+
+
+def test_what_long_work_raises_is_raised_as_from_short_work(group_of_one) -> None:
+    with pytest.raises(TransformerError, match=r"^no such split$"):
+        distributed.on_main(partial(failing, TransformerError("no such split")), long=True)
+    with pytest.raises(OSError, match=r"^disk full$"):
+        distributed.on_main(partial(failing, OSError("disk full")), long=True)
+    with pytest.raises(ValueError, match=r"^a bug$") as raised:
+        distributed.on_main(partial(failing, ValueError("a bug")), long=True)
+    assert raised.traceback[-1].name == "failing"  # the traceback reaches into the work
+
+
+# Two ranks whose group times out after 2 s, waiting for 4 s of rank 0's work: `long` (argv[1]) or not.
+TIMEOUT_SCRIPT = """
+import datetime, sys, time
+from transformer import distributed
+distributed.TIMEOUT = datetime.timedelta(seconds=2)
+distributed.HEARTBEAT = datetime.timedelta(seconds=0.2)
+distributed.init()
+done = distributed.on_main(lambda: time.sleep(4) or "done", long=sys.argv[1] == "long")
+assert done == ("done" if distributed.is_main() else None), done
+assert distributed.from_main("after") == "after"
+distributed.shutdown()
+"""
+
+
+def test_long_work_of_rank_0_outlasts_the_groups_timeout(tmp_path: Path) -> None:
+    """Tokenising a corpus of 80M pairs or more on two cores takes longer than the 30 minutes one
+    collective may wait (TIMEOUT): here 4 s of work against a 2 s timeout. Waited for in one collective,
+    the other rank times out (the control, which shows the timeout is real)."""
+    script = tmp_path / "timeout.py"
+    script.write_text(TIMEOUT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command.append(str(script))
+    kwargs = {"env": torchrun_env(), "capture_output": True, "text": True, "timeout": 120}
+    beating = subprocess.run([*command, "long"], **kwargs)
+    assert beating.returncode == 0, beating.stderr[-3000:]
+    waiting = subprocess.run([*command, "short"], **kwargs)
+    assert waiting.returncode != 0 and "Timed out" in waiting.stderr, waiting.stderr[-3000:]
 
 
 # Each rank of a two-process group: a DDP step as in training, `shutdown`, then the names of the threads left.

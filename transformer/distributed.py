@@ -36,6 +36,7 @@ import datetime
 import hashlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
@@ -56,9 +57,12 @@ if dist.is_available():  # a torch built without it has no process groups to hol
 
 T = TypeVar("T")
 
-# Long enough for rank 0 to write a large checkpoint while the others wait in a collective; a process
-# that is really gone is noticed by torchrun, which stops the whole group.
+# How long one collective may wait: long enough for rank 0 to write a large checkpoint while the others
+# wait; a process that is really gone is noticed by torchrun, which stops the whole group. Work of rank 0
+# that grows with the corpus (reading and tokenising it) has no bound, so the processes meet once a
+# HEARTBEAT while it runs (`on_main(..., long=True)`) and no single wait comes near the timeout.
 TIMEOUT = datetime.timedelta(minutes=30)
+HEARTBEAT = datetime.timedelta(minutes=1)
 
 
 def launched_by_torchrun() -> bool:
@@ -204,17 +208,25 @@ def from_main(value: T) -> T:
     return box[0]
 
 
-def on_main(work: Callable[[], T]) -> T | None:
+def on_main(work: Callable[[], T], *, long: bool = False) -> T | None:
     """`work()` run by rank 0 alone (reading the corpus, writing a checkpoint): its result there, None in
     the others, which wait for it. A TransformerError or OSError (a full disk) it raises is raised in
     every process, so that all stop with rank 0's one-line error rather than the others with a traceback
-    of the connection rank 0 closed when it left."""
+    of the connection rank 0 closed when it left.
+
+    `long` is for work whose time grows with the corpus, without bound: tokenising WMT14 en-fr's 36M
+    pairs takes ~13 minutes on two cores, so ~80M would outlast the group's 30-minute TIMEOUT in one
+    collective and stop the run. With it, rank 0 runs the work on a thread and every process meets once a
+    HEARTBEAT until it is done."""
     result, failure = None, None
     if is_main():
         try:
-            result = work()
+            result = _beating(work) if long and active() else work()
         except (TransformerError, OSError) as error:
             failure = error
+    elif long and active():
+        while not from_main(None):  # rank 0's beats: False while the work runs, True once it is over
+            pass
     shared = from_main((isinstance(failure, OSError), str(failure)) if failure else None)
     if failure:
         raise failure
@@ -222,6 +234,30 @@ def on_main(work: Callable[[], T]) -> T | None:
         is_os_error, message = shared
         raise OSError(message) if is_os_error else TransformerError(message)
     return result
+
+
+def _beating(work: Callable[[], T]) -> T:
+    """`work()` on a thread of rank 0, while its main thread tells the others once a HEARTBEAT whether it
+    is over; what the work raises is raised here, with its traceback. The thread is a daemon: a
+    KeyboardInterrupt stops the process without waiting for it (a killed writer's temp files are
+    removed by the next resume, as after any kill)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # handed to the main thread, raised there
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="on_main", daemon=True)
+    thread.start()
+    done = False
+    while not done:
+        thread.join(HEARTBEAT.total_seconds())
+        done = from_main(not thread.is_alive())
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def all_gather(value: T) -> list[T]:

@@ -15,6 +15,7 @@ import random
 import sys
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +164,21 @@ def training_ids(
     reads the text and tokenises it as it reads. Every process that can see the file trains from it,
     mapped into memory: one copy for all of them.
     """
-    if distributed.is_main():
-        loaded = _read_training_ids(run_dir, key)
-        if loaded is None:
-            encoded = _tokenise_into(run_dir, tc, tokenizer, key)
-    distributed.barrier()  # rank 0's ids are kept now, for the others to read (a no-op alone)
-    if not distributed.is_main():
-        loaded = _read_training_ids(run_dir, key)
-        if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
-            encoded = _tokenise_training_text(tc, tokenizer, key)
-    return (*loaded, True) if loaded is not None else (*encoded, False)
+    first = distributed.on_main(partial(_kept_or_tokenised_into, run_dir, tc, tokenizer, key), long=True)
+    if first is not None:  # rank 0, or the only process
+        return first
+    loaded = _read_training_ids(run_dir, key)  # rank 0's, kept now
+    if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
+        return (*_tokenise_training_text(tc, tokenizer, key), False)
+    return (*loaded, True)
+
+
+def _kept_or_tokenised_into(
+    run_dir: Path, tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
+) -> tuple[Corpus, dict[str, int], bool]:
+    """`training_ids` on rank 0: the ids kept in the run directory, else tokenised into it."""
+    loaded = _read_training_ids(run_dir, key)
+    return (*loaded, True) if loaded is not None else (*_tokenise_into(run_dir, tc, tokenizer, key), False)
 
 
 def _tokenise_into(

@@ -248,7 +248,9 @@ def train(
     # training text, a block at a time (gigabytes at WMT's size): the others train from the ids it keeps.
     # A resume reads it only if its files changed: else the digest kept in the run directory is its own.
     new_tokenizer = not resume and parent is None
-    train_text = distributed.on_main(partial(training_text, tc, run_dir, resume=resume, sample=new_tokenizer))
+    train_text = distributed.on_main(
+        partial(training_text, tc, run_dir, resume=resume, sample=new_tokenizer), long=True
+    )
     train_digest = distributed.from_main(train_text.digest if train_text is not None else "")
     valid_pairs = read_pairs(tc, tc.valid_split)
     if resume:
@@ -279,7 +281,9 @@ def train(
             lines = train_text.sample.take_lines() if train_text and train_text.sample else []
             n_pairs = train_text.pairs if train_text else 0
             release_free_memory()  # what the sample's first strings held, for SentencePiece's peak
-            trained = distributed.on_main(partial(train_tokenizer, lines, n_pairs, tc, run_dir, log))
+            trained = distributed.on_main(
+                partial(train_tokenizer, lines, n_pairs, tc, run_dir, log), long=True
+            )
             del lines
             release_free_memory()  # what SentencePiece freed: 36M pairs tokenised with 1.15 GB, not 2.30 GB
             model_bytes = distributed.from_main(trained and trained.model_bytes)  # rank 0 trains it for all
