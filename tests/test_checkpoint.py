@@ -345,6 +345,29 @@ def test_average_refuses_checkpoints_of_other_tokenizers_or_models(
     )
 
 
+def test_average_takes_a_setting_a_run_does_not_record_as_its_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run recorded before a model setting existed ran as its default: it averages with a run that
+    records the default, in either order, and not with one that records another value."""
+    old = _run(tmp_path / "old")  # records d_model alone
+    new = _run(tmp_path / "new", dropout=0.1)  # dropout's default
+    changed = _run(tmp_path / "changed", dropout=0.3)
+    rnn = _run(tmp_path / "rnn")
+    record = json.loads((rnn / "config.json").read_text())
+    record["train"]["model"] = "rnn"
+    atomic_write_text(rnn / "config.json", json.dumps(record))
+
+    def average(first: Path, second: Path) -> str:
+        out = tmp_path / f"avg-{first.name}-{second.name}"
+        return _average(capsys, first / "step-1.safetensors", second / "step-2.safetensors", out=out)
+
+    assert average(old, new) == "" and average(new, old) == ""
+    assert "their model settings differ (dropout: 0.1 -> 0.3)" in average(old, changed)
+    assert "their model settings differ (dropout: 0.3 -> 0.1)" in average(changed, old)
+    assert "their model settings differ (model: 'transformer' -> 'rnn'" in average(old, rnn)
+
+
 def test_average_writes_only_into_a_new_directory_or_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

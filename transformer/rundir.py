@@ -490,14 +490,19 @@ def drop_partial_line(path: Path) -> None:
 def _model_identity(run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
     """What must agree for checkpoints of two runs to be averaged, beyond their shapes: the sha256 of the
     tokenizer (the file where there is one, else what config.json records), as another tokenizer of the
-    same size gives the same ids other pieces, and the model settings. None where the run does not say."""
+    same size gives the same ids other pieces, and the model family and settings. None where the run does
+    not say. A setting the record lacks (a run made before it existed) is its default, as in a resume
+    (`run_difference`), so that records of before and after a new setting compare alike both ways."""
     record = read_run_record(run_dir) if (run_dir / "config.json").is_file() else None
     tokenizer = run_dir / "tokenizer.model"
     if tokenizer.is_file():
         digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     else:
         digest = (record or {}).get("tokenizer_sha256")
-    return digest, record["model"] if record else None
+    if record is None:
+        return digest, None
+    family = record["train"].get("model", "transformer")
+    return digest, {"model": family, **_field_defaults(model_config_class(family)), **record["model"]}
 
 
 def _model_mismatch(run_a: Path, run_b: Path) -> str | None:
