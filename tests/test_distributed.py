@@ -285,7 +285,7 @@ def test_long_work_runs_on_a_thread_while_the_processes_meet_once_a_heartbeat(gr
         time.sleep(0.5)
         return threading.current_thread().name
 
-    assert distributed.on_main(work, long=True) == "on_main"
+    assert distributed.on_main(work, long=True) == "long work"
     assert beats[-2:] == [True, None] and len(beats) >= 6 and not any(beats[:-2]), beats
     beats.clear()
     assert distributed.on_main(work) == "MainThread" and beats == [None]  # short work: no thread, no beats
@@ -301,31 +301,63 @@ def test_what_long_work_raises_is_raised_as_from_short_work(group_of_one) -> Non
     assert raised.traceback[-1].name == "failing"  # the traceback reaches into the work
 
 
-# Two ranks whose group times out after 2 s, waiting for 4 s of rank 0's work: `long` (argv[1]) or not.
+def test_work_of_each_process_runs_on_a_thread_until_all_are_done(group_of_one, monkeypatch) -> None:
+    beats = []
+    monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
+    monkeypatch.setattr(distributed, "all_sum", lambda values: beats.append(values) or values)
+
+    def work() -> str:
+        time.sleep(0.5)
+        return threading.current_thread().name
+
+    assert distributed.on_each(work) == "long work"
+    assert beats[-1] == [0.0] and len(beats) >= 6 and all(beat == [1.0] for beat in beats[:-1]), beats
+    with pytest.raises(TransformerError, match=r"^other text$"):
+        distributed.on_each(partial(failing, TransformerError("other text")))
+    with pytest.raises(ValueError, match=r"^a bug$"):
+        distributed.on_each(partial(failing, ValueError("a bug")))
+
+
+# Two ranks whose group times out after 2 s, waiting for 4 s of one rank's work (the mode is argv[1]):
+# rank 0's, waited for with `long` or in one collective, or rank 1's alone, each rank doing its own.
 TIMEOUT_SCRIPT = """
 import datetime, sys, time
 from transformer import distributed
+from transformer.errors import TransformerError
 distributed.TIMEOUT = datetime.timedelta(seconds=2)
 distributed.HEARTBEAT = datetime.timedelta(seconds=0.2)
 distributed.init()
-done = distributed.on_main(lambda: time.sleep(4) or "done", long=sys.argv[1] == "long")
-assert done == ("done" if distributed.is_main() else None), done
+mode, rank = sys.argv[1], distributed.rank()
+if mode in ("long", "short"):
+    done = distributed.on_main(lambda: time.sleep(4) or "done", long=mode == "long")
+    assert done == ("done" if rank == 0 else None), done
+else:
+    def work():
+        time.sleep(4 * rank)
+        if mode == "each, rank 1 fails" and rank == 1:
+            raise TransformerError("rank 1 read other text")
+        return rank
+    assert distributed.on_each(work) == rank
 assert distributed.from_main("after") == "after"
 distributed.shutdown()
 """
 
 
-def test_long_work_of_rank_0_outlasts_the_groups_timeout(tmp_path: Path) -> None:
+def test_long_work_of_one_rank_outlasts_the_groups_timeout(tmp_path: Path) -> None:
     """Tokenising a corpus of 80M pairs or more on two cores takes longer than the 30 minutes one
-    collective may wait (TIMEOUT): here 4 s of work against a 2 s timeout. Waited for in one collective,
-    the other rank times out (the control, which shows the timeout is real)."""
+    collective may wait (TIMEOUT): here 4 s of work against a 2 s timeout, by rank 0 while the others
+    wait, or by the others while rank 0 waits. Waited for in one collective, the other rank times out
+    (the control, which shows the timeout is real)."""
     script = tmp_path / "timeout.py"
     script.write_text(TIMEOUT_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command.append(str(script))
     kwargs = {"env": torchrun_env(), "capture_output": True, "text": True, "timeout": 120}
-    beating = subprocess.run([*command, "long"], **kwargs)
-    assert beating.returncode == 0, beating.stderr[-3000:]
+    for mode in ("long", "each"):
+        beating = subprocess.run([*command, mode], **kwargs)
+        assert beating.returncode == 0, beating.stderr[-3000:]
+    failing = subprocess.run([*command, "each, rank 1 fails"], **kwargs)
+    assert failing.returncode != 0 and failing.stderr.count("TransformerError: rank 1 read other text") == 2
     waiting = subprocess.run([*command, "short"], **kwargs)
     assert waiting.returncode != 0 and "Timed out" in waiting.stderr, waiting.stderr[-3000:]
 

@@ -221,26 +221,53 @@ def on_main(work: Callable[[], T], *, long: bool = False) -> T | None:
     result, failure = None, None
     if is_main():
         try:
-            result = _beating(work) if long and active() else work()
+            result = _beating(work, from_main) if long and active() else work()
         except (TransformerError, OSError) as error:
             failure = error
     elif long and active():
         while not from_main(None):  # rank 0's beats: False while the work runs, True once it is over
             pass
-    shared = from_main((isinstance(failure, OSError), str(failure)) if failure else None)
-    if failure:
-        raise failure
-    if shared:
-        is_os_error, message = shared
-        raise OSError(message) if is_os_error else TransformerError(message)
+    _raise_shared(failure, from_main(_shareable(failure)))
     return result
 
 
-def _beating(work: Callable[[], T]) -> T:
-    """`work()` on a thread of rank 0, while its main thread tells the others once a HEARTBEAT whether it
-    is over; what the work raises is raised here, with its traceback. The thread is a daemon: a
-    KeyboardInterrupt stops the process without waiting for it (a killed writer's temp files are
-    removed by the next resume, as after any kill)."""
+def on_each(work: Callable[[], T]) -> T:
+    """`work()` in every process at once, each its own, and its result there: long work of the others
+    while rank 0 has none (tokenising their own copy of the text, where the ids rank 0 kept are out of
+    sight). As in `on_main(long=True)`, every process runs its work on a thread and they meet once a
+    HEARTBEAT until all are done, and an error of one process (TransformerError, OSError) is raised in
+    all, the lowest rank's first."""
+    if not active():
+        return work()
+    result, failure = None, None
+    try:
+        result = _beating(work, lambda over: all_sum([float(not over)])[0] == 0)
+    except (TransformerError, OSError) as error:
+        failure = error
+    shared = [error for error in all_gather(_shareable(failure)) if error]
+    _raise_shared(failure, shared[0] if shared else None)
+    return result  # type: ignore[return-value]  # a failure was raised
+
+
+def _shareable(failure: Exception | None) -> tuple[bool, str] | None:
+    return (isinstance(failure, OSError), str(failure)) if failure else None
+
+
+def _raise_shared(own: Exception | None, shared: tuple[bool, str] | None) -> None:
+    """Raise this process's own error, or else the one another process shared (`_shareable`)."""
+    if own:
+        raise own
+    if shared:
+        is_os_error, message = shared
+        raise OSError(message) if is_os_error else TransformerError(message)
+
+
+def _beating(work: Callable[[], T], over: Callable[[bool], bool]) -> T:
+    """`work()` on a thread, while the main thread meets the other processes once a HEARTBEAT: `over`
+    takes whether this process's work is done and is a collective that says whether all the work is.
+    What the work raises is raised here, with its traceback. The thread is a daemon: a KeyboardInterrupt
+    stops the process without waiting for it (a killed writer's temp files are removed by the next
+    resume, as after any kill)."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -249,12 +276,12 @@ def _beating(work: Callable[[], T]) -> T:
         except BaseException as error:  # handed to the main thread, raised there
             outcome["error"] = error
 
-    thread = threading.Thread(target=run, name="on_main", daemon=True)
+    thread = threading.Thread(target=run, name="long work", daemon=True)
     thread.start()
     done = False
     while not done:
         thread.join(HEARTBEAT.total_seconds())
-        done = from_main(not thread.is_alive())
+        done = over(not thread.is_alive())
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -164,21 +164,22 @@ def training_ids(
     reads the text and tokenises it as it reads. Every process that can see the file trains from it,
     mapped into memory: one copy for all of them.
     """
-    first = distributed.on_main(partial(_kept_or_tokenised_into, run_dir, tc, tokenizer, key), long=True)
-    if first is not None:  # rank 0, or the only process
-        return first
-    loaded = _read_training_ids(run_dir, key)  # rank 0's, kept now
-    if loaded is None:  # rank 0's file is out of sight (several machines without shared storage)
-        return (*_tokenise_training_text(tc, tokenizer, key), False)
-    return (*loaded, True)
+    work = partial(_kept_or_tokenised, run_dir, tc, tokenizer, key)
+    first = distributed.on_main(work, long=True)  # rank 0 keeps the ids, for the others to read
+    return distributed.on_each(work if first is None else lambda: first)  # the others, with rank 0's result
 
 
-def _kept_or_tokenised_into(
+def _kept_or_tokenised(
     run_dir: Path, tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int], bool]:
-    """`training_ids` on rank 0: the ids kept in the run directory, else tokenised into it."""
+    """The ids kept in the run directory, else tokenised: by rank 0 into the run directory, by another
+    process (whose machine cannot see rank 0's file) in its memory."""
     loaded = _read_training_ids(run_dir, key)
-    return (*loaded, True) if loaded is not None else (*_tokenise_into(run_dir, tc, tokenizer, key), False)
+    if loaded is not None:
+        return (*loaded, True)
+    if distributed.is_main():
+        return (*_tokenise_into(run_dir, tc, tokenizer, key), False)
+    return (*_tokenise_training_text(tc, tokenizer, key), False)
 
 
 def _tokenise_into(
