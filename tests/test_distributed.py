@@ -276,19 +276,19 @@ def group_of_one(tmp_path: Path):
         distributed.shutdown()
 
 
-def test_long_work_runs_on_a_thread_while_the_processes_meet_once_a_heartbeat(group_of_one, monkeypatch):
+def test_long_work_runs_while_the_processes_meet_once_a_heartbeat(group_of_one, monkeypatch) -> None:
     beats = []
     monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
     monkeypatch.setattr(distributed, "from_main", lambda value: beats.append(value) or value)
 
     def work() -> str:
         time.sleep(0.5)
-        return threading.current_thread().name
+        return threading.current_thread().name  # the work keeps the main thread, where signals arrive
 
-    assert distributed.on_main(work, long=True) == "long work"
+    assert distributed.on_main(work, long=True) == "MainThread"
     assert beats[-2:] == [True, None] and len(beats) >= 6 and not any(beats[:-2]), beats
     beats.clear()
-    assert distributed.on_main(work) == "MainThread" and beats == [None]  # short work: no thread, no beats
+    assert distributed.on_main(work) == "MainThread" and beats == [None]  # short work: no beats
 
 
 def test_what_long_work_raises_is_raised_as_from_short_work(group_of_one) -> None:
@@ -301,21 +301,38 @@ def test_what_long_work_raises_is_raised_as_from_short_work(group_of_one) -> Non
     assert raised.traceback[-1].name == "failing"  # the traceback reaches into the work
 
 
-def test_work_of_each_process_runs_on_a_thread_until_all_are_done(group_of_one, monkeypatch) -> None:
+def test_the_work_of_each_process_runs_while_they_meet_until_all_are_done(group_of_one, monkeypatch) -> None:
     beats = []
     monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
     monkeypatch.setattr(distributed, "all_sum", lambda values: beats.append(values) or values)
-
-    def work() -> str:
-        time.sleep(0.5)
-        return threading.current_thread().name
-
-    assert distributed.on_each(work) == "long work"
+    assert distributed.on_each(lambda: time.sleep(0.5) or "done") == "done"
     assert beats[-1] == [0.0] and len(beats) >= 6 and all(beat == [1.0] for beat in beats[:-1]), beats
     with pytest.raises(TransformerError, match=r"^other text$"):
         distributed.on_each(partial(failing, TransformerError("other text")))
     with pytest.raises(ValueError, match=r"^a bug$"):
         distributed.on_each(partial(failing, ValueError("a bug")))
+
+
+def test_a_ctrl_c_in_long_work_is_raised_at_once_while_the_others_work_on(group_of_one, monkeypatch) -> None:
+    """A KeyboardInterrupt stops the work on the main thread, inside its `with` blocks (which tidy up),
+    and is held no longer than CTRL_C_WAIT while the other processes' work goes on."""
+    others_done = threading.Event()
+    monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
+    monkeypatch.setattr(distributed, "CTRL_C_WAIT", datetime.timedelta(seconds=0.3))
+    monkeypatch.setattr(distributed, "all_sum", lambda values: [0.0 if others_done.wait() else 1.0])
+    tidied = []
+
+    def work() -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            tidied.append(threading.current_thread().name)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        distributed.on_each(work)
+    assert 0.3 <= time.monotonic() - started < 1.5 and tidied == ["MainThread"]
+    others_done.set()
 
 
 # Two ranks whose group times out after 2 s, waiting for 4 s of one rank's work (the mode is argv[1]):

@@ -63,6 +63,9 @@ T = TypeVar("T")
 # HEARTBEAT while it runs (`on_main(..., long=True)`) and no single wait comes near the timeout.
 TIMEOUT = datetime.timedelta(minutes=30)
 HEARTBEAT = datetime.timedelta(minutes=1)
+# How long a Ctrl-C waits for the heartbeat thread to leave its last beat (`_beating`). Left inside a
+# collective, the thread aborted the process at exit ("terminate called without an active exception").
+CTRL_C_WAIT = datetime.timedelta(seconds=5)
 
 
 def launched_by_torchrun() -> bool:
@@ -216,8 +219,8 @@ def on_main(work: Callable[[], T], *, long: bool = False) -> T | None:
 
     `long` is for work whose time grows with the corpus, without bound: tokenising WMT14 en-fr's 36M
     pairs takes ~13 minutes on two cores, so ~80M would outlast the group's 30-minute TIMEOUT in one
-    collective and stop the run. With it, rank 0 runs the work on a thread and every process meets once a
-    HEARTBEAT until it is done."""
+    collective and stop the run. With it, every process meets once a HEARTBEAT until the work is done
+    (`_beating`)."""
     result, failure = None, None
     if is_main():
         try:
@@ -234,8 +237,8 @@ def on_main(work: Callable[[], T], *, long: bool = False) -> T | None:
 def on_each(work: Callable[[], T]) -> T:
     """`work()` in every process at once, each its own, and its result there: long work of the others
     while rank 0 has none (tokenising their own copy of the text, where the ids rank 0 kept are out of
-    sight). As in `on_main(long=True)`, every process runs its work on a thread and they meet once a
-    HEARTBEAT until all are done, and an error of one process (TransformerError, OSError) is raised in
+    sight). As in `on_main(long=True)`, the processes meet once a HEARTBEAT until all are done (`_beating`),
+    and an error of one process (TransformerError, OSError) is raised in
     all, the lowest rank's first."""
     if not active():
         return work()
@@ -263,28 +266,38 @@ def _raise_shared(own: Exception | None, shared: tuple[bool, str] | None) -> Non
 
 
 def _beating(work: Callable[[], T], over: Callable[[bool], bool]) -> T:
-    """`work()` on a thread, while the main thread meets the other processes once a HEARTBEAT: `over`
-    takes whether this process's work is done and is a collective that says whether all the work is.
-    What the work raises is raised here, with its traceback. The thread is a daemon: a KeyboardInterrupt
-    stops the process without waiting for it (a killed writer's temp files are removed by the next
-    resume, as after any kill)."""
-    outcome: dict[str, Any] = {}
+    """`work()`, while a second thread meets the other processes once a HEARTBEAT: `over` takes whether
+    this process's work is done, and is a collective that says whether all the work is.
 
-    def run() -> None:
+    The work keeps the main thread, where signals arrive: a Ctrl-C stops it inside its `with` blocks,
+    which tidy up as they would without the beats (a writer removes its temp files). The heartbeat
+    thread only sends one small collective a minute. After a Ctrl-C it is waited for CTRL_C_WAIT at
+    most: torchrun sends the signal to every process, whose beats then end at once, while a process
+    interrupted alone should not wait for the others' work (its thread is a daemon, left behind)."""
+    finished = threading.Event()
+    device = _collective_device()
+
+    def beat() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is the thread's own
+        while not over(finished.wait(HEARTBEAT.total_seconds())):
+            pass
+
+    beats = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    beats.start()
+    interrupted = False
+    try:
+        return work()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:  # the processes leave the beats together, before an error is shared
+        finished.set()
         try:
-            outcome["result"] = work()
-        except BaseException as error:  # handed to the main thread, raised there
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, name="long work", daemon=True)
-    thread.start()
-    done = False
-    while not done:
-        thread.join(HEARTBEAT.total_seconds())
-        done = over(not thread.is_alive())
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+            beats.join(CTRL_C_WAIT.total_seconds() if interrupted else None)
+        except KeyboardInterrupt:  # while waiting for the others' work
+            beats.join(CTRL_C_WAIT.total_seconds())
+            raise
 
 
 def all_gather(value: T) -> list[T]:
