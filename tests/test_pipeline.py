@@ -771,6 +771,24 @@ def test_a_max_len_beyond_the_models_is_refused_before_anything_is_written(
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+def test_a_new_run_removes_the_temp_files_of_a_run_killed_before_its_first_checkpoint(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A new run killed while it kept its training ids leaves their parts (gigabytes at WMT's size); a
+    resume has no checkpoint to start from, so the next new run in the directory removes them. Those of
+    a live process are another run's, and stay."""
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = run / f".train.ids.src.ids.tmp-{int(dead.stdout)}"
+    live = run / f".train.ids.src.ids.tmp-{os.getpid()}"
+    for path in (stale, live):
+        path.write_bytes(b"ids")
+    with pytest.raises(TransformerError, match=r"max_len=64 lets through"):  # stops after the tokenizer
+        train(tiny_recipe(data_dir), {**TINY_MODEL, "max_len": 32}, run)
+    assert not stale.exists() and live.exists()
+
+
 def test_settings_may_follow_the_options() -> None:
     from transformer.cli import _parse, build_parser
 

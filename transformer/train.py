@@ -270,6 +270,7 @@ def train(
             raise TransformerError(
                 f"{run_dir} already holds a run: pass --resume to continue it, or choose --out"
             )
+        rundir.remove_stale_temp_files(run_dir)  # a new run killed before its first checkpoint: GBs of ids
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         if parent is not None:  # its tokenizer, which the parent's weights read
