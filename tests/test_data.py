@@ -549,19 +549,22 @@ def test_token_sequences_refuse_offsets_that_do_not_cut_up_the_ids() -> None:
     for bad in ([0, 2], [1, 2, 3], [0, 2, 1, 3], []):
         with pytest.raises(ValueError, match="offsets"):
             TokenSequences.from_arrays(ids, np.array(bad, dtype=np.int64))
-    with pytest.raises(ValueError, match="int32 and int64"):
-        TokenSequences.from_arrays(ids.astype(np.int64), offsets)
+    for wrong in (np.int64, np.int16):
+        with pytest.raises(ValueError, match="int32 or uint16, and int64"):
+            TokenSequences.from_arrays(ids.astype(wrong), offsets)
 
 
 def test_token_sequences_from_arrays_hold_the_arrays_given_not_copies() -> None:
     """So that a memory map of kept ids stays one (shared by a torchrun's processes); such sequences
     cannot grow, since the arrays are not theirs."""
-    ids, offsets = np.array([4, 5, 6], dtype=np.int32), np.array([0, 1, 3], dtype=np.int64)
-    held = TokenSequences.from_arrays(ids, offsets)
-    assert all(np.shares_memory(a, b) for a, b in zip(held.arrays(), (ids, offsets), strict=True))
-    assert list(held) == [[4], [5, 6]] and held.lengths().tolist() == [1, 2] and held.length(1) == 2
-    with pytest.raises(TypeError, match="cannot be extended"):
-        held.extend([[7]])
+    for dtype in (np.int32, np.uint16):  # uint16: the ids of a kept file of a vocabulary of 2^16 or less
+        ids, offsets = np.array([4, 5, 65535], dtype=dtype), np.array([0, 1, 3], dtype=np.int64)
+        held = TokenSequences.from_arrays(ids, offsets)
+        assert all(np.shares_memory(a, b) for a, b in zip(held.arrays(), (ids, offsets), strict=True))
+        assert list(held) == [[4], [5, 65535]] and held.lengths().tolist() == [1, 2] and held.length(1) == 2
+        assert type(held[1][1]) is int and held.nbytes == 3 * ids.itemsize + 3 * 8
+        with pytest.raises(TypeError, match="cannot be extended"):
+            held.extend([[7]])
 
 
 def test_token_sequences_take_4_bytes_a_token() -> None:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL, tiny_recipe
@@ -497,9 +498,11 @@ def test_text_stamps_vouch_only_for_files_unchanged_and_settled(tmp_path: Path) 
     assert rundir.kept_text_digest(tmp_path, files) is None
 
 
-def keep_ids(run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str]) -> None:
+def keep_ids(
+    run_dir: Path, corpus: Corpus, counts: dict[str, int], key: dict[str, str], vocab_size: int = 100
+) -> None:
     """A corpus's ids kept in `run_dir` in one block."""
-    with TrainingIdsWriter(run_dir, key) as writer:
+    with TrainingIdsWriter(run_dir, key, vocab_size) as writer:
         writer.add(corpus.src, corpus.tgt)
         writer.finish(counts)
 
@@ -524,26 +527,37 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
     for name in key:
         assert load_training_ids(tmp_path, {**key, name: "other"}) is None, name
     # The file is safetensors' own: the same tensors and metadata as its writer gives, whatever the blocks.
-    reference = tmp_path / "reference.safetensors"
-    arrays = {
-        f"{side}.{part}": a
-        for side in ("src", "tgt")
-        for part, a in zip(("ids", "offsets"), getattr(corpus, side).arrays(), strict=True)
-    }
-    save_file(arrays, str(reference), metadata={**key, "format": IDS_FORMAT, "counts": json.dumps(counts)})
-    (tmp_path / "blocks").mkdir()
-    with TrainingIdsWriter(tmp_path / "blocks", key) as writer:
-        writer.add(corpus.src[:1], corpus.tgt[:1])
-        writer.add([], [])
-        writer.add(corpus.src[1:], corpus.tgt[1:])
-        writer.finish(counts)
-    for written in (tmp_path / TRAIN_IDS, tmp_path / "blocks" / TRAIN_IDS):
+    # Its ids are 16-bit for a vocabulary of up to 2^16 pieces, 32-bit past that.
+    metadata = {**key, "format": IDS_FORMAT, "counts": json.dumps(counts)}
+    for vocab_size, dtype in ((1 << 16, np.uint16), ((1 << 16) + 1, np.int32)):
+        arrays = {}
+        for side in ("src", "tgt"):
+            ids, offsets = getattr(corpus, side).arrays()
+            arrays |= {f"{side}.ids": ids.astype(dtype), f"{side}.offsets": offsets}
+        reference = tmp_path / f"reference-{vocab_size}.safetensors"
+        save_file(arrays, str(reference), metadata=metadata)
+        blocks = tmp_path / f"blocks-{vocab_size}"
+        blocks.mkdir()
+        with TrainingIdsWriter(blocks, key, vocab_size) as writer:
+            writer.add(corpus.src[:1], corpus.tgt[:1])
+            writer.add([], [])
+            writer.add(corpus.src[1:], corpus.tgt[1:])
+            writer.finish(counts)
+        written = blocks / TRAIN_IDS
         with safe_open(str(written), "numpy") as ours, safe_open(str(reference), "numpy") as theirs:
             assert ours.metadata() == theirs.metadata() and set(ours.keys()) == set(theirs.keys())
             for name in theirs.keys():  # noqa: SIM118
                 assert ours.get_tensor(name).dtype == theirs.get_tensor(name).dtype
                 assert ours.get_tensor(name).tolist() == theirs.get_tensor(name).tolist()
-    assert sorted(p.name for p in (tmp_path / "blocks").iterdir()) == [TRAIN_IDS], "no part left behind"
+        assert sorted(p.name for p in blocks.iterdir()) == [TRAIN_IDS], "no part left behind"
+        shutil.copy(reference, blocks / TRAIN_IDS)  # either dtype is read (32 bits: files kept before 16)
+        loaded, _ = load_training_ids(blocks, key)
+        assert list(loaded.src) == list(corpus.src) and list(loaded.tgt) == list(corpus.tgt)
+    big = Corpus(TokenSequences([[65535, 65536, 99999]]), TokenSequences([[70000]]), [])
+    (tmp_path / "big").mkdir()
+    keep_ids(tmp_path / "big", big, {**counts, "kept": 1}, key, vocab_size=100_000)
+    loaded, _ = load_training_ids(tmp_path / "big", key)
+    assert list(loaded.src) == [[65535, 65536, 99999]] and list(loaded.tgt) == [[70000]]
     path = tmp_path / TRAIN_IDS
     os.truncate(path, path.stat().st_size - 7)
     with pytest.raises(TransformerError, match=r"train\.ids cannot be read"):
@@ -569,7 +583,7 @@ def test_a_writer_of_training_ids_that_cannot_start_leaves_no_part_behind(
 
     monkeypatch.setattr(Path, "open", open_until_full)
     with pytest.raises(OSError, match="No space left"):
-        TrainingIdsWriter(tmp_path, {"text": "a" * 64})
+        TrainingIdsWriter(tmp_path, {"text": "a" * 64}, 100)
     assert len(opened) == 3 and list(tmp_path.iterdir()) == []
 
 

@@ -190,7 +190,7 @@ def _tokenise_into(
     processes' too, and the kernel's to drop. Where they cannot be written, tokenised again in memory."""
     counts = new_counts()
     try:
-        with rundir.TrainingIdsWriter(run_dir, key) as writer:
+        with rundir.TrainingIdsWriter(run_dir, key, tokenizer.vocab_size) as writer:
             for src, tgt in _training_text_ids(tc, tokenizer, key, counts):
                 writer.add(src, tgt)
             writer.finish(counts)

@@ -26,7 +26,8 @@ ENCODE_CHUNK = 100_000  # pairs tokenised at a time: bounds the transient lists 
 
 
 class TokenSequences(Sequence[list[int]]):
-    """Token-id sequences in one flat int32 array: `seqs[i]` is sequence i as a list of ints.
+    """Token-id sequences in one flat array of ids: `seqs[i]` is sequence i as a list of ints. The ids are
+    int32, or uint16 in arrays given to `from_arrays` (a kept file of a vocabulary of 65,536 pieces or less).
 
     Built with `extend`, the arrays are the process's own. `from_arrays` keeps the arrays it is given,
     and a memory map of a kept file (`transformer.rundir.load_training_ids`) stays one: the processes of
@@ -79,14 +80,17 @@ class TokenSequences(Sequence[list[int]]):
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, offsets) as numpy arrays over this object's memory, not copies: for saving."""
-        return np.asarray(self._ids, dtype=np.int32), np.asarray(self._offsets, dtype=np.int64)
+        ids = self._ids if isinstance(self._ids, np.ndarray) else np.asarray(self._ids, dtype=np.int32)
+        return ids, np.asarray(self._offsets, dtype=np.int64)
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, offsets: np.ndarray) -> TokenSequences:
         """The sequences in `arrays()`'s layout, held in the arrays given (not copied, so a memory map
         stays one) and not extensible; refuses arrays of another type or offsets that do not cut `ids` up."""
-        if ids.dtype != np.int32 or offsets.dtype != np.int64 or ids.ndim != 1:
-            raise ValueError(f"ids and offsets must be 1-d int32 and int64, not {ids.dtype}, {offsets.dtype}")
+        if ids.dtype not in (np.int32, np.uint16) or offsets.dtype != np.int64 or ids.ndim != 1:
+            raise ValueError(
+                f"ids and offsets must be 1-d int32 or uint16, and int64, not {ids.dtype}, {offsets.dtype}"
+            )
         if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
             raise ValueError(f"offsets do not run from 0 to the {len(ids)} ids")
         if (np.diff(offsets) < 0).any():
