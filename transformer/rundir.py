@@ -253,7 +253,7 @@ def load_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict[
     other text, another tokenizer or max_len. A file that cannot be read raises TransformerError.
 
     The ids are a read-only memory map of the file, not a copy: under torchrun the processes share one
-    copy in the page cache (WMT14 en-de's is 1.15 GB), which the kernel may also drop under memory
+    copy in the page cache (WMT14 en-de's is 0.61 GB), which the kernel may also drop under memory
     pressure and read again."""
     path = run_dir / TRAIN_IDS
     if not path.is_file():
