@@ -34,6 +34,7 @@ from transformer.evaluate import Scores, score
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.prepare import Parent, build_tokenizer
 from transformer.rundir import MetricsLog, data_sha256, run_record
+from transformer.search import Sampling
 from transformer.train import Progress, Window, parse_overrides, train
 from transformer.translate import Translator
 
@@ -77,6 +78,39 @@ def test_translate_cli_keeps_one_line_per_input_line(run_dir: Path, tmp_path: Pa
     assert lines[-1] == "" and len(lines) - 1 == 4
     assert lines[1] == "" and lines[2] == ""
     assert lines[0] and lines[3]
+
+
+def test_translate_cli_samples_translations_fixed_by_the_seed(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """fairseq's --sampling options: one drawn translation per input line, the same for the same seed;
+    drawing only the most probable token is greedy search. Options that cannot go together, or leave no
+    distribution to draw from, are one error line."""
+    lines = ["Ein Mann fährt Fahrrad.", "", "Zwei Hunde spielen im Schnee.", "Eine Frau spielt Gitarre."]
+    source = tmp_path / "in.de"
+    source.write_text("\n".join(lines) + "\n")
+    command = ["translate", "--checkpoint", str(run_dir), "--input", str(source), "--sampling"]
+
+    def printed(*extra: str) -> list[str]:
+        assert main([*command, *extra]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    drawn = printed("--temperature", "1.5", "--seed", "3")
+    assert len(drawn) == 4 and drawn[1] == "" and all(drawn[i] for i in (0, 2, 3))
+    assert printed("--temperature", "1.5", "--seed", "3") == drawn
+    assert printed("--temperature", "1.5", "--seed", "4") != drawn
+    greedy = Translator.from_checkpoint(run_dir).translate(lines, beam=1)
+    assert printed("--sampling-topk", "1") == greedy
+    assert Translator.from_checkpoint(run_dir).translate(lines, sampling=Sampling(top_k=1)) == greedy
+    for extra, error in [
+        (["--beam", "4"], "the beam must be 1, not 4"),
+        (["--nbest", "2"], "--sampling draws one translation per line"),
+        (["--temperature", "0"], "temperature must be above 0"),
+        (["--sampling-topp", "1.5"], "top-p must be in (0, 1]"),
+        (["--sampling-topk", "-1"], "top-k must be 0"),
+    ]:
+        assert main([*command, *extra]) == 2
+        assert error in one_error_line(capsys), extra
+    assert main([*command[:-1], "--temperature", "0.5"]) == 2  # without --sampling
+    assert "need --sampling" in one_error_line(capsys)
 
 
 class Flushes(io.StringIO):

@@ -12,12 +12,15 @@ from transformer import Transformer
 from transformer import search as search_module
 from transformer.search import (
     BLOCK,
+    Sampling,
     SearchConfig,
     _parent_slots,
     argmax,
     beam_search,
     beam_search_n_best,
+    generate,
     greedy_search,
+    sample,
     topk,
 )
 
@@ -285,3 +288,56 @@ def test_scoring_only_open_rows_changes_nothing(
         assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-5)
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
     assert greedy_search(model, sources(), config=config, max_len=128, **IDS) == greedy_everything
+
+
+# A row of four tokens with probabilities 0.5, 0.3, 0.15, 0.05, and what each sampling setting leaves of
+# it, computed by hand: top-k keeps the k largest and renormalises; top-p keeps the most probable tokens
+# until the mass before the next one reaches p (0.5 + 0.3 = 0.8 >= 0.75 stops after two); a temperature T
+# raises the probabilities to 1/T.
+FOUR = [0.5, 0.3, 0.15, 0.05]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        (Sampling(), FOUR),
+        (Sampling(top_k=3), [p / 0.95 for p in FOUR[:3]] + [0.0]),
+        (Sampling(top_k=1), [1.0, 0.0, 0.0, 0.0]),
+        (Sampling(top_p=0.75), [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),
+        (Sampling(top_p=0.8001), [p / 0.95 for p in FOUR[:3]] + [0.0]),
+        (Sampling(top_p=0.4), [1.0, 0.0, 0.0, 0.0]),
+        (Sampling(temperature=2.0), [math.sqrt(p) / sum(map(math.sqrt, FOUR)) for p in FOUR]),
+        (Sampling(temperature=0.5, top_k=2), [0.25 / 0.34, 0.09 / 0.34, 0.0, 0.0]),
+    ],
+)
+def test_sampling_draws_from_the_softmax_that_top_k_top_p_and_temperature_leave(
+    sampling: Sampling, expected: list[float]
+) -> None:
+    rows = 40_000
+    logits = torch.tensor(FOUR).log().expand(rows, 4)
+    drawn = sample(logits, sampling, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).double() / rows
+    for frequency, p in zip(frequencies.tolist(), expected, strict=True):
+        # 4.5 standard deviations of a binomial frequency: a wrong distribution is off by far more
+        assert abs(frequency - p) <= 4.5 * math.sqrt(p * (1 - p) / rows) + 1e-12, (frequencies, expected)
+
+
+def test_sampling_only_the_most_probable_token_is_greedy_search(model: Transformer) -> None:
+    greedy = greedy_search(model, sources(), config=SearchConfig(beam=1), max_len=128, **IDS)
+    for sampling in (Sampling(top_k=1, seed=5), Sampling(top_p=1e-6, temperature=3.0)):
+        config = SearchConfig(beam=1, sampling=sampling)
+        assert generate(model, sources(), config=config, max_len=128, **IDS) == greedy
+
+
+def test_sampling_is_fixed_by_its_seed_and_varies_with_it(model: Transformer) -> None:
+    def drawn(seed: int, **how) -> list[list[int]]:
+        config = SearchConfig(beam=1, sampling=Sampling(temperature=2.0, seed=seed), **how)
+        return greedy_search(model, sources(), config=config, max_len=128, **IDS)
+
+    first = drawn(1)
+    assert drawn(1) == first and drawn(2) != first
+    assert drawn(1, use_cache=False) == first  # the same draws, whichever way the steps are computed
+    greedy = greedy_search(model, sources(), config=SearchConfig(beam=1), max_len=128, **IDS)
+    assert first != greedy
+    with pytest.raises(ValueError, match="beam must be 1"):
+        generate(model, sources(), config=SearchConfig(beam=4, sampling=Sampling()), max_len=128, **IDS)

@@ -132,13 +132,14 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from transformer.translate import BLOCK_SENTENCES, Translator
 
     warn_if_emulated(args.precision)
+    sampling = sampling_of(args)
     translator = Translator.from_checkpoints(args.checkpoint, args.name, precision=args.precision)
     if args.input is None and sys.stdin.isatty():
-        return _translate_as_typed(translator, args)
+        return _translate_as_typed(translator, args, sampling)
     lines = _read_input(args.input, args.strict)
     quiet = len(lines) <= BLOCK_SENTENCES or not sys.stderr.isatty()
     with tqdm(total=len(lines), desc="translating", unit=" lines", leave=False, disable=quiet) as bar:
-        for done, out in _output_blocks(translator, lines, args):
+        for done, out in _output_blocks(translator, lines, args, sampling):
             sys.stdout.write("".join(line + "\n" for line in out))
             # Now, so that a full disk is an error here, not a cut file and exit status 0.
             sys.stdout.flush()
@@ -147,18 +148,18 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _output_blocks(
-    translator: Any, lines: list[str], args: argparse.Namespace, first: int = 0
+    translator: Any, lines: list[str], args: argparse.Namespace, sampling: Any, first: int = 0
 ) -> Iterator[tuple[int, list[str]]]:
     """What `translate` prints for `lines`, a block of input lines at a time (`Translator.translate_blocks`):
-    (input lines done, output lines), one translation each or `--nbest` lines each, numbered by input line
-    from `first`."""
+    (input lines done, output lines), one translation each (searched, or drawn with `sampling`) or
+    `--nbest` lines each, numbered by input line from `first`."""
     from transformer.textio import single_line
     from transformer.translate import BLOCK_SENTENCES
 
     search = (args.beam, args.length_penalty)
     how = {"strict": args.strict, "block": BLOCK_SENTENCES, "first": first + 1}
     if args.nbest == 1:
-        for block in translator.translate_blocks(lines, *search, **how):
+        for block in translator.translate_blocks(lines, *search, **how, sampling=sampling):
             yield len(block), [single_line(line) for line in block]
         return
     for block in translator.n_best_blocks(lines, args.nbest, *search, **how):
@@ -167,7 +168,7 @@ def _output_blocks(
         first += len(block)
 
 
-def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
+def _translate_as_typed(translator: Any, args: argparse.Namespace, sampling: Any) -> int:
     """stdin is a terminal: translate each line when Enter is pressed, as JoeyNMT's interactive mode
     does, instead of waiting for the end of input. A bad line gets its error line and the session goes on."""
     from transformer.textio import decode_lines
@@ -176,7 +177,8 @@ def _translate_as_typed(translator: Any, args: argparse.Namespace) -> int:
     for number, raw in enumerate(iter(sys.stdin.buffer.readline, b"")):
         try:
             lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)
-            out = [line for _, block in _output_blocks(translator, lines, args, number) for line in block]
+            blocks = _output_blocks(translator, lines, args, sampling, number)
+            out = [line for _, block in blocks for line in block]
         except TransformerError as error:
             print(_error_line(error), file=sys.stderr)
             continue
@@ -278,6 +280,54 @@ def add_checkpoints_argument(p: argparse.ArgumentParser) -> None:
         "(their next-token probabilities averaged), which needs one tokenizer for all",
     )
     p.add_argument("--name", default="best", help="which checkpoint of the run directory (default: best)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """fairseq's names for sampling instead of searching: --sampling, --sampling-topk, --sampling-topp,
+    --temperature, and --seed."""
+    p.add_argument(
+        "--sampling",
+        action="store_true",
+        help="draw each token from the model's distribution instead of searching for the most probable "
+        "translation (back-translation's way of making varied sources); one translation per line",
+    )
+    p.add_argument(
+        "--sampling-topk",
+        type=int,
+        default=0,
+        metavar="K",
+        help="draw from the K most probable tokens (default: all)",
+    )
+    p.add_argument(
+        "--sampling-topp",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="draw from the fewest most probable tokens whose probabilities reach P (nucleus sampling; "
+        "default 1: all)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="divide the logits by T before drawing (default 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0): one input, one output")
+
+
+def sampling_of(args: argparse.Namespace) -> Any:
+    """The `Sampling` the options ask for, or None; a sampling option without --sampling is an error."""
+    from transformer.search import Sampling
+
+    sampling = Sampling(args.temperature, args.sampling_topk, args.sampling_topp, args.seed)
+    if args.sampling:
+        if args.nbest != 1:
+            raise TransformerError("--sampling draws one translation per line: it takes no --nbest")
+        return sampling
+    if sampling != Sampling():
+        raise TransformerError("--sampling-topk, --sampling-topp, --temperature and --seed need --sampling")
+    return None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -402,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="refuse input that is not UTF-8 or longer than the model's maximum, instead of "
                 "repairing or truncating it with a warning",
             )
+            add_sampling_arguments(p)
         else:
             p.add_argument("--split", help="a split of the run's data directory (default: its test split)")
             p.add_argument("--source", help="source file (with --reference)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -286,3 +287,13 @@ def check_search(beam: int, length_penalty: float) -> None:
             f"the length penalty α must be in [0, {MAX_LENGTH_PENALTY:g}] (0: none; the paper's 0.6), "
             f"got {length_penalty}"
         )
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse sampling settings that leave no distribution to draw from (NaN fails too)."""
+    if not (0.0 < temperature < math.inf):
+        raise TransformerError(f"the sampling temperature must be above 0, got {temperature}")
+    if top_k < 0:
+        raise TransformerError(f"top-k must be 0 (all tokens) or more, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise TransformerError(f"top-p must be in (0, 1] (1: all tokens), got {top_p}")

@@ -1,4 +1,5 @@
-"""Decoding: greedy and batched beam search, for every model family through one small interface.
+"""Decoding: greedy search, sampling and batched beam search, for every model family through one small
+interface.
 
 A model is decodable when it has `encode(src) -> (memory, src_mask)`, `beam_memory(memory, src_mask, k)`
 (the memory for k consecutive hypotheses per source), `decode(tgt, memory, src_mask, cache) -> logits`
@@ -12,6 +13,7 @@ wait for a device, the count of rows whose next token is not already fixed (`_ro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,12 +47,29 @@ def search_name(beam: int) -> str:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Draw each next token from the model's distribution rather than take the most probable one
+    (fairseq's `--sampling`): translations that vary as the data does, which is what back-translation
+    wants (Edunov et al., 2018: sampled back-translations trained better models than beam search's).
+
+    `temperature` divides the logits (below 1 sharper, above 1 flatter). `top_k` keeps the k most
+    probable tokens (0: all of them). `top_p` keeps the fewest most probable tokens whose probabilities
+    reach p (nucleus sampling, Holtzman et al., 2020; 1: all). `seed` fixes the draws of one call."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     beam: int = 4
     length_penalty: float = 0.6  # α of Wu et al. (2016), used by the paper: lp(Y) = ((5 + |Y|) / 6)^α
     extra_len: int = 50  # generate at most source length + extra_len tokens (the paper's limit)
     use_cache: bool = True  # False recomputes the whole prefix every step (a reference, and a benchmark)
     drop_finished: bool = True  # False runs finished sentences to the end: the same results (a reference)
+    sampling: Sampling | None = None  # draw the tokens (beam 1 only) rather than take the most probable
 
 
 class _Stepper:
@@ -117,6 +136,25 @@ def argmax(scores: Tensor) -> Tensor:
     return best * BLOCK + within
 
 
+def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """logits (rows, vocab) -> (rows,) a token drawn from each row's softmax(logits / temperature),
+    restricted to its `top_k` most probable tokens and to its nucleus of mass `top_p`, renormalised."""
+    scores = logits.float() / sampling.temperature  # (rows, vocab)
+    if 0 < sampling.top_k < scores.size(-1):
+        kth = scores.topk(sampling.top_k, dim=-1).values[:, -1:]  # (rows, 1) the k-th largest score
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if sampling.top_p < 1:
+        ranked, order = scores.sort(dim=-1, descending=True)  # (rows, vocab)
+        probs = ranked.softmax(-1)
+        before = probs.cumsum(-1) - probs  # the mass of the more probable tokens: 0 for the first, kept
+        ranked = ranked.masked_fill(before >= sampling.top_p, -math.inf)
+        scores = scores.scatter(-1, order, ranked)
+    # probs / Exp(1) noise peaks at token i with probability probs_i (the exponential race, which
+    # gpt-fast samples with): a draw without torch.multinomial, which synchronises with the GPU.
+    probs = scores.softmax(-1)
+    return argmax(probs / torch.empty_like(probs).exponential_(generator=generator))
+
+
 def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """scores (rows, vocab) -> the k largest scores of each row and their indices (rows, k), largest
     first, as `scores.topk(k)` returns them (which of several equal scores is taken may differ).
@@ -157,8 +195,12 @@ def greedy_search(
     pad_id: int,
     config: SearchConfig,
     max_len: int,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Pick the most probable token at every step. Returns token ids without BOS and EOS."""
+    """Pick the most probable token at every step, or with `config.sampling` draw it (from `generator`,
+    else one seeded with `sampling.seed`). Returns token ids without BOS and EOS."""
+    if config.sampling is not None and generator is None:
+        generator = torch.Generator(src.device).manual_seed(config.sampling.seed)
     memory, src_mask = model.encode(src)
     limits = _length_limits(src, pad_id, config.extra_len, max_len)
     steps = int(limits.max())
@@ -171,7 +213,9 @@ def greedy_search(
     for t in range(steps):
         at_limit = t + 1 >= limits
         rows = _rows_to_score(finished | at_limit)
-        (next_token,) = _in_place(rows, finished.numel(), argmax(stepper.logits(rows)))
+        logits = stepper.logits(rows)
+        picked = argmax(logits) if config.sampling is None else sample(logits, config.sampling, generator)
+        (next_token,) = _in_place(rows, finished.numel(), picked)
         next_token = torch.where(at_limit, eos_id, next_token)  # the length limit forces EOS
         next_token = torch.where(finished, pad_id, next_token)
         finished |= next_token == eos_id
@@ -423,7 +467,13 @@ def generate(
     pad_id: int,
     config: SearchConfig,
     max_len: int,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Beam search, or greedy when beam == 1 (which beam search would also reduce to, more slowly)."""
-    search = greedy_search if config.beam == 1 else beam_search
-    return search(model, src, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, config=config, max_len=max_len)
+    """Beam search, or greedy when beam == 1 (which beam search would also reduce to, more slowly), or
+    sampling (`config.sampling`, with beam 1; its draws from `generator`)."""
+    how = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "config": config, "max_len": max_len}
+    if config.sampling is not None:
+        if config.beam != 1:
+            raise ValueError(f"sampling draws one hypothesis per source: beam must be 1, not {config.beam}")
+        return greedy_search(model, src, **how, generator=generator)
+    return (greedy_search if config.beam == 1 else beam_search)(model, src, **how)

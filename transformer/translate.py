@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from transformer.checkpoint import checkpoint_path, load_weights
-from transformer.config import ModelConfig, TrainConfig, check_search, config_from_dict, model_config_class
+from transformer.config import (
+    ModelConfig,
+    TrainConfig,
+    check_sampling,
+    check_search,
+    config_from_dict,
+    model_config_class,
+)
 from transformer.data.batching import collate, token_batches
 from transformer.data.dataset import ENCODE_CHUNK, TokenSequences
 from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -20,7 +27,7 @@ from transformer.model.ensemble import Ensemble
 from transformer.packing import pack_linears
 from transformer.precision import decoding_cache_dtype, weight_dtype
 from transformer.rundir import reachable_data_dir, read_run_record
-from transformer.search import Hypothesis, SearchConfig, beam_search_n_best, generate
+from transformer.search import Hypothesis, Sampling, SearchConfig, beam_search_n_best, generate
 
 MAX_TOKENS = 6000  # padded source tokens (EOS included) × beam: what a batch of translations may hold
 # Sentences `transformer translate` translates and writes at a time (OpenNMT-py's shard size): a long
@@ -57,10 +64,13 @@ def translate_ids(
     *,
     max_tokens: int = MAX_TOKENS,
     device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Translate token-id sequences (without EOS), batched by length to waste little on padding; the
-    results come back in input order. Empty sources give empty translations without running the model."""
+    results come back in input order. Empty sources give empty translations without running the model.
+    With `search.sampling`, the batches draw from one stream: `generator`, else one seeded by the search."""
     results: list[list[int]] = [[] for _ in sources]
+    generator = generator or sampling_generator(search, device)
     for chunk, src in source_batches(sources, search.beam, max_tokens):
         outputs = generate(
             model,
@@ -70,10 +80,18 @@ def translate_ids(
             pad_id=PAD_ID,
             config=search,
             max_len=model.config.max_len,
+            generator=generator,
         )
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
     return results
+
+
+def sampling_generator(search: SearchConfig, device: torch.device | str) -> torch.Generator | None:
+    """The random stream a sampling search draws from, seeded by it; None for the other searches."""
+    if search.sampling is None:
+        return None
+    return torch.Generator(device).manual_seed(search.sampling.seed)
 
 
 def n_best(model: nn.Module, src: torch.Tensor, search: SearchConfig) -> list[list[Hypothesis]]:
@@ -148,13 +166,16 @@ class Translator:
         length_penalty: float | None = None,
         *,
         strict: bool = False,
+        sampling: Sampling | None = None,
     ) -> list[str]:
-        """One translation per sentence, in order; empty or blank sentences give empty strings.
+        """One translation per sentence, in order; empty or blank sentences give empty strings. With
+        `sampling`, each translation is drawn from the model's distribution (beam must be None or 1).
 
         A sentence longer than the model's maximum is truncated with a warning on stderr, or refused
         with `strict`.
         """
-        blocks = self.translate_blocks(sentences, beam, length_penalty, strict=strict, block=len(sentences))
+        how = {"strict": strict, "block": len(sentences), "sampling": sampling}
+        blocks = self.translate_blocks(sentences, beam, length_penalty, **how)
         return [text for block in blocks for text in block]
 
     def translate_blocks(
@@ -166,14 +187,19 @@ class Translator:
         strict: bool = False,
         block: int = BLOCK_SENTENCES,
         first: int = 1,
+        sampling: Sampling | None = None,
     ) -> Iterator[list[str]]:
         """`translate`'s translations, `block` sentences at a time, so that a long input's can be written
         as they are made (as fairseq-interactive's buffer and OpenNMT-py's shards are). Every sentence is
         tokenised and checked first: one that `strict` refuses stops the generator before any
-        translation. `first` is the first sentence's number in warnings and errors."""
-        search = self._search(beam, length_penalty)
+        translation. `first` is the first sentence's number in warnings and errors. Sampling draws from
+        one stream, seeded once per call: the same sentences in the same blocks get the same draws."""
+        search = self._search(beam, length_penalty, sampling)
+        device = self._device()
+        generator = sampling_generator(search, device)
         for part in self._source_blocks(sentences, strict, first, block):
-            yield self.tokenizer.decode_batch(translate_ids(self.model, part, search, device=self._device()))
+            ids = translate_ids(self.model, part, search, device=device, generator=generator)
+            yield self.tokenizer.decode_batch(ids)
 
     def translate_n_best(
         self,
@@ -228,13 +254,23 @@ class Translator:
         sources, block = self._encode(sentences, strict, first), max(block, 1)
         return (sources[start : start + block] for start in range(0, len(sources), block))
 
-    def _search(self, beam: int | None, length_penalty: float | None) -> SearchConfig:
-        """The search asked for, the run's beam size and length penalty where not given."""
+    def _search(
+        self, beam: int | None, length_penalty: float | None, sampling: Sampling | None = None
+    ) -> SearchConfig:
+        """The search asked for, the run's beam size and length penalty where not given; sampling draws
+        one hypothesis per sentence, so its beam is 1."""
         tc = self.train_config
+        if sampling is not None:
+            if beam not in (None, 1):
+                raise TransformerError(
+                    f"sampling draws one translation per sentence: the beam must be 1, not {beam}"
+                )
+            check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
+            beam = 1
         beam = tc.beam if beam is None else beam
         length_penalty = tc.length_penalty if length_penalty is None else length_penalty
         check_search(beam, length_penalty)
-        return SearchConfig(beam=beam, length_penalty=length_penalty)
+        return SearchConfig(beam=beam, length_penalty=length_penalty, sampling=sampling)
 
     @property
     def max_source_len(self) -> int:
