@@ -4,6 +4,7 @@ running the same trained weights, on the same batches, in one process.
 
     python benchmarks/translation.py --checkpoint runs/multi30k-de-en                  # test2016, fp32
     python benchmarks/translation.py --checkpoint runs/multi30k-de-en --precision bf16 --repeats 5
+    python benchmarks/translation.py --checkpoint runs/multi30k-de-en --sampling   # also drawn translations
 
 decode.py feeds random weights a fixed amount of work, every sentence of a batch stopping at the same
 step; real sentences end at their own lengths, and a batch that `translate` makes holds hundreds of them,
@@ -13,7 +14,10 @@ token-budget batches sorted by length), and counts the sentences each search tra
 dropping search does. Marian gets the checkpoint's weights through transformer.export's exact mapping
 (in memory; needs the `bench` extra), each batch's length limit (its longest source + 50; ours is per
 sentence) and the same length penalty α, which it applies as length^α where ours uses ((5 + length)/6)^α:
-greedy translations should all agree, beam ones mostly. Prints JSON and updates benchmarks/RESULTS.md.
+greedy translations should all agree, beam ones mostly. With --sampling, the translations drawn
+unrestricted, from the top 10 and from the nucleus of 0.9 (`--sampling`'s settings), against greedy
+search and against `generate(do_sample=True)` with the same settings. Prints JSON and updates
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -34,8 +38,15 @@ from transformer.data.corpus import read_split
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.errors import TransformerError
 from transformer.export import marian_config, marian_vocab_order, to_marian_state_dict
-from transformer.search import SearchConfig, search_name
+from transformer.search import Sampling, SearchConfig, search_name
 from transformer.translate import MAX_TOKENS, Translator, source_batches, translate_ids
+
+# What --sampling draws with: unrestricted (back-translation's), from the top 10, from the nucleus of 0.9.
+SAMPLINGS = {
+    "sampling": Sampling(),
+    "sampling, top-k 10": Sampling(top_k=10),
+    "sampling, top-p 0.9": Sampling(top_p=0.9),
+}
 
 
 def searches(
@@ -44,11 +55,18 @@ def searches(
     beams: list[int],
     marian: nn.Module | None,
     marian_budgets: Sequence[int] = (),
+    sampling: bool = False,
 ) -> dict[str, Callable[[], list[list[int]]]]:
     """Per beam size: ours dropping finished sentences, ours keeping them, and Marian's generate on the
     same batches and, for each of `marian_budgets`, on batches of that many tokens (smaller batches
-    lose less to sentences that have finished, which `generate` keeps decoding)."""
+    lose less to sentences that have finished, which `generate` keeps decoding). With `sampling`, ours
+    and Marian's drawing with each of SAMPLINGS."""
     runs = {}
+    for name, how in SAMPLINGS.items() if sampling else ():
+        runs[name] = _translate(translator, sources, SearchConfig(beam=1, sampling=how))
+        if marian is not None:
+            penalty, extra = translator.train_config.length_penalty, SearchConfig().extra_len
+            runs[f"{name}, MarianMTModel"] = _generate(marian, sources, 1, penalty, extra, sampling=how)
     penalty = translator.train_config.length_penalty
     for beam in beams:
         kind = search_name(beam)
@@ -98,9 +116,15 @@ def _generate(
     penalty: float,
     extra: int,
     max_tokens: int = MAX_TOKENS,
+    sampling: Sampling | None = None,
 ) -> Callable:
     """`generate` on the batches `translate_ids` makes (with `max_tokens`: of that budget), the ids mapped
-    there and back."""
+    there and back; drawing with `sampling`'s settings where given (top_k 0: all tokens, not
+    transformers' default of 50)."""
+    draw = {"do_sample": False}
+    if sampling is not None:
+        draw = {"do_sample": True, "top_k": sampling.top_k, "top_p": sampling.top_p}
+        draw["temperature"] = sampling.temperature
     order = marian_vocab_order(marian.config.vocab_size)  # the exported model's id -> ours
     to_marian = torch.argsort(order)
     pad = marian.config.pad_token_id
@@ -114,7 +138,7 @@ def _generate(
                 input_ids=src,
                 attention_mask=src != pad,
                 num_beams=beam,
-                do_sample=False,
+                **draw,
                 **({"length_penalty": penalty} if beam > 1 else {}),  # greedy has none
                 max_new_tokens=src.size(1) + extra,  # ours: each source's length with EOS + extra
             )
@@ -135,6 +159,7 @@ def measure(
     limit: int | None = None,
     with_marian: bool = True,
     marian_budgets: Sequence[int] = (),
+    sampling: bool = False,
 ) -> dict[str, Any]:
     """Rows of seconds and sentences/s per search; per beam size the speed-ups of dropping finished
     sentences, the counts of translations equal to the dropping search's, and the speed-up of the same
@@ -147,13 +172,13 @@ def measure(
     marian = marian_twin(translator.model) if with_marian else None
     if marian is not None:
         marian.to(next(translator.model.parameters()).dtype)
-    runs = searches(translator, sources, beams, marian, marian_budgets)
+    runs = searches(translator, sources, beams, marian, marian_budgets, sampling)
     outputs, times, rows = common.time_translations(runs, repeats)
     ratios: dict[str, Any] = {}
     ranges: dict[str, tuple[float, float]] = {}
 
-    def speedup(fast: str, slow: str) -> None:
-        label = f"{fast} vs {slow.removeprefix(f'{kind}, ')}"
+    def speedup(fast: str, slow: str, kind: str = "") -> None:
+        label = f"{fast} vs {slow.removeprefix(f'{kind}, ')}" if kind else f"{fast} vs {slow}"
         ratios[label] = common.paired_speedup(times[fast], times[slow])
         ranges[label] = common.speedup_range(times[fast], times[slow])
 
@@ -163,13 +188,18 @@ def measure(
         for way in ("keeping finished", "MarianMTModel"):
             other = f"{kind}, {way}"
             if other in times:
-                speedup(ours, other)
+                speedup(ours, other, kind)
                 same = sum(a == b for a, b in zip(outputs[ours], outputs[other], strict=True))
                 ratios[f"{kind}: translations equal, {way}"] = f"{same} of {len(sources)}"
         if f"{kind}, MarianMTModel" in times:
-            speedup(f"{kind}, keeping finished", f"{kind}, MarianMTModel")  # the same search as Marian's
+            speedup(f"{kind}, keeping finished", f"{kind}, MarianMTModel", kind)  # Marian's search
             for budget in marian_budgets:
-                speedup(ours, f"{kind}, MarianMTModel, {budget}-token batches")
+                speedup(ours, f"{kind}, MarianMTModel, {budget}-token batches", kind)
+    for name in SAMPLINGS if sampling else ():
+        if "greedy, dropping finished" in times:
+            speedup(name, "greedy, dropping finished")
+        if f"{name}, MarianMTModel" in times:
+            speedup(name, f"{name}, MarianMTModel")
     return {
         "direction": f"{tc.src_lang}→{tc.tgt_lang}",
         "split": split,
@@ -190,6 +220,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-marian", action="store_true", help="leave MarianMTModel out")
+    parser.add_argument("--sampling", action="store_true", help="also draw translations (SAMPLINGS)")
     parser.add_argument(
         "--marian-max-tokens",
         type=int,
@@ -206,6 +237,7 @@ def main() -> None:
         args.repeats,
         with_marian=not args.no_marian,
         marian_budgets=args.marian_max_tokens,
+        sampling=args.sampling,
     )
     result = {"machine": common.machine_info(), "checkpoint": args.checkpoint, **measured}
     table = common.decoding_markdown(measured["rows"], measured["ratios"], measured["ratio_ranges"])

@@ -276,6 +276,18 @@ def test_translation_benchmark_translates_a_split_three_ways(run_dir, monkeypatc
     assert all(row["sentences_per_s"] > 0 for row in measured["rows"].values())
 
 
+def test_translation_benchmark_draws_as_ours_and_as_marians_generate(run_dir, monkeypatch) -> None:
+    """--sampling: each of the three settings drawn by our search and by generate(do_sample=True), and
+    set against greedy search and against Marian's."""
+    monkeypatch.chdir(run_dir.parent)
+    measured = translation.measure(str(run_dir), None, "fp32", [1], 1, limit=8, sampling=True)
+    for name in translation.SAMPLINGS:
+        assert {name, f"{name}, MarianMTModel"} <= set(measured["rows"])
+        assert {f"{name} vs greedy, dropping finished", f"{name} vs {name}, MarianMTModel"} <= set(
+            measured["ratios"]
+        )
+
+
 def test_ctranslate2_benchmark_runs_the_exported_checkpoint_on_our_batches(run_dir, monkeypatch) -> None:
     """The checkpoint exported and converted: CTranslate2 translates the split as our greedy search does
     (same weights, same batches), and every search gets a row."""

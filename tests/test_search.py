@@ -341,3 +341,25 @@ def test_sampling_is_fixed_by_its_seed_and_varies_with_it(model: Transformer) ->
     assert first != greedy
     with pytest.raises(ValueError, match="beam must be 1"):
         generate(model, sources(), config=SearchConfig(beam=4, sampling=Sampling()), max_len=128, **IDS)
+
+
+def test_a_nucleus_is_found_among_the_top_candidates_or_by_sorting_the_row() -> None:
+    """On the CPU each row's nucleus is looked for among its NUCLEUS_CANDIDATES most probable tokens and,
+    where wider, in the whole sorted row: either way the tokens a numpy sort keeps."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 4 * search_module.NUCLEUS_CANDIDATES
+    flat = torch.rand(vocab, generator=g) * 0.01  # a nucleus of most of the row: sorted whole
+    peaked = torch.randn(vocab, generator=g) * 4.0  # a nucleus of a few tokens: among the candidates
+    scores = torch.stack([peaked, flat, peaked.flip(0), flat.flip(0)])
+    for top_p in (0.3, 0.9):
+        kept = search_module._nucleus(scores, top_p)
+        probs = scores.double().softmax(-1).numpy()
+        widths = []
+        for row, p in enumerate(probs):
+            order = (-p).argsort(kind="stable")
+            before = p[order].cumsum() - p[order]
+            nucleus = set(order[before < top_p].tolist())
+            assert set(torch.isfinite(kept[row]).nonzero()[:, 0].tolist()) == nucleus, (row, top_p)
+            assert torch.equal(kept[row][list(nucleus)], scores[row][list(nucleus)])
+            widths.append(len(nucleus))
+        assert min(widths) < search_module.NUCLEUS_CANDIDATES < max(widths), widths  # both ways taken
