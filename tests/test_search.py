@@ -363,3 +363,15 @@ def test_a_nucleus_is_found_among_the_top_candidates_or_by_sorting_the_row() -> 
             assert torch.equal(kept[row][list(nucleus)], scores[row][list(nucleus)])
             widths.append(len(nucleus))
         assert min(widths) < search_module.NUCLEUS_CANDIDATES < max(widths), widths  # both ways taken
+
+
+def test_a_token_of_probability_zero_is_never_drawn(monkeypatch) -> None:
+    """Zeros first, last and between, as top-k and top-p leave them; and uniform numbers at the top of
+    their range, which inverting the cumulative sum must still map inside the row."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(20_000, 5)
+    drawn = search_module._draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=5).tolist()
+    assert counts[0] == counts[2] == counts[4] == 0 and abs(counts[1] / 20_000 - 0.25) < 0.015, counts
+    highest = 1.0 - 2.0**-53  # torch.rand's largest float64
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, highest, dtype=torch.float64))
+    assert search_module._draw(probs[:3] * 0.999999, None).tolist() == [3, 3, 3]

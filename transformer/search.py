@@ -192,9 +192,10 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     (gpt-fast's) each took 10 ms a step for 64 rows of 8,000 on the CPU (one random number per entry),
     this 0.3 ms; none of them synchronises with the GPU but torch.multinomial."""
     cdf = probs.double().cumsum(-1)  # (rows, n); float64, so that rounding does not shift the steps
-    u = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, u, right=True)[:, 0]  # the first step above u
-    return drawn.clamp_(max=cdf.size(-1) - 1)  # u < the total, unless the product rounded up to it
+    total = cdf[:, -1:]  # (rows, 1)
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total, should u round up
+    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first column whose step rises above u
 
 
 def topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
