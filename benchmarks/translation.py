@@ -245,7 +245,8 @@ def main() -> None:
         f"{measured['sentences']} sentences of {measured['split']} through `{args.checkpoint}` "
         f"({measured['precision']}):\n\n{table}"
     )
-    common.report(f"Translation of real text, {measured['direction']}, {measured['precision']}", result, body)
+    title = f"Translation of real text, {measured['direction']}, {measured['precision']}"
+    common.report(title + (", sampling" if args.sampling else ""), result, body)
 
 
 if __name__ == "__main__":
