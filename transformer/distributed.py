@@ -237,9 +237,9 @@ def on_main(work: Callable[[], T], *, long: bool = False) -> T | None:
 def on_each(work: Callable[[], T]) -> T:
     """`work()` in every process at once, each its own, and its result there: long work of the others
     while rank 0 has none (tokenising their own copy of the text, where the ids rank 0 kept are out of
-    sight). As in `on_main(long=True)`, the processes meet once a HEARTBEAT until all are done (`_beating`),
-    and an error of one process (TransformerError, OSError) is raised in
-    all, the lowest rank's first."""
+    sight). As in `on_main(long=True)`, the processes meet once a HEARTBEAT until all are done
+    (`_beating`), and an error of one process (TransformerError, OSError) is raised in all, the lowest
+    rank's first."""
     if not active():
         return work()
     result, failure = None, None
