@@ -567,10 +567,18 @@ def test_token_sequences_from_arrays_hold_the_arrays_given_not_copies() -> None:
             held.extend([[7]])
 
 
-def test_token_sequences_take_4_bytes_a_token() -> None:
-    """The point of the class: a 30-token sentence in ~128 bytes, not a list's ~1,100."""
-    held = TokenSequences([list(range(1000, 1030))] * 1000)
-    assert held.nbytes == 30_000 * 4 + 1001 * 8
+def test_token_sequences_take_4_bytes_a_token_or_2_of_a_vocabulary_of_2_to_the_16() -> None:
+    """The point of the class: a 30-token sentence in ~128 bytes, not a list's ~1,100; ~68 where every id
+    fits 16 bits, and 32-bit ids past that."""
+    sentences = [list(range(65_506, 65_536))] * 1000
+    assert TokenSequences(sentences).nbytes == 30_000 * 4 + 1001 * 8
+    for vocab_size, width in ((1 << 16, 2), ((1 << 16) + 1, 4)):
+        held = TokenSequences(sentences, vocab_size=vocab_size)
+        assert held.nbytes == 30_000 * width + 1001 * 8 and list(held) == sentences
+        assert held.arrays()[0].dtype == (np.uint16 if width == 2 else np.int32)
+        assert list(TokenSequences.from_arrays(*held.arrays())) == sentences
+    with pytest.raises(OverflowError):  # an id the vocabulary does not have is not wrapped around
+        TokenSequences([[1 << 16]], vocab_size=1 << 16)
 
 
 def test_encode_corpus_in_chunks_equals_encoding_at_once(

@@ -632,6 +632,7 @@ def test_a_process_without_kept_ids_reads_and_tokenises_the_text_again(
         corpus, counts, was_read = prepare.training_ids(tc, tokenizer, run_dir, key)
         assert was_read == read and counts == kept_counts
         assert list(corpus.src) == list(kept.src) and list(corpus.tgt) == list(kept.tgt)
+        assert corpus.src.arrays()[0].dtype == np.uint16  # held or kept: 2 bytes a token
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
     other = tmp_path / "other-copy"

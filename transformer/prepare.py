@@ -204,7 +204,8 @@ def _tokenise_training_text(
     tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int]]:
     """The training split's ids and filter counts, in this process's memory."""
-    corpus, counts = Corpus(TokenSequences(), TokenSequences(), []), new_counts()
+    held = {"vocab_size": tokenizer.vocab_size}  # 16-bit ids where they fit: half the memory
+    corpus, counts = Corpus(TokenSequences(**held), TokenSequences(**held), []), new_counts()
     for src, tgt in _training_text_ids(tc, tokenizer, key, counts):
         corpus.src.extend(src)
         corpus.tgt.extend(tgt)

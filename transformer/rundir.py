@@ -46,7 +46,7 @@ from transformer.checkpoint import (
     step_of,
 )
 from transformer.config import TrainConfig, model_config_class
-from transformer.data.dataset import Corpus, TokenSequences
+from transformer.data.dataset import Corpus, TokenSequences, fits_16_bits
 from transformer.errors import TransformerError
 
 # Settings a resume may change: budgets, how often to validate and log, threads and compilation, and the
@@ -173,7 +173,7 @@ def ids_dtype(vocab_size: int) -> str:
     """The dtype train.ids keeps a vocabulary's ids in: 16 bits where every id fits, as in fairseq's
     binarised data, which halves the file, its pages shared by a torchrun's processes, and a resume's read
     (WMT14 en-fr's 36M pairs: 4.9 GB, not 9.2); 32 bits past 65,536 pieces."""
-    return "U16" if vocab_size <= 1 << 16 else "I32"
+    return "U16" if fits_16_bits(vocab_size) else "I32"
 
 
 class TrainingIdsWriter:

@@ -25,16 +25,24 @@ from transformer.data.tokenizer import Tokenizer
 ENCODE_CHUNK = 100_000  # pairs tokenised at a time: bounds the transient lists of ids, not the result
 
 
+def fits_16_bits(vocab_size: int) -> bool:
+    """Whether a vocabulary's ids fit 16 bits (65,536 pieces or fewer): a corpus of them is then held and
+    kept in half the memory, as fairseq's binarised data is."""
+    return vocab_size <= 1 << 16
+
+
 class TokenSequences(Sequence[list[int]]):
     """Token-id sequences in one flat array of ids: `seqs[i]` is sequence i as a list of ints. The ids are
-    int32, or uint16 in arrays given to `from_arrays` (a kept file of a vocabulary of 65,536 pieces or less).
+    16-bit given a `vocab_size` that `fits_16_bits`, else 32-bit; arrays given to `from_arrays` hold
+    either.
 
     Built with `extend`, the arrays are the process's own. `from_arrays` keeps the arrays it is given,
     and a memory map of a kept file (`transformer.rundir.load_training_ids`) stays one: the processes of
     a torchrun that map one file share its pages, where each would otherwise hold a copy."""
 
-    def __init__(self, sequences: Iterable[Sequence[int]] = ()) -> None:
-        self._ids: array | np.ndarray = array("i")  # every sequence's ids, one after another
+    def __init__(self, sequences: Iterable[Sequence[int]] = (), *, vocab_size: int | None = None) -> None:
+        narrow = vocab_size is not None and fits_16_bits(vocab_size)
+        self._ids: array | np.ndarray = array("H" if narrow else "i")  # every sequence's ids, in a row
         self._offsets: array | np.ndarray = array("q", [0])  # sequence i: _ids[_offsets[i] : _offsets[i + 1]]
         self.extend(sequences)
 
@@ -80,8 +88,7 @@ class TokenSequences(Sequence[list[int]]):
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, offsets) as numpy arrays over this object's memory, not copies: for saving."""
-        ids = self._ids if isinstance(self._ids, np.ndarray) else np.asarray(self._ids, dtype=np.int32)
-        return ids, np.asarray(self._offsets, dtype=np.int64)
+        return np.asarray(self._ids), np.asarray(self._offsets, dtype=np.int64)  # int32 or uint16 ids
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, offsets: np.ndarray) -> TokenSequences:
@@ -134,7 +141,8 @@ def encode_corpus(
     ever Python lists. `keep_text=False` keeps no reference text: training needs none. `progress` shows a
     bar when there is more than one chunk (4.5M pairs take about two minutes on two cores).
     """
-    corpus, counts = Corpus(TokenSequences(), TokenSequences(), []), new_counts()
+    held = {"vocab_size": tokenizer.vocab_size}
+    corpus, counts = Corpus(TokenSequences(**held), TokenSequences(**held), []), new_counts()
     chunks = (pairs[start : start + ENCODE_CHUNK] for start in range(0, len(pairs), ENCODE_CHUNK))
     progress = progress and len(pairs) > ENCODE_CHUNK
     for chunk, keep, src, tgt in encode_stream(chunks, tokenizer, max_len, counts, progress, len(pairs)):
