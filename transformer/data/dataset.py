@@ -3,8 +3,9 @@
 A Python list of token ids costs about 36 bytes a token (an 8-byte pointer to a 28-byte int object):
 WMT14 en-de's 4.5M pairs, some 270M tokens, would take ~10 GB in every training process, eight times over
 under `torchrun --nproc_per_node=8`. `TokenSequences` keeps all sequences of a split in one flat array of
-32-bit ids with their offsets, 4 bytes a token, and hands out a sentence as a list when it is asked for one;
-read from a run's kept ids, the arrays are a memory map that the processes share.
+ids with their offsets, 2 bytes a token where the vocabulary fits 16 bits (4 past that), and hands out a
+sentence as a list when it is asked for one; read from a run's kept ids, the arrays are a memory map that
+the processes share.
 """
 
 from __future__ import annotations
