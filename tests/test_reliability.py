@@ -567,6 +567,24 @@ def test_kept_training_ids_are_read_back_only_under_their_key(tmp_path: Path) ->
         load_training_ids(tmp_path, key)
 
 
+def test_joining_the_kept_ids_removes_each_part_once_it_is_copied(tmp_path: Path, monkeypatch) -> None:
+    """So that joining the parts into train.ids needs about half the ids' size more on disk, not all of
+    it: while a part is copied, the parts before it are gone."""
+    corpus = Corpus(TokenSequences([[5, 6, 7], [8]]), TokenSequences([[9], [10, 11]]), [])
+    left_at_each_copy = []
+    real_copy = shutil.copyfileobj
+
+    def copy_noting_parts(source: Any, out: Any, length: int = 0) -> None:
+        left_at_each_copy.append(sorted(p.name for p in tmp_path.glob(f".{TRAIN_IDS}.*.tmp-*")))
+        real_copy(source, out, length)
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_noting_parts)
+    keep_ids(tmp_path, corpus, {"pairs": 2, "kept": 2, "empty": 0, "too_long": 0}, {"text": "a"})
+    assert [len(parts) for parts in left_at_each_copy] == [4, 3, 2, 1], left_at_each_copy
+    loaded, _ = load_training_ids(tmp_path, {"text": "a"})
+    assert list(loaded.src) == list(corpus.src) and list(loaded.tgt) == list(corpus.tgt)
+
+
 def test_a_writer_of_training_ids_that_cannot_start_leaves_no_part_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
