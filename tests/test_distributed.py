@@ -65,28 +65,24 @@ def torchrun_env() -> dict[str, str]:
     }
 
 
+# Two CPU processes started by torchrun, with a rendezvous on a free local port; the program follows.
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def on_two(*program: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`program` (a script and its arguments, or `-m module ...`) run by two torchrun processes."""
+    return subprocess.run(
+        [*TWO_PROCESSES, *program], env=torchrun_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def torchrun(
     run_dir: Path, data_dir: Path, max_steps: int, *extra: str, dropout: float = 0.0, succeeds: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """`transformer train` on two CPU processes, each with one thread."""
     recipe = dataclasses.asdict(tiny_recipe(data_dir, **RECIPE, max_steps=max_steps))
     overrides = [f"{key}={value}" for key, value in {**recipe, **MODEL, "dropout": dropout}.items()]
-    env = torchrun_env()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a rendezvous on a free local port
-        "--nproc_per_node=2",
-        "-m",
-        "transformer.cli",
-        "train",
-        "--out",
-        str(run_dir),
-        *overrides,
-        *extra,
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = on_two("-m", "transformer.cli", "train", "--out", str(run_dir), *overrides, *extra, timeout=300)
     assert (done.returncode == 0) == succeeds, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -213,8 +209,7 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_step_with_last_saved(
 ) -> None:
     run = tmp_path / "run"
     recipe = dataclasses.asdict(tiny_recipe(data_dir, **{**RECIPE, "eval_every": 0}, max_steps=100_000))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "transformer.cli", "train", "--out", str(run)]
+    command = [*TWO_PROCESSES, "-m", "transformer.cli", "train", "--out", str(run)]
     command += [f"{key}={value}" for key, value in {**recipe, **MODEL}.items()]
     launcher = subprocess.Popen(
         command, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -367,15 +362,12 @@ def test_long_work_of_one_rank_outlasts_the_groups_timeout(tmp_path: Path) -> No
     (the control, which shows the timeout is real)."""
     script = tmp_path / "timeout.py"
     script.write_text(TIMEOUT_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command.append(str(script))
-    kwargs = {"env": torchrun_env(), "capture_output": True, "text": True, "timeout": 120}
     for mode in ("long", "each"):
-        beating = subprocess.run([*command, mode], **kwargs)
+        beating = on_two(str(script), mode)
         assert beating.returncode == 0, beating.stderr[-3000:]
-    failing = subprocess.run([*command, "each, rank 1 fails"], **kwargs)
+    failing = on_two(str(script), "each, rank 1 fails")
     assert failing.returncode != 0 and failing.stderr.count("TransformerError: rank 1 read other text") == 2
-    waiting = subprocess.run([*command, "short"], **kwargs)
+    waiting = on_two(str(script), "short")
     assert waiting.returncode != 0 and "Timed out" in waiting.stderr, waiting.stderr[-3000:]
 
 
@@ -401,14 +393,7 @@ def test_shutdown_joins_gloos_threads(tmp_path: Path) -> None:
     existed, holds it in ten functions' default arguments (transformer/distributed.py imports it first)."""
     script = tmp_path / "shutdown.py"
     script.write_text(SHUTDOWN_SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*command, str(script), str(tmp_path / "threads-")],
-        env=torchrun_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = on_two(str(script), str(tmp_path / "threads-"))
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         threads = (tmp_path / f"threads-{rank}").read_text().split()
