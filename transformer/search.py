@@ -136,6 +136,13 @@ def argmax(scores: Tensor) -> Tensor:
     return best * BLOCK + within
 
 
+def sampling_generator(config: SearchConfig, device: torch.device | str) -> torch.Generator | None:
+    """The random stream a sampling search draws from, seeded by it; None for the other searches."""
+    if config.sampling is None:
+        return None
+    return torch.Generator(device).manual_seed(config.sampling.seed)
+
+
 def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
     """logits (rows, vocab) -> (rows,) a token drawn from each row's softmax(logits / temperature),
     restricted to its `top_k` most probable tokens and then to the nucleus of mass `top_p` of what is
@@ -242,8 +249,7 @@ def greedy_search(
 ) -> list[list[int]]:
     """Pick the most probable token at every step, or with `config.sampling` draw it (from `generator`,
     else one seeded with `sampling.seed`). Returns token ids without BOS and EOS."""
-    if config.sampling is not None and generator is None:
-        generator = torch.Generator(src.device).manual_seed(config.sampling.seed)
+    generator = generator or sampling_generator(config, src.device)
     memory, src_mask = model.encode(src)
     limits = _length_limits(src, pad_id, config.extra_len, max_len)
     steps = int(limits.max())

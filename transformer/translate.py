@@ -27,7 +27,14 @@ from transformer.model.ensemble import Ensemble
 from transformer.packing import pack_linears
 from transformer.precision import decoding_cache_dtype, weight_dtype
 from transformer.rundir import reachable_data_dir, read_run_record
-from transformer.search import Hypothesis, Sampling, SearchConfig, beam_search_n_best, generate
+from transformer.search import (
+    Hypothesis,
+    Sampling,
+    SearchConfig,
+    beam_search_n_best,
+    generate,
+    sampling_generator,
+)
 
 MAX_TOKENS = 6000  # padded source tokens (EOS included) × beam: what a batch of translations may hold
 # Sentences `transformer translate` translates and writes at a time (OpenNMT-py's shard size): a long
@@ -85,13 +92,6 @@ def translate_ids(
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
     return results
-
-
-def sampling_generator(search: SearchConfig, device: torch.device | str) -> torch.Generator | None:
-    """The random stream a sampling search draws from, seeded by it; None for the other searches."""
-    if search.sampling is None:
-        return None
-    return torch.Generator(device).manual_seed(search.sampling.seed)
 
 
 def n_best(model: nn.Module, src: torch.Tensor, search: SearchConfig) -> list[list[Hypothesis]]:
