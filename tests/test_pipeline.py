@@ -204,6 +204,29 @@ def test_translate_at_a_terminal_answers_each_line_as_it_is_typed(
     assert numbers[0] == [] and numbers[1] == ["0", "0"] and numbers[2] == ["1", "1"]
 
 
+def test_translate_at_a_terminal_draws_from_one_stream_for_the_session(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """With --sampling, a line typed twice is drawn anew, as in fairseq-interactive, not the seed's same
+    draw again; the session as a whole is still fixed by the seed."""
+    line = "Ein Mann fährt Fahrrad mit zwei Hunden im Schnee."
+    command = ["translate", "--checkpoint", str(run_dir), "--sampling", "--temperature", "3", "--seed", "4"]
+
+    def session() -> list[str]:
+        terminal = Terminal([line.encode() + b"\n"] * 3, capsys)
+        monkeypatch.setattr(sys, "stdin", terminal)
+        assert main(command) == 0
+        terminal.printed_before_each_read.append(capsys.readouterr())
+        out = "".join(printed.out for printed in terminal.printed_before_each_read)
+        return out[:-1].split("\n")  # at "\n" alone, as in the test above
+
+    first = session()
+    assert len(first) == 3 and len(set(first)) > 1
+    alone = Translator.from_checkpoint(run_dir).translate([line], sampling=Sampling(3.0, seed=4))
+    assert first[0] == single_line(alone[0])  # the session's first draw is the seed's
+    assert session() == first
+
+
 def test_translate_cli_prints_n_best_lists(run_dir: Path, tmp_path: Path, capsys) -> None:
     source = tmp_path / "in.de"
     source.write_text("Ein Mann fährt Fahrrad.\n\nZwei Hunde spielen im Schnee.\n")

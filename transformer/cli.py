@@ -148,18 +148,23 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _output_blocks(
-    translator: Any, lines: list[str], args: argparse.Namespace, sampling: Any, first: int = 0
+    translator: Any,
+    lines: list[str],
+    args: argparse.Namespace,
+    sampling: Any,
+    first: int = 0,
+    stream: Any = None,
 ) -> Iterator[tuple[int, list[str]]]:
     """What `translate` prints for `lines`, a block of input lines at a time (`Translator.translate_blocks`):
-    (input lines done, output lines), one translation each (searched, or drawn with `sampling`) or
-    `--nbest` lines each, numbered by input line from `first`."""
+    (input lines done, output lines), one translation each (searched, or drawn with `sampling`, from
+    `stream` where given) or `--nbest` lines each, numbered by input line from `first`."""
     from transformer.textio import single_line
     from transformer.translate import BLOCK_SENTENCES
 
     search = (args.beam, args.length_penalty)
     how = {"strict": args.strict, "block": BLOCK_SENTENCES, "first": first + 1}
     if args.nbest == 1:
-        for block in translator.translate_blocks(lines, *search, **how, sampling=sampling):
+        for block in translator.translate_blocks(lines, *search, **how, sampling=sampling, stream=stream):
             yield len(block), [single_line(line) for line in block]
         return
     for block in translator.n_best_blocks(lines, args.nbest, *search, **how):
@@ -174,10 +179,11 @@ def _translate_as_typed(translator: Any, args: argparse.Namespace, sampling: Any
     from transformer.textio import decode_lines
 
     print("translating each line as it is typed; Ctrl-D ends", file=sys.stderr)
+    stream = translator.random_stream(sampling)  # one for the session: a line typed twice is drawn anew
     for number, raw in enumerate(iter(sys.stdin.buffer.readline, b"")):
         try:
             lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)
-            blocks = _output_blocks(translator, lines, args, sampling, number)
+            blocks = _output_blocks(translator, lines, args, sampling, number, stream)
             out = [line for _, block in blocks for line in block]
         except TransformerError as error:
             print(_error_line(error), file=sys.stderr)

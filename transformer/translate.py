@@ -188,15 +188,17 @@ class Translator:
         block: int = BLOCK_SENTENCES,
         first: int = 1,
         sampling: Sampling | None = None,
+        stream: torch.Generator | None = None,
     ) -> Iterator[list[str]]:
         """`translate`'s translations, `block` sentences at a time, so that a long input's can be written
         as they are made (as fairseq-interactive's buffer and OpenNMT-py's shards are). Every sentence is
         tokenised and checked first: one that `strict` refuses stops the generator before any
         translation. `first` is the first sentence's number in warnings and errors. Sampling draws from
-        one stream, seeded once per call: the same sentences in the same blocks get the same draws."""
+        one stream, seeded once per call (the same sentences in the same blocks get the same draws), or
+        from `stream` (`random_stream`), which goes on from where the last call left it."""
         search = self._search(beam, length_penalty, sampling)
         device = self._device()
-        generator = sampling_generator(search, device)
+        generator = stream or sampling_generator(search, device)
         for part in self._source_blocks(sentences, strict, first, block):
             ids = translate_ids(self.model, part, search, device=device, generator=generator)
             yield self.tokenizer.decode_batch(ids)
@@ -245,6 +247,13 @@ class Translator:
                     texts = self.tokenizer.decode_batch([h.tokens for h in best])
                     results[i] = [(text, h.score) for text, h in zip(texts, best, strict=True)]
             yield results
+
+    def random_stream(self, sampling: Sampling | None) -> torch.Generator | None:
+        """The stream `sampling` draws from, seeded by it, on the model's device (None without sampling):
+        for calls that are to go on drawing from one stream instead of each starting again from the seed,
+        as the lines of an interactive session do (fairseq-interactive's too), so that a line typed twice
+        can be drawn two ways."""
+        return sampling_generator(SearchConfig(beam=1, sampling=sampling), self._device())
 
     def _source_blocks(
         self, sentences: Sequence[str], strict: bool, first: int, block: int
