@@ -108,6 +108,7 @@ def test_translate_cli_samples_translations_fixed_by_the_seed(run_dir: Path, tmp
     for extra, error in [
         (["--beam", "4"], "the beam must be 1, not 4"),
         (["--nbest", "2"], "--sampling draws one translation per line"),
+        (["--length-penalty", "1"], "it takes no length penalty"),
         (["--temperature", "0"], "temperature must be above 0"),
         (["--sampling-topp", "1.5"], "top-p must be in (0, 1]"),
         (["--sampling-topk", "-1"], "top-k must be 0"),

@@ -267,13 +267,16 @@ class Translator:
         self, beam: int | None, length_penalty: float | None, sampling: Sampling | None = None
     ) -> SearchConfig:
         """The search asked for, the run's beam size and length penalty where not given; sampling draws
-        one hypothesis per sentence, so its beam is 1."""
+        one hypothesis per sentence, so its beam is 1, and ranks none, so a length penalty would be
+        ignored: it is refused instead."""
         tc = self.train_config
         if sampling is not None:
             if beam not in (None, 1):
                 raise TransformerError(
                     f"sampling draws one translation per sentence: the beam must be 1, not {beam}"
                 )
+            if length_penalty is not None:
+                raise TransformerError("sampling ranks no translations: it takes no length penalty")
             check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
             beam = 1
         beam = tc.beam if beam is None else beam
