@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_ensemble_search_with_cache_and_dropping_equals_full_recomputation(beam:
         with torch.no_grad():
             memory, mask = ensemble.encode(sources()[row : row + 1])
             log_probs = ensemble.decode(tgt[:, :-1], memory, mask)[0]
+        log_probs[:, [PAD, BOS]] = -math.inf  # the search's own tokens, which no translation holds
+        log_probs = log_probs.log_softmax(-1)  # renormalised over the others
         forced = len(hyps[0].tokens) + 1 >= int((sources()[row] != PAD).sum()) + config.extra_len
         terms = log_probs.gather(1, tgt[0, 1:, None])[:, 0]
         assert hyps[0].log_prob == pytest.approx(float(terms[:-1].sum() if forced else terms.sum()), abs=1e-4)
@@ -136,3 +139,13 @@ def test_translate_and_evaluate_take_several_checkpoints(run_dir: Path, tmp_path
     assert main(["translate", "--checkpoint", str(run_dir), str(other), "--input", str(source)]) == 2
     error = capsys.readouterr().err.strip()
     assert error == f"error: {other} has another tokenizer than {run_dir}: an ensemble needs one"
+
+    # a run of the same tokenizer and the reverse direction: refused, naming both pairs
+    reverse = tmp_path / "reverse"
+    shutil.copytree(run_dir, reverse)
+    record = json.loads((reverse / "config.json").read_text())
+    record["train"]["src_lang"], record["train"]["tgt_lang"] = "en", "de"
+    (reverse / "config.json").write_text(json.dumps(record))
+    assert main(["translate", "--checkpoint", str(run_dir), str(reverse), "--input", str(source)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: {reverse} translates en→de, {run_dir} de→en: an ensemble needs one language pair"

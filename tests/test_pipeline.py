@@ -105,6 +105,7 @@ def test_translate_cli_samples_translations_fixed_by_the_seed(run_dir: Path, tmp
     greedy = Translator.from_checkpoint(run_dir).translate(lines, beam=1)
     assert printed("--sampling-topk", "1") == [single_line(text) for text in greedy]
     assert Translator.from_checkpoint(run_dir).translate(lines, sampling=Sampling(top_k=1)) == greedy
+    assert printed("--temperature", "1e-39") == printed("--sampling-topk", "1")  # T → 0: the most probable
     for extra, error in [
         (["--beam", "4"], "the beam must be 1, not 4"),
         (["--nbest", "2"], "--sampling draws one translation per line"),
@@ -112,6 +113,8 @@ def test_translate_cli_samples_translations_fixed_by_the_seed(run_dir: Path, tmp
         (["--temperature", "0"], "temperature must be above 0"),
         (["--sampling-topp", "1.5"], "top-p must be in (0, 1]"),
         (["--sampling-topk", "-1"], "top-k must be 0"),
+        (["--seed", str(2**64)], "seed must be 0 to 2^64 - 1"),
+        (["--seed", "-1"], "seed must be 0 to 2^64 - 1"),
     ]:
         assert main([*command, *extra]) == 2
         assert error in one_error_line(capsys), extra
@@ -252,6 +255,9 @@ def test_translate_cli_prints_n_best_lists(run_dir: Path, tmp_path: Path, capsys
 
     assert main([*command, "--beam", "2"]) == 2
     assert "beam of at least 3" in one_error_line(capsys)
+    for n in ("0", "200"):  # not a beam of 200, which was never asked for
+        assert main([*command[:-1], n]) == 2
+        assert "translations per sentence must be 1 to 128, got " + n in one_error_line(capsys)
 
 
 def test_translator_api(run_dir: Path) -> None:

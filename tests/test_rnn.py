@@ -169,12 +169,12 @@ def test_beam_one_is_greedy_and_cache_changes_nothing(kind: str, cell: str) -> N
 @pytest.mark.parametrize(("kind", "cell"), KINDS)
 def test_dropping_finished_sentences_changes_nothing(kind: str, cell: str) -> None:
     """The recurrent models' memory is repeated for every hypothesis (`beam_memory`), the Transformer's is
-    not: a search that drops finished sentences has to select either right. Length limits of 4 to 9
+    not: a search that drops finished sentences has to select either right. Length limits of 5 to 10
     steps make the sentences finish at different steps."""
     model = make(kind, cell)
     src, _ = batch()
     for beam in (1, 3):
-        config = SearchConfig(beam=beam, extra_len=2)
+        config = SearchConfig(beam=beam, extra_len=3)
         search = beam_search if beam > 1 else greedy_search
         dropping = search(model, src, config=config, max_len=64, **IDS)
         keeping = search(model, src, config=replace(config, drop_finished=False), max_len=64, **IDS)

@@ -23,6 +23,7 @@ from transformer.search import (
     sample,
     topk,
 )
+from transformer.translate import translate_ids
 
 PAD, BOS, EOS = 0, 2, 3
 IDS = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
@@ -135,8 +136,11 @@ class ToyModel:
     def beam_memory(self, memory, src_mask, k):
         return memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0)
 
-    def decode(self, tgt, memory, src_mask, cache=None) -> torch.Tensor:
-        return self.log_table[tgt[:, -1:]]  # (n, 1, vocab)
+    def decode(self, tgt, memory, src_mask, cache=None, *, project=True) -> torch.Tensor:
+        return self.log_table[tgt[:, -1:]]  # (n, 1, vocab); its own features
+
+    def out_proj(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
     def new_cache(self, max_len=None):
         return None
@@ -151,6 +155,28 @@ def test_beam_search_finds_what_greedy_misses() -> None:
     a1, a2, a3, b = ToyModel.A1, ToyModel.A2, ToyModel.A3, ToyModel.B
     assert toy_search(greedy_search, 1, 0.0) == [a1, a2, a3]  # probability 0.3
     assert toy_search(beam_search, 2, 0.0) == [b]  # probability 0.36
+
+
+def test_no_search_picks_or_draws_padding_or_bos() -> None:
+    """A translation cannot hold the search's own tokens, which the output would drop silently: no
+    search takes them, even where the model makes them the most probable (as fairseq and Marian do for
+    padding)."""
+    toy = ToyModel()
+    toy.log_table[:, [PAD, BOS]] = math.log(50.0)  # after every token: 50 against the others' 1
+    a1, a2, a3, b = ToyModel.A1, ToyModel.A2, ToyModel.A3, ToyModel.B
+    src, config = torch.full((300, 3), 9), SearchConfig(beam=1, use_cache=False)
+    assert greedy_search(toy, src[:1], config=config, max_len=50, **IDS) == [[a1, a2, a3]]
+    assert beam_search(toy, src[:1], config=dataclasses.replace(config, beam=2), max_len=50, **IDS) == [[b]]
+    drawn = greedy_search(
+        toy, src, config=dataclasses.replace(config, sampling=Sampling()), max_len=50, **IDS
+    )
+    # Every drawn step is one the table allows (probability 0.1 or more); a padding or BOS token drawn,
+    # then dropped from the output, would leave a step from one of them to anything (1e-9 each).
+    steps = [
+        (prev, token) for tokens in drawn for prev, token in zip([BOS, *tokens], [*tokens, EOS], strict=True)
+    ]
+    assert min(ToyModel().log_table[prev, token].exp().item() for prev, token in steps) > 0.09
+    assert {tuple(tokens) for tokens in drawn} >= {(a1, a2, a3), (b,)}  # drawn, not searched
 
 
 def test_length_penalty_rewards_length() -> None:
@@ -186,7 +212,9 @@ def test_n_best_agrees_with_beam_search_and_teacher_forcing(model: Transformer) 
         for h in hyps:  # the log-probability the model gives the whole hypothesis, EOS included...
             tgt = torch.tensor([[BOS, *h.tokens, EOS]])
             with torch.no_grad():
-                log_probs = model(src[row : row + 1], tgt[:, :-1]).log_softmax(-1)
+                logits = model(src[row : row + 1], tgt[:, :-1])
+            logits[..., [PAD, BOS]] = -math.inf  # ...among the tokens a translation may hold...
+            log_probs = logits.log_softmax(-1)
             terms = log_probs[0].gather(1, tgt[0, 1:, None])[:, 0]
             forced = len(h.tokens) + 1 >= limits[row]  # ...unless the length limit forced EOS, at no cost
             natural += not forced
@@ -315,7 +343,9 @@ def test_sampling_draws_from_the_softmax_that_top_k_top_p_and_temperature_leave(
 ) -> None:
     rows = 40_000
     logits = torch.tensor(FOUR).log().expand(rows, 4)
-    drawn = sample(logits, sampling, torch.Generator().manual_seed(0))
+    drawn = sample(
+        logits, sampling, torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
     frequencies = torch.bincount(drawn, minlength=4).double() / rows
     for frequency, p in zip(frequencies.tolist(), expected, strict=True):
         # 4.5 standard deviations of a binomial frequency: a wrong distribution is off by far more
@@ -343,6 +373,26 @@ def test_sampling_is_fixed_by_its_seed_and_varies_with_it(model: Transformer) ->
         generate(model, sources(), config=SearchConfig(beam=4, sampling=Sampling()), max_len=128, **IDS)
 
 
+def test_a_sentence_draws_the_same_whichever_rows_a_step_scores_drops_or_batches(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each sentence inverts its own row of uniform numbers, a column a step: its draws do not depend on
+    dropping finished sentences, on the CPU's scoring of unfinished rows only (a GPU scores them all), or
+    on the other sentences of its batch."""
+    config = SearchConfig(beam=1, sampling=Sampling(temperature=2.0, seed=3))
+    first = greedy_search(model, sources(), config=config, max_len=128, **IDS)
+    assert len({len(h) for h in first}) > 1, "the test needs sentences that finish at different steps"
+    keeping = dataclasses.replace(config, drop_finished=False)
+    assert greedy_search(model, sources(), config=keeping, max_len=128, **IDS) == first
+    ids = [row[row != PAD][:-1].tolist() for row in sources()]
+    one_batch = translate_ids(model, ids, config, max_tokens=10_000)
+    assert translate_ids(model, ids, config, max_tokens=12) == one_batch  # a sentence or two a batch
+    with monkeypatch.context() as patch:
+        patch.setattr(search_module, "_rows_to_score", lambda constrained: None)  # as on a GPU
+        assert greedy_search(model, sources(), config=config, max_len=128, **IDS) == first
+        assert translate_ids(model, ids, config, max_tokens=12) == one_batch
+
+
 def test_a_nucleus_is_found_among_the_top_candidates_or_by_sorting_the_row() -> None:
     """On the CPU each row's nucleus is looked for among its NUCLEUS_CANDIDATES most probable tokens and,
     where wider, in the whole sorted row: either way the tokens a numpy sort keeps."""
@@ -365,13 +415,13 @@ def test_a_nucleus_is_found_among_the_top_candidates_or_by_sorting_the_row() -> 
         assert min(widths) < search_module.NUCLEUS_CANDIDATES < max(widths), widths  # both ways taken
 
 
-def test_a_token_of_probability_zero_is_never_drawn(monkeypatch) -> None:
+def test_a_token_of_probability_zero_is_never_drawn() -> None:
     """Zeros first, last and between, as top-k and top-p leave them; and uniform numbers at the top of
     their range, which inverting the cumulative sum must still map inside the row."""
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(20_000, 5)
-    drawn = search_module._draw(probs, torch.Generator().manual_seed(0))
+    uniform = torch.rand(20_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    drawn = search_module._draw(probs, uniform)
     counts = torch.bincount(drawn, minlength=5).tolist()
     assert counts[0] == counts[2] == counts[4] == 0 and abs(counts[1] / 20_000 - 0.25) < 0.015, counts
-    highest = 1.0 - 2.0**-53  # torch.rand's largest float64
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, highest, dtype=torch.float64))
-    assert search_module._draw(probs[:3] * 0.999999, None).tolist() == [3, 3, 3]
+    highest = torch.full((3,), 1.0 - 2.0**-53, dtype=torch.float64)  # torch.rand's largest float64
+    assert search_module._draw(probs[:3] * 0.999999, highest).tolist() == [3, 3, 3]

@@ -176,10 +176,11 @@ def _output_blocks(
 def _translate_as_typed(translator: Any, args: argparse.Namespace, sampling: Any) -> int:
     """stdin is a terminal: translate each line when Enter is pressed, as JoeyNMT's interactive mode
     does, instead of waiting for the end of input. A bad line gets its error line and the session goes on."""
+    from transformer.search import sampling_stream
     from transformer.textio import decode_lines
 
     print("translating each line as it is typed; Ctrl-D ends", file=sys.stderr)
-    stream = translator.random_stream(sampling)  # one for the session: a line typed twice is drawn anew
+    stream = sampling_stream(sampling)  # one for the session: a line typed twice is drawn anew
     for number, raw in enumerate(iter(sys.stdin.buffer.readline, b"")):
         try:
             lines = decode_lines(raw, strict=args.strict, source="stdin", first_line=number + 1)

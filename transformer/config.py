@@ -289,8 +289,11 @@ def check_search(beam: int, length_penalty: float) -> None:
         )
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Refuse sampling settings that leave no distribution to draw from (NaN fails too)."""
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int = 0) -> None:
+    """Refuse sampling settings that leave no distribution to draw from (NaN fails too), and a seed that
+    torch's generators cannot take (64 bits)."""
+    if not 0 <= seed < 2**64:
+        raise TransformerError(f"the sampling seed must be 0 to 2^64 - 1, got {seed}")
     if not (0.0 < temperature < math.inf):
         raise TransformerError(f"the sampling temperature must be above 0, got {temperature}")
     if top_k < 0:

@@ -3,12 +3,14 @@ interface.
 
 A model is decodable when it has `encode(src) -> (memory, src_mask)`, `beam_memory(memory, src_mask, k)`
 (the memory for k consecutive hypotheses per source), `decode(tgt, memory, src_mask, cache) -> logits`
-(with `project=False`, the features that its `out_proj` maps to logits) and `new_cache(max_len)` returning
-an object with `reorder(index, sources=None)`. The memory is a tensor or a tuple of tensors with the
-sources on the first dimension. The search keeps all state in tensors and never reads a value back to the
-host inside the loop, except for a "how many have finished?" check every few steps, which lets a
-batch stop early and drops the sentences that have finished, and on the CPU, where reading a value costs no
-wait for a device, the count of rows whose next token is not already fixed (`_rows_to_score`).
+(with `project=False`, the features that its `out_proj` maps to logits; the search may change the logits
+in place) and `new_cache(max_len)` returning an object with `reorder(index, sources=None)`. The memory is a
+tensor or a tuple of tensors with the sources on the first dimension. The search keeps all state in
+tensors and never reads a value back to the host inside the loop, except for a "how many have finished?"
+check every few steps, which lets a batch stop early and drops the sentences that have finished. On the
+CPU, where reading a value costs no wait for a device, a step also reads the count of rows whose next
+token is not already fixed (`_rows_to_score`), top-p sampling which rows' nucleus lies among their most
+probable tokens (`_nucleus`), and the cache which rows a beam reordering moves (`KVCache.reorder`).
 """
 
 from __future__ import annotations
@@ -76,20 +78,32 @@ class _Stepper:
     """Feeds one new token per hypothesis to the decoder, with the KV cache or by re-running the prefix."""
 
     def __init__(
-        self, model: Decodable, memory: Any, src_mask: Tensor, bos: Tensor, steps: int, cached: bool
+        self,
+        model: Decodable,
+        memory: Any,
+        src_mask: Tensor,
+        bos: Tensor,
+        steps: int,
+        cached: bool,
+        excluded: tuple[int, ...],
     ):
         self.model, self.memory, self.src_mask = model, memory, src_mask
-        self.cache = model.new_cache(steps + 1) if cached else None  # BOS and one position per step
+        self.cache = model.new_cache(steps) if cached else None  # BOS and the tokens of steps - 1 steps
         self.prefix = bos[:, None]  # (n, 1); with a cache only the newest token is fed
+        self.excluded = torch.tensor(excluded, device=bos.device)
 
     def logits(self, rows: Tensor | None = None) -> Tensor:
-        """(n, vocab), or (len(rows), vocab): the decoder runs on every row (each needs its state), the
-        output layer, the larger part of a step, on `rows`."""
+        """(n, vocab), or (len(rows), vocab), with -inf for the `excluded` tokens: the search's PAD and BOS,
+        which a model gives some probability to and a translation cannot hold (fairseq and Marian exclude
+        padding too). The decoder runs on every row (each needs its state), the output layer, the larger
+        part of a step, on `rows`."""
         tgt = self.prefix[:, -1:] if self.cache is not None else self.prefix
         if rows is None:
-            return self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]
-        features = self.model.decode(tgt, self.memory, self.src_mask, self.cache, project=False)[:, -1]
-        return self.model.out_proj(features.index_select(0, rows))
+            logits = self.model.decode(tgt, self.memory, self.src_mask, self.cache)[:, -1]
+        else:
+            features = self.model.decode(tgt, self.memory, self.src_mask, self.cache, project=False)[:, -1]
+            logits = self.model.out_proj(features.index_select(0, rows))
+        return logits.index_fill_(-1, self.excluded, -math.inf)  # in place: each step's logits are new
 
     def push(self, tokens: Tensor, index: Tensor | None = None) -> None:
         """Append `tokens` (n,) to the hypotheses, after keeping rows `index` (beam reordering: each row's
@@ -136,24 +150,37 @@ def argmax(scores: Tensor) -> Tensor:
     return best * BLOCK + within
 
 
-def sampling_generator(config: SearchConfig, device: torch.device | str) -> torch.Generator | None:
-    """The random stream a sampling search draws from, seeded by it; None for the other searches."""
-    if config.sampling is None:
-        return None
-    return torch.Generator(device).manual_seed(config.sampling.seed)
+def sampling_stream(sampling: Sampling | None) -> torch.Generator | None:
+    """The random stream that `sampling` draws from, seeded by it (None without sampling). It lives on the
+    CPU whatever the model's device, so that a seed gives the same uniform numbers everywhere."""
+    return None if sampling is None else torch.Generator().manual_seed(sampling.seed)
 
 
-def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
-    """logits (rows, vocab) -> (rows,) a token drawn from each row's softmax(logits / temperature),
-    restricted to its `top_k` most probable tokens and then to the nucleus of mass `top_p` of what is
-    left, renormalised."""
-    scores = logits.float() / sampling.temperature  # (rows, vocab)
+def draw_uniforms(stream: torch.Generator | None, sentences: int, steps: int) -> Tensor:
+    """(sentences, steps) float64 uniform numbers in [0, 1) from `stream`: one per sentence and step, which
+    `sample` turns into that step's token. Drawn before the search, a row a sentence, so that a sentence's
+    tokens depend on its row and the seed alone: not on which rows a step scores (`_rows_to_score`, on the
+    CPU only) or when finished sentences are dropped, as one number per scored row and step would."""
+    return torch.rand((sentences, steps), dtype=torch.float64, generator=stream)
+
+
+def sample(logits: Tensor, sampling: Sampling, uniform: Tensor) -> Tensor:
+    """logits (rows, vocab), uniform (rows,) numbers in [0, 1) -> (rows,) a token drawn from each row's
+    softmax(logits / temperature), restricted to its `top_k` most probable tokens and then to the nucleus
+    of mass `top_p` of what is left, renormalised.
+
+    The row's maximum is subtracted before dividing, and the temperature taken as at least float32's
+    smallest normal number, so that a tiny temperature draws the most probable token, as its limit does,
+    rather than an infinity over another (NaN)."""
+    scores = logits.float()  # (rows, vocab)
+    temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
+    scores = (scores - scores.amax(-1, keepdim=True)) / temperature
     candidates = None  # (rows, n) the token each column of `scores` is, where not every token is one
     if 0 < sampling.top_k < scores.size(-1):
         scores, candidates = topk(scores, sampling.top_k)  # (rows, k), most probable first
     if sampling.top_p < 1:
         scores = _nucleus(scores, sampling.top_p)
-    drawn = _draw(scores.softmax(-1), generator)  # (rows,) a column of `scores`
+    drawn = _draw(scores.softmax(-1), uniform)  # (rows,) a column of `scores`
     return drawn if candidates is None else candidates.gather(-1, drawn[:, None])[:, 0]
 
 
@@ -193,14 +220,14 @@ def _keep_nucleus(
     kept[rows] = kept[rows].scatter(-1, order, nucleus)
 
 
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """probs (rows, n) -> (rows,) a column drawn from each row by inverting its cumulative sum at one
-    uniform number: a token of probability 0 is never drawn. torch.multinomial and the exponential race
-    (gpt-fast's) each took 10 ms a step for 64 rows of 8,000 on the CPU (one random number per entry),
-    this 0.3 ms; none of them synchronises with the GPU but torch.multinomial."""
+def _draw(probs: Tensor, uniform: Tensor) -> Tensor:
+    """probs (rows, n), uniform (rows,) -> (rows,) a column drawn from each row by inverting its cumulative
+    sum at its uniform number: a token of probability 0 is never drawn. torch.multinomial and the
+    exponential race (gpt-fast's) each took 10 ms a step for 64 rows of 8,000 on the CPU (one random
+    number per entry), this 0.3 ms; none of them synchronises with the GPU but torch.multinomial."""
     cdf = probs.double().cumsum(-1)  # (rows, n); float64, so that rounding does not shift the steps
     total = cdf[:, -1:]  # (rows, 1)
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator) * total
+    u = uniform.to(cdf.dtype)[:, None] * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total, should u round up
     return torch.searchsorted(cdf, u, right=True)[:, 0]  # the first column whose step rises above u
 
@@ -245,16 +272,21 @@ def greedy_search(
     pad_id: int,
     config: SearchConfig,
     max_len: int,
-    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> list[list[int]]:
-    """Pick the most probable token at every step, or with `config.sampling` draw it (from `generator`,
-    else one seeded with `sampling.seed`). Returns token ids without BOS and EOS."""
-    generator = generator or sampling_generator(config, src.device)
+    """Pick the most probable token at every step, or with `config.sampling` draw it, inverting
+    `uniforms` (batch, at least the steps), a row a sentence (`draw_uniforms`; default: from the stream
+    `sampling.seed` seeds). Returns token ids without BOS and EOS."""
     memory, src_mask = model.encode(src)
     limits = _length_limits(src, pad_id, config.extra_len, max_len)
     steps = int(limits.max())
     batch = src.size(0)
-    stepper = _Stepper(model, memory, src_mask, src.new_full((batch,), bos_id), steps, config.use_cache)
+    if config.sampling is not None:
+        if uniforms is None:
+            uniforms = draw_uniforms(sampling_stream(config.sampling), batch, steps)
+        uniforms = uniforms.to(src.device)
+    bos = src.new_full((batch,), bos_id)
+    stepper = _Stepper(model, memory, src_mask, bos, steps, config.use_cache, (pad_id, bos_id))
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
     sentence = torch.arange(batch, device=src.device)  # the sentence each row decodes
     output = src.new_full((batch, steps), pad_id)  # rows land here when they are dropped, or at the end
@@ -263,7 +295,11 @@ def greedy_search(
         at_limit = t + 1 >= limits
         rows = _rows_to_score(finished | at_limit)
         logits = stepper.logits(rows)
-        picked = argmax(logits) if config.sampling is None else sample(logits, config.sampling, generator)
+        if config.sampling is None:
+            picked = argmax(logits)
+        else:  # each scored row draws with its sentence's number for this step
+            scored = sentence if rows is None else sentence[rows]
+            picked = sample(logits, config.sampling, uniforms[scored, t])
         (next_token,) = _in_place(rows, finished.numel(), picked)
         next_token = torch.where(at_limit, eos_id, next_token)  # the length limit forces EOS
         next_token = torch.where(finished, pad_id, next_token)
@@ -286,7 +322,8 @@ def greedy_search(
 @dataclass(frozen=True)
 class Hypothesis:
     """One finished hypothesis of a beam: its tokens (without BOS and EOS), its log-probability (EOS
-    included) and the score it was ranked by, log_prob / lp(length)."""
+    included, but for an EOS that the length limit forced, which costs nothing, as a hypothesis cut at
+    the limit does in Hugging Face's generate) and the score it was ranked by, log_prob / lp(length)."""
 
     tokens: list[int]
     log_prob: float
@@ -332,17 +369,18 @@ def beam_search_n_best(
     )
     normalised = scores / _penalty(lengths, config)
     order = normalised.argsort(dim=-1, descending=True)  # (batch, k)
-    results = []
-    for row, ranking in enumerate(order.tolist()):
-        tokens = _strip(hypotheses[row, ranking], eos_id, pad_id)
-        results.append(
-            [
-                Hypothesis(ids, float(scores[row, j]), float(normalised[row, j]))
-                for ids, j in zip(tokens, ranking, strict=True)
-                if normalised[row, j] > float("-inf")
-            ]
-        )
-    return results
+    ranked = hypotheses.gather(1, order[..., None].expand_as(hypotheses))  # (batch, k, len), best first
+    k = order.size(1)
+    tokens = _strip(ranked.flatten(0, 1), eos_id, pad_id)  # read back once, not per hypothesis
+    log_probs, ranked_by = scores.gather(1, order).tolist(), normalised.gather(1, order).tolist()
+    return [
+        [
+            Hypothesis(tokens[row * k + j], log_probs[row][j], ranked_by[row][j])
+            for j in range(k)
+            if ranked_by[row][j] > -math.inf
+        ]
+        for row in range(order.size(0))
+    ]
 
 
 def _penalty(lengths: Tensor, config: SearchConfig) -> Tensor:
@@ -376,7 +414,8 @@ def _beam(
     # A sentence's k hypotheses start as one and the same empty one: the first step decodes it on one row
     # per sentence, and `widen` then gives each sentence its k rows.
     memory, src_mask = model.beam_memory(encoded, encoded_mask, 1)
-    stepper = _Stepper(model, memory, src_mask, src.new_full((batch,), bos_id), steps, config.use_cache)
+    bos = src.new_full((batch,), bos_id)
+    stepper = _Stepper(model, memory, src_mask, bos, steps, config.use_cache, (pad_id, bos_id))
     sentence = torch.arange(batch, device=device)  # the sentence each beam decodes
     out_tokens = src.new_full((batch, k, steps), pad_id)  # beams land here when dropped, or at the end
     check_every = _check_every(device)
@@ -476,7 +515,7 @@ def _in_place(rows: Tensor | None, n: int, *scored: Tensor) -> tuple[Tensor, ...
 
 def _parent_slots(parent: Tensor) -> Tensor:
     """parent (sentences, k): the beam each new hypothesis (ranked best first) extends -> slot (sentences,
-    k): the hypothesis each beam is to hold, beam s new hypothesis slot[s].
+    k): the hypothesis each beam is to hold, beam s taking new hypothesis slot[s].
 
     Which beam holds which hypothesis does not matter to the search, but the beam is the row where the
     hypothesis's keys and values lie in the KV cache: one placed in another beam's row takes a copy of its
@@ -516,13 +555,13 @@ def generate(
     pad_id: int,
     config: SearchConfig,
     max_len: int,
-    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> list[list[int]]:
     """Beam search, or greedy when beam == 1 (which beam search would also reduce to, more slowly), or
-    sampling (`config.sampling`, with beam 1; its draws from `generator`)."""
+    sampling (`config.sampling`, with beam 1, inverting `uniforms`: `greedy_search`)."""
     how = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "config": config, "max_len": max_len}
     if config.sampling is not None:
         if config.beam != 1:
             raise ValueError(f"sampling draws one hypothesis per source: beam must be 1, not {config.beam}")
-        return greedy_search(model, src, **how, generator=generator)
+        return greedy_search(model, src, **how, uniforms=uniforms)
     return (greedy_search if config.beam == 1 else beam_search)(model, src, **how)

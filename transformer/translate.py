@@ -11,6 +11,7 @@ from torch import nn
 
 from transformer.checkpoint import checkpoint_path, load_weights
 from transformer.config import (
+    MAX_BEAM,
     ModelConfig,
     TrainConfig,
     check_sampling,
@@ -32,8 +33,9 @@ from transformer.search import (
     Sampling,
     SearchConfig,
     beam_search_n_best,
+    draw_uniforms,
     generate,
-    sampling_generator,
+    sampling_stream,
 )
 
 MAX_TOKENS = 6000  # padded source tokens (EOS included) × beam: what a batch of translations may hold
@@ -71,13 +73,17 @@ def translate_ids(
     *,
     max_tokens: int = MAX_TOKENS,
     device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
+    stream: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Translate token-id sequences (without EOS), batched by length to waste little on padding; the
     results come back in input order. Empty sources give empty translations without running the model.
-    With `search.sampling`, the batches draw from one stream: `generator`, else one seeded by the search."""
+    With `search.sampling`, the i-th source draws with the i-th row of numbers from `stream` (else from a
+    stream seeded by the search): what it is translated to does not depend on the batch it lands in."""
     results: list[list[int]] = [[] for _ in sources]
-    generator = generator or sampling_generator(search, device)
+    uniforms = None
+    if search.sampling is not None:
+        stream = stream or sampling_stream(search.sampling)
+        uniforms = draw_uniforms(stream, len(sources), model.config.max_len)  # (sources, steps at most)
     for chunk, src in source_batches(sources, search.beam, max_tokens):
         outputs = generate(
             model,
@@ -87,7 +93,7 @@ def translate_ids(
             pad_id=PAD_ID,
             config=search,
             max_len=model.config.max_len,
-            generator=generator,
+            uniforms=None if uniforms is None else uniforms[chunk],
         )
         for i, out in zip(chunk, outputs, strict=True):
             results[i] = out
@@ -155,8 +161,9 @@ class Translator:
         for path, other in zip(paths[1:], translators[1:], strict=True):
             if other.tokenizer.sha256() != first.tokenizer.sha256():
                 raise TransformerError(f"{path} has another tokenizer than {paths[0]}: an ensemble needs one")
-            if (other.train_config.src_lang, other.train_config.tgt_lang) != pair:
-                raise TransformerError(f"{path} translates another language pair than {paths[0]}")
+            if (theirs := (other.train_config.src_lang, other.train_config.tgt_lang)) != pair:
+                both = f"{path} translates {'→'.join(theirs)}, {paths[0]} {'→'.join(pair)}"
+                raise TransformerError(f"{both}: an ensemble needs one language pair")
         return cls(Ensemble([t.model for t in translators]), first.tokenizer, first.train_config)
 
     def translate(
@@ -195,12 +202,12 @@ class Translator:
         tokenised and checked first: one that `strict` refuses stops the generator before any
         translation. `first` is the first sentence's number in warnings and errors. Sampling draws from
         one stream, seeded once per call (the same sentences in the same blocks get the same draws), or
-        from `stream` (`random_stream`), which goes on from where the last call left it."""
+        from `stream` (`search.sampling_stream`), which goes on from where the last call left it."""
         search = self._search(beam, length_penalty, sampling)
         device = self._device()
-        generator = stream or sampling_generator(search, device)
+        stream = stream or sampling_stream(sampling)
         for part in self._source_blocks(sentences, strict, first, block):
-            ids = translate_ids(self.model, part, search, device=device, generator=generator)
+            ids = translate_ids(self.model, part, search, device=device, stream=stream)
             yield self.tokenizer.decode_batch(ids)
 
     def translate_n_best(
@@ -231,8 +238,10 @@ class Translator:
         first: int = 1,
     ) -> Iterator[list[list[tuple[str, float]]]]:
         """`translate_n_best`'s lists, `block` sentences at a time (see `translate_blocks`)."""
-        if n < 1:
-            raise TransformerError(f"the number of translations per sentence must be at least 1, got {n}")
+        if not 1 <= n <= MAX_BEAM:  # n past the largest beam would be refused as a beam no one asked for
+            raise TransformerError(
+                f"the number of translations per sentence must be 1 to {MAX_BEAM}, got {n}"
+            )
         search = self._search(max(self.train_config.beam, n) if beam is None else beam, length_penalty)
         if search.beam < n:
             raise TransformerError(
@@ -247,13 +256,6 @@ class Translator:
                     texts = self.tokenizer.decode_batch([h.tokens for h in best])
                     results[i] = [(text, h.score) for text, h in zip(texts, best, strict=True)]
             yield results
-
-    def random_stream(self, sampling: Sampling | None) -> torch.Generator | None:
-        """The stream `sampling` draws from, seeded by it, on the model's device (None without sampling):
-        for calls that are to go on drawing from one stream instead of each starting again from the seed,
-        as the lines of an interactive session do (fairseq-interactive's too), so that a line typed twice
-        can be drawn two ways."""
-        return sampling_generator(SearchConfig(beam=1, sampling=sampling), self._device())
 
     def _source_blocks(
         self, sentences: Sequence[str], strict: bool, first: int, block: int
@@ -277,7 +279,7 @@ class Translator:
                 )
             if length_penalty is not None:
                 raise TransformerError("sampling ranks no translations: it takes no length penalty")
-            check_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
+            check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
             beam = 1
         beam = tc.beam if beam is None else beam
         length_penalty = tc.length_penalty if length_penalty is None else length_penalty
