@@ -99,12 +99,12 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, sources: list[list[int]], beam: int, attention: list[bool]) -> list[dict[str, Any]]:
-        """Translate `sources` in one beam search; with attention weights where `attention` says so."""
+        """Translate `sources` in one beam search; with attention weights where `attention` says so. An
+        empty source's one alternative is the empty translation, as `--nbest`'s, and it has no attention."""
         search = SearchConfig(beam=beam, length_penalty=self.train_config.length_penalty)
         present = [i for i, ids in enumerate(sources) if ids]
-        results: list[dict[str, Any]] = [
-            {"translation": "", "score": 0.0, "log_prob": 0.0, "alternatives": []} for _ in sources
-        ]
+        empty = {"translation": "", "score": 0.0, "log_prob": 0.0}
+        results: list[dict[str, Any]] = [{**empty, "alternatives": [{**empty}]} for _ in sources]
         if not present:
             return results
         device = next(self.model.parameters()).device
@@ -129,7 +129,7 @@ class Engine:
                 results[i]["attention"] = weights
         for result in results:
             for alternative in result["alternatives"]:
-                del alternative["tokens"]
+                alternative.pop("tokens", None)
         return results
 
     def attention(self, pairs: list[tuple[list[int], list[int]]]) -> list[dict[str, Any]]:
