@@ -24,6 +24,7 @@ from transformer import train as train_module
 from transformer import translate as translate_module
 from transformer.checkpoint import average_weights, load_state, load_weights
 from transformer.cli import load_train_settings, main
+from transformer.config import TrainConfig, config_from_dict
 from transformer.data import dataset as dataset_module
 from transformer.data.batching import BATCH_ORDER
 from transformer.data.corpus import read_lines, read_split
@@ -646,6 +647,51 @@ def test_a_setting_given_again_overrides_the_earlier_value() -> None:
     ):
         _, model = load_train_settings(None, parse_overrides(given))
         assert model == {"d_model": d_model}
+
+
+def test_command_line_values_are_read_by_their_settings_type() -> None:
+    """Not as YAML 1.1, which made Norwegian False, a split named 2016 an int, 010 eight, and `*x` a
+    syntax error; a bool still takes 1 and 0."""
+    given = {"src_lang": "no", "tgt_lang": "on", "test_split": "2016", "max_steps": "010", "init_from": "*x"}
+    tc, model = load_train_settings(None, {**given, "compile": "1", "share_embeddings": "0"})
+    assert [getattr(tc, key) for key in given] == ["no", "on", "2016", 10, "*x"]
+    assert (tc.compile, model) == (True, {"share_embeddings": False})
+    with pytest.raises(TransformerError, match=r"max_tokens must be of type int, got '\[1'"):
+        load_train_settings(None, {"max_tokens": "[1"})
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:  # no config has a union field yet: the first member that takes the value wins
+        steps: int | None = 0
+        name: int | str = 0
+
+    assert config_from_dict(Settings, {"steps": "none", "name": "de"}) == Settings(None, "de")
+    assert config_from_dict(Settings, {"steps": "3", "name": "3"}) == Settings(3, 3)
+
+
+def test_the_tokenizer_sets_the_vocabulary_sizes_and_padding_id(tmp_path: Path) -> None:
+    for given in ({"src_vocab_size": "100"}, {"model.tgt_vocab_size": "1000"}, {"pad_id": "5"}):
+        with pytest.raises(TransformerError, match="set by the trainer from the tokenizer"):
+            load_train_settings(None, given)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  src_vocab_size: 1000\n")
+    with pytest.raises(TransformerError, match="src_vocab_size: set by the trainer from the tokenizer"):
+        load_train_settings(str(recipe), {})
+    # and where train() is given them from Python, the tokenizer's win
+    config = train_module.model_config_for(tiny_recipe(tmp_path), {"src_vocab_size": 100, "pad_id": 5}, 400)
+    assert (config.src_vocab_size, config.tgt_vocab_size, config.pad_id) == (400, 400, 0)
+
+
+def test_a_recipe_chooses_the_model_family(tmp_path: Path) -> None:
+    """`model: rnn` as `model=rnn` does; where `model:` holds settings, `kind:` among them."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: rnn\n")
+    assert load_train_settings(str(recipe), {}) == (TrainConfig(model="rnn"), {})
+    recipe.write_text("model:\n  kind: birnn\n  hidden_size: 64\n")
+    assert load_train_settings(str(recipe), {}) == (TrainConfig(model="birnn"), {"hidden_size": 64})
+    assert load_train_settings(str(recipe), {"model": "rnn"})[0].model == "rnn"  # the command line's wins
+    assert load_train_settings(None, parse_overrides(["model=rnn", "kind=birnn"]))[0].model == "birnn"
+    config = train_module.model_config_for(TrainConfig(model="rnn"), {"kind": "birnn"}, 400)
+    assert config.kind == "rnn"
 
 
 def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from transformer.config import (
+    SET_BY_TRAINER,
     RNNConfig,
     TrainConfig,
     TransformerConfig,
@@ -30,16 +31,14 @@ from transformer.errors import TransformerError
 DEFAULT_OUT = "runs/multi30k-{src_lang}-{tgt_lang}"
 
 
-# Model settings the trainer sets from the tokenizer: not the user's, and not carried over by a resume.
-SET_BY_TRAINER = frozenset({"src_vocab_size", "tgt_vocab_size", "pad_id"})
-
-
 def load_train_settings(
     config_file: str | None, overrides: dict[str, str], base: dict[str, Any] | None = None
 ) -> tuple[TrainConfig, dict[str, Any]]:
     """A recipe (YAML: train keys at the top, model keys under `model:`) plus `key=value` overrides.
 
-    An override names a train key, a model key, or `model.KEY`. Returns the TrainConfig and the model
+    An override names a train key, a model key, or `model.KEY`, and its value is read by that key's type.
+    A recipe names the model family as the command line does (`model: rnn`) or, where `model:` holds the
+    model's settings, as `kind:` among them (RNNConfig's name for it). Returns the TrainConfig and the model
     overrides (applied once the vocabulary size is known). `base`, the config.json of a run to resume,
     gives the settings the run started with, which the recipe and the overrides then change: `--resume`
     alone continues the run as it was, `--resume time_budget_minutes=60` gives it more time, and the
@@ -51,7 +50,7 @@ def load_train_settings(
         from transformer.rundir import reachable_data_dir  # imports torch: not before the re-exec
 
         train_values.update(base["train"], data_dir=reachable_data_dir(base))
-        model_values.update({k: v for k, v in base["model"].items() if k not in SET_BY_TRAINER})
+        model_values.update({k: v for k, v in base["model"].items() if k not in SET_BY_TRAINER | {"kind"}})
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -60,15 +59,23 @@ def load_train_settings(
             recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise TransformerError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(recipe, dict) or not isinstance(recipe.get("model") or {}, dict):
-            raise TransformerError(f"{path} must hold a mapping of settings (and `model:` one of its own)")
-        model_values.update(recipe.pop("model", None) or {})
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("model") or {}, (dict, str)):
+            raise TransformerError(
+                f"{path} must hold a mapping of settings (and `model:` a family or one of its own)"
+            )
+        model = recipe.pop("model", None) or {}
         train_values.update(recipe)
+        if isinstance(model, str):  # `model: rnn`, as `model=rnn` on the command line
+            model = {"kind": model}
+        if "kind" in model:  # RNNConfig's name for the family, beside the settings: the train key `model`
+            train_values["model"] = model.pop("kind")
+        model_values.update(model)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {f.name for cls in (TransformerConfig, RNNConfig) for f in dataclasses.fields(cls)}
-    for key, raw in overrides.items():
-        value = yaml.safe_load(raw) if raw else raw  # "0.1" -> 0.1, "true" -> True, "de" -> "de"
-        if key.startswith("model."):
+    for key, value in overrides.items():  # strings, typed by config_from_dict: "no" stays a language
+        if key in ("kind", "model.kind"):  # the family, by RNNConfig's name for it
+            train_values["model"] = value
+        elif key.startswith("model."):
             model_values[key.removeprefix("model.")] = value
         elif key in train_keys:
             train_values[key] = value
@@ -81,10 +88,16 @@ def load_train_settings(
                 f"unknown setting {key!r}: not a train or model key ({hint}`transformer train --help` "
                 "lists them)"
             )
+    fixed = sorted(SET_BY_TRAINER & set(model_values))
+    if fixed:
+        raise TransformerError(
+            f"{', '.join(fixed)}: set by the trainer from the tokenizer, not a setting (vocab_size sizes "
+            "the vocabulary)"
+        )
     tc = config_from_dict(TrainConfig, train_values, source=config_file or "overrides")
     TransformerConfig.preset(tc.preset)  # an unknown preset is an error now, not after the tokenizer
     family = model_config_class(tc.model)
-    unknown = sorted(set(model_values) - {f.name for f in dataclasses.fields(family)})
+    unknown = sorted(map(str, set(model_values) - {f.name for f in dataclasses.fields(family)}))
     if unknown:
         raise TransformerError(f"model={tc.model} has no setting(s) {', '.join(unknown)}")
     # Types and constraints are checked here, against the preset the values change (d_model=252 suits the

@@ -18,6 +18,15 @@ from typing import Any, Literal
 from transformer.errors import TransformerError
 
 
+def check_finite(config: Any) -> None:
+    """Refuse a NaN or infinite float setting: NaN fails no `<=`/`<` a range check makes to refuse it
+    (`lr_factor <= 0`), and inf passes `>= 0` only to overflow later (an infinite time budget)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TransformerError(f"{field.name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """Hyper-parameters of the encoder–decoder, named as in Vaswani et al. (2017)."""
@@ -58,6 +67,9 @@ class TransformerConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise TransformerError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.layer_norm_eps < 1.0:  # 0 divides by 0 on a constant row; 1 swamps the variance
+            raise TransformerError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+        check_finite(self)
 
     @property
     def d_k(self) -> int:
@@ -130,9 +142,13 @@ class RNNConfig:
             raise TransformerError(
                 "share_embeddings needs one joint vocabulary (src_vocab_size == tgt_vocab_size)"
             )
+        check_finite(self)
 
 
 ModelConfig = TransformerConfig | RNNConfig
+
+# Model settings the trainer sets from the tokenizer: not the user's, and not carried over by a resume.
+SET_BY_TRAINER = frozenset({"src_vocab_size", "tgt_vocab_size", "pad_id"})
 
 
 def model_config_class(family: str) -> type[TransformerConfig] | type[RNNConfig]:
@@ -152,7 +168,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(cls: type, values: dict[str, Any], *, source: str = "config") -> Any:
     """Build a dataclass from a dict, refusing unknown keys and values of the wrong type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(map(str, set(values) - set(fields)))  # a YAML key may be a number
     if unknown:
         raise TransformerError(f"{source}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
@@ -161,7 +177,10 @@ def config_from_dict(cls: type, values: dict[str, Any], *, source: str = "config
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Check (and gently convert, e.g. int -> float, "3" -> 3 from the command line) one value."""
+    """Check (and gently convert, e.g. int -> float, "3" -> 3 from the command line) one value.
+
+    A command-line value comes as the string typed and is read by the field's type alone: "no" stays a
+    language code, "2016" a split name, "010" is ten."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -170,10 +189,15 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
+        if type(None) in args and str(value).lower() in ("none", "null"):  # None, or "none" typed
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for arg in inner[:-1]:  # the first type that takes it: `int | str` reads "3" as 3, "de" as "de"
+            try:
+                return _coerce(arg, value, where)
+            except TransformerError:
+                pass
+        return _coerce(inner[-1], value, where)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -269,6 +293,7 @@ class TrainConfig:
             raise TransformerError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.src_lang == self.tgt_lang:
             raise TransformerError(f"src_lang and tgt_lang are both {self.src_lang!r}")
+        check_finite(self)  # last: a range check's own message is the clearer where it catches NaN
 
 
 # Bounds that stop a typo, not a choice: translation quality peaks at beams of about 4-10 and falls

@@ -112,11 +112,14 @@ def translate_and_score(
 
 
 def model_config_for(tc: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> ModelConfig:
-    """The model's config: the family's defaults (a preset for the Transformer), the vocabulary, overrides."""
-    values = {"src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, "pad_id": PAD_ID, **overrides}
+    """The model's config: the family's defaults (a preset for the Transformer), overrides, the vocabulary.
+
+    The tokenizer's sizes and padding id, and `tc.model`'s family, win over any override: a model with
+    another vocabulary would index past its embeddings, or mask the wrong positions."""
+    values = {**overrides, "src_vocab_size": vocab_size, "tgt_vocab_size": vocab_size, "pad_id": PAD_ID}
     if tc.model == "transformer":
         return TransformerConfig.preset(tc.preset, **values)
-    return RNNConfig(**{"kind": tc.model, **values})
+    return RNNConfig(**{**values, "kind": tc.model})
 
 
 def _rng_state() -> dict[str, Any]:
