@@ -33,7 +33,7 @@ from transformer.checkpoint import (
 )
 from transformer.cli import main
 from transformer.errors import TransformerError
-from transformer.rundir import create_run_dir, run_record
+from transformer.rundir import create_run_dir, remove_stale_temp_files, run_record
 
 
 class Tied(nn.Module):
@@ -266,6 +266,45 @@ def test_prune_keeps_newest_steps(tmp_path: Path) -> None:
     assert prune_checkpoints(tmp_path, keep=5) == []
 
 
+def test_a_state_left_alone_by_an_interrupted_save_or_prune_is_removed_as_a_run_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save writes the state first, a prune deletes it last: a kill between leaves a `.state.pt` that
+    nothing lists or reads, and that stayed for good (a state is as large as two models)."""
+    model = _fresh(0)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, f"step-{step}", model, {"step": step})
+    save_checkpoint(tmp_path, "best", model)  # weights alone
+    unlink = Path.unlink
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # stands in for SIGKILL between the two files
+
+    def killed_at_the_state(path: Path, missing_ok: bool = False) -> None:
+        (killed if path.name.endswith(".state.pt") else unlink)(path, missing_ok=missing_ok)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "unlink", killed_at_the_state)
+        with pytest.raises(KeyboardInterrupt):
+            prune_checkpoints(tmp_path, keep=1)
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "save_weights", killed)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, "step-3", model, {"step": 3})
+    assert sorted(p.name for p in tmp_path.glob("*.state.pt")) == [
+        "step-1.state.pt",
+        "step-2.state.pt",
+        "step-3.state.pt",
+    ]
+    assert sorted(remove_stale_temp_files(tmp_path)) == ["step-1.state.pt", "step-3.state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.safetensors",
+        "step-2.safetensors",
+        "step-2.state.pt",
+    ]
+    load_checkpoint(tmp_path, "step-2", with_state=True)
+
+
 # ---------------------------------------------------------------------------------- full disk, average
 
 
@@ -404,6 +443,27 @@ def test_average_writes_only_into_a_new_directory_or_a_file(
         assert _average(capsys, *steps, out=out) == ""
         assert sorted(_contents(out)) == ["best.safetensors", "config.json", "tokenizer.model"]
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["avg"], "no temporary directory left"
+
+
+def test_average_refuses_to_replace_a_checkpoint_of_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Given as a file, a run's `best`, `last` or a `step-N` was replaced silently, its `.state.pt` then
+    another save's; given as the run directory, `best` was already refused."""
+    run = _run(tmp_path / "run")
+    save_checkpoint(run, "last", _fresh(3), {"step": 2})
+    steps = (run / "step-1.safetensors", run / "step-2.safetensors")
+    bare = tmp_path / "bare"  # no config.json, but a checkpoint with its training state
+    save_checkpoint(bare, "step-3", _fresh(4), {"step": 3})
+    kept = {path: _contents(path) for path in (run, bare)}
+    for out in (*(run / f"{name}.safetensors" for name in ("best", "last", "step-1", "step-9")), *steps):
+        line = _average(capsys, *steps, out=out)
+        assert f"{out} is a checkpoint of the run in {run}, which the average would replace" in line
+        assert f"--out {run / 'average.safetensors'}" in line
+    line = _average(capsys, *steps, out=bare / "step-3.safetensors")
+    assert f"is a checkpoint of the run in {bare}" in line
+    assert {path: _contents(path) for path in (run, bare)} == kept
+    assert _average(capsys, *steps, out=tmp_path / "averages" / "best.safetensors") == ""  # in no run
 
 
 def test_average_into_a_full_disk_leaves_no_half_run_directory(

@@ -392,6 +392,67 @@ def test_an_unwritable_metrics_log_is_one_clear_line(
     assert "No space left on device" in one_error_line(capsys, progress=True)
 
 
+# ------------------------------------------------------------------------ a new run in a used directory
+
+
+def test_a_new_run_refuses_a_directory_that_holds_any_checkpoint(
+    reference: Path, quick_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only `last` counted: a step checkpoint left by a run killed at its first validation went into the
+    new run's average (of another model: a failure after the training), and an average's `best` was
+    replaced."""
+    for name in ("step-0000010", "best"):
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(reference / f"{name}.safetensors", out)
+        assert main(train_argv(quick_recipe(quick_data), out)) == 2
+        line = one_error_line(capsys)
+        assert f"{out} already holds a run (checkpoints {name}): pass --resume to continue it" in line
+        assert [p.name for p in out.iterdir()] == [f"{name}.safetensors"], "nothing is written there"
+
+
+def test_a_new_run_after_one_that_failed_before_any_checkpoint_logs_its_own_history_alone(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped before its first checkpoint has nothing to resume: a new run in its directory went
+    on appending to its metrics.jsonl, two runs' steps in one log. The new run still reads the training
+    ids the failed one kept (the same text, tokenizer and max_len)."""
+    run = tmp_path / "run"
+    poison_losses(monkeypatch, None)  # diverges at once
+    with pytest.raises(TransformerError, match="no checkpoint was saved yet"):
+        train(quick_recipe(quick_data), MODEL, run)
+    assert [r["event"] for r in records(run)].count("skipped_step") == MAX_BAD_STEPS
+    monkeypatch.undo()
+    train(quick_recipe(quick_data, max_steps=4), MODEL, run)
+    events = [r["event"] for r in records(run)]
+    assert events.count("tokenizer") == events.count("data") == 1 and "skipped_step" not in events
+    assert next(r for r in records(run) if r["event"] == "data")["train_ids_read"]
+
+
+def test_the_tokenizer_is_written_synced_through_a_temp_file_the_cleanup_knows(
+    quick_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It went through `tokenizer.model.partial`, never synced, which a kill left behind for good."""
+    synced: list[int] = []
+    renamed: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        fsync(fd)
+
+    def recorded_replace(src: Any, dst: Any) -> None:
+        renamed.append((Path(src).name, Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    path = tmp_path / "tokenizer.model"
+    Tokenizer.train((quick_data / "train.en").read_text().splitlines(), path, vocab_size=400)
+    assert renamed == [(f".tokenizer.model.tmp-{os.getpid()}", "tokenizer.model")]
+    assert path.stat().st_ino in synced
+
+
 # ------------------------------------------------------------- resuming a changed run, old versions
 
 

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from transformer import distributed
 from transformer.checkpoint import (
     FORMAT_VERSION,
+    STATE_SUFFIX,
     WEIGHTS_SUFFIX,
     atomic_write,
     atomic_write_text,
@@ -43,16 +44,19 @@ from transformer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_weights,
+    state_path_for,
     step_of,
 )
 from transformer.config import TrainConfig, model_config_class
 from transformer.data.dataset import Corpus, TokenSequences, fits_16_bits
 from transformer.errors import TransformerError
 
-# Settings a resume may change: budgets, how often to validate and log, threads and compilation, and the
-# step size, which a run that diverged must lower to go on (train's message says so); not what is trained.
+# Settings a resume may change: budgets, how often to validate and log, threads and compilation, the
+# step size, which a run that diverged must lower to go on (train's message says so), and the test split,
+# scored after training; not what is trained.
 MAY_CHANGE = frozenset(
     {
+        "test_split",
         "max_epochs",
         "max_steps",
         "time_budget_minutes",
@@ -69,10 +73,13 @@ MAY_CHANGE = frozenset(
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps its history."""
+    """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps its history.
+    A `fresh` log (a new run's) starts empty: a run that failed in the directory before it leaves one."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fresh: bool = False) -> None:
         self.path = path
+        if fresh and distributed.is_main():
+            path.unlink(missing_ok=True)
 
     def write(self, **record: Any) -> None:
         if not distributed.is_main():  # rank 0 logs for all processes
@@ -466,11 +473,18 @@ def resume_point(run_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str,
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[str]:
-    """Delete the temp files of atomic writes whose process died before renaming them (`.NAME.tmp-PID`)."""
+    """Delete the temp files of atomic writes whose process died before renaming them (`.NAME.tmp-PID`),
+    and training states whose weights are gone: a save killed between its two files, or a prune between
+    its two deletes, leaves one, which nothing lists or reads (`checkpoint.list_checkpoints`). Call it as
+    a run starts, before its first save: that writes the state first, alone for a moment."""
     removed = []
     for path in Path(run_dir).glob(".*.tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    for path in Path(run_dir).glob(f"*{STATE_SUFFIX}"):
+        if not path.with_name(path.name.removesuffix(STATE_SUFFIX) + WEIGHTS_SUFFIX).exists():
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
@@ -554,12 +568,20 @@ def _check_one_model(runs: dict[Path, Path]) -> None:
 def _check_destination(out: Path, runs: dict[Path, Path]) -> None:
     """Refuse an --out that would replace another run's weights, or the checkpoints' own run's `best`.
 
-    A weights file may go anywhere but into the directory of a run of another model. A run directory must
-    be new (or empty), like `export`'s: averaging into the checkpoints' own run would silently replace
-    the `best` it trained, so that takes a file path, as fairseq's and OpenNMT's averaging scripts do."""
+    A weights file may go anywhere but into the directory of a run of another model, or over a run's
+    `best`, `last` or `step-N` (whose `.state.pt` would then be another save's). A run directory must be
+    new (or empty), like `export`'s: averaging into the checkpoints' own run would silently replace the
+    `best` it trained, so that takes a file path, as fairseq's and OpenNMT's averaging scripts do."""
     first = next(iter(runs.values()))
     if out.suffix == WEIGHTS_SUFFIX:
         parent = out.parent
+        name = out.name.removesuffix(WEIGHTS_SUFFIX)
+        trainers = name in ("best", "last") or step_of(name) is not None
+        if trainers and ((parent / "config.json").is_file() or state_path_for(out).exists()):
+            raise TransformerError(
+                f"{out} is a checkpoint of the run in {parent}, which the average would replace: write it "
+                f"beside it under another name, e.g. --out {parent / ('average' + WEIGHTS_SUFFIX)}"
+            )
         if parent.resolve() not in runs and parent.is_dir():
             why = _model_mismatch(first, parent)
             if why:

@@ -264,15 +264,16 @@ def train(
         # A kill leaves at most a fragment of a metrics line and dead temp files: tidy both.
         rundir.drop_partial_line(run_dir / "metrics.jsonl")
         rundir.remove_stale_temp_files(run_dir)
+    elif held := checkpoint.list_checkpoints(run_dir):  # any: a new run would mix them in or replace them
+        raise TransformerError(
+            f"{run_dir} already holds a run (checkpoints {', '.join(held)}): pass --resume to continue it, "
+            f"or choose --out"
+        )
     rundir.create_run_dir(run_dir)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", fresh=not resume)  # not after a failed run's history
     if resume:
         tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     else:
-        if (run_dir / "last.safetensors").exists():
-            raise TransformerError(
-                f"{run_dir} already holds a run: pass --resume to continue it, or choose --out"
-            )
         rundir.remove_stale_temp_files(run_dir)  # a new run killed before its first checkpoint: GBs of ids
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)

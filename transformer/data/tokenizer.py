@@ -21,6 +21,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from transformer.checkpoint import atomic_write_bytes
 from transformer.errors import TransformerError
 
 PAD_ID = 0
@@ -84,10 +85,9 @@ class Tokenizer:
         except RuntimeError as e:
             raise TransformerError(f"could not train the tokenizer for {model_path}: {e}") from e
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted run never leaves a truncated model behind.
-        partial = model_path.with_name(model_path.name + ".partial")
-        partial.write_bytes(buffer.getvalue())
-        partial.replace(model_path)
+        # Atomic and synced, as a checkpoint is: a kill leaves no truncated model, and a temp file that the
+        # run directory's cleanup knows (`rundir.remove_stale_temp_files`).
+        atomic_write_bytes(model_path, buffer.getvalue())
         return cls(buffer.getvalue(), model_path)
 
     @classmethod
