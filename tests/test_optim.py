@@ -25,12 +25,14 @@ def test_without_cooldown_the_schedule_is_the_papers() -> None:
     assert noam_lr(16000, 512, 4000, 2.0) == pytest.approx(2.0 * 512**-0.5 * 16000**-0.5)
 
 
-def test_cooldown_falls_linearly_from_its_start_to_zero_at_its_end() -> None:
+def test_cooldown_falls_linearly_from_its_start_to_zero_after_its_last_step() -> None:
+    """The last step (24) learns at a fifth of the peak, not at 0, which would waste it (and leave two
+    equal checkpoints for the average)."""
     schedule = WarmupSchedule(d_model=256, warmup=10, factor=1.0)
     schedule.begin_cooldown(start=20, end=24)
     peak = noam_lr(20, 256, 10)
     rates = [schedule(step - 1) for step in range(19, 27)]  # steps 19 … 26
-    expected = [noam_lr(19, 256, 10), peak, 0.75 * peak, 0.5 * peak, 0.25 * peak, 0.0, 0.0, 0.0]
+    expected = [noam_lr(19, 256, 10), peak, 0.8 * peak, 0.6 * peak, 0.4 * peak, 0.2 * peak, 0.0, 0.0]
     assert rates == pytest.approx(expected, rel=1e-12)
     assert not schedule.done(23) and schedule.done(24)
     with pytest.raises(ValueError):
@@ -100,15 +102,15 @@ def test_a_time_budgeted_run_cools_down_over_the_steps_its_pace_leaves(
     assert [r for r in log if r["event"] == "cooldown"] == [{"event": "cooldown", "step": 3, "until": 6}]
     lr = {r["step"]: r["lr"] for r in log if r["event"] == "train"}  # the rate of the step after
     peak = noam_lr(3, 32, recipe.warmup, recipe.lr_factor)
-    assert [lr[s] for s in (2, 3, 4, 5)] == pytest.approx(
-        [noam_lr(3, 32, recipe.warmup, recipe.lr_factor), 2 / 3 * peak, 1 / 3 * peak, 0.0]
+    assert [lr[s] for s in (2, 3, 4, 5, 6)] == pytest.approx(
+        [noam_lr(3, 32, recipe.warmup, recipe.lr_factor), 3 / 4 * peak, 2 / 4 * peak, 1 / 4 * peak, 0.0]
     )
-    assert max(lr) == 6  # stopped when the rate reached 0, within the budget
+    assert max(lr) == 6  # stopped after the last step of the cool-down, within the budget
 
 
 def test_without_time_or_step_budget_the_cooldown_ends_with_the_last_epoch(data_dir, tmp_path: Path) -> None:
-    """No time budget and no max_steps: the run's end is max_epochs, so the rate falls to 0 over the last
-    fraction of its updates (here 2 epochs of the 200-pair slice, cool-down 0.5)."""
+    """No time budget and no max_steps: the run's end is max_epochs, so the rate falls towards 0 over the
+    last fraction of its updates (here 2 epochs of the 200-pair slice, cool-down 0.5)."""
     recipe = tiny_recipe(
         data_dir,
         max_steps=0,
@@ -127,4 +129,4 @@ def test_without_time_or_step_budget_the_cooldown_ends_with_the_last_epoch(data_
         {"event": "cooldown", "step": steps // 2, "until": steps}
     ]
     lr = {r["step"]: r["lr"] for r in log if r["event"] == "train"}  # the rate of the step after
-    assert lr[steps - 1] == 0.0 and lr[steps - 2] > 0.0
+    assert lr[steps] == 0.0 and lr[steps - 1] > 0.0  # the last step learns; none comes after it

@@ -6,7 +6,8 @@ which rises linearly for `warmup` steps and then decays as 1/√step. Post-LN Tr
 the warm-up; the decay keeps late updates small.
 
 A run with a fixed budget may end the schedule with a cool-down: from a step chosen while training (when
-a fraction of the budget is left) the rate falls linearly to 0 at the budget's last step. The 1/√step
+a fraction of the budget is left) the rate falls linearly towards 0, which the step after the budget's last
+would reach: the last step still learns (at 0 it would change nothing). The 1/√step
 decay never gets small within a short run, and the last updates are the noisiest; the cool-down anneals
 them, which is what averaging the last checkpoints only approximates.
 """
@@ -33,7 +34,7 @@ class WarmupSchedule:
     def __init__(self, d_model: int, warmup: int, factor: float = 1.0) -> None:
         self.d_model, self.warmup, self.factor = d_model, warmup, factor
         self.decay_start: int | None = None  # the last step at the paper's rate
-        self.decay_end: int | None = None  # the step whose rate reaches 0
+        self.decay_end: int | None = None  # the last step, one rate-step above 0
 
     def __call__(self, taken: int) -> float:
         """The multiplier of the base lr (1.0) after `taken` steps, i.e. for step taken + 1."""
@@ -41,10 +42,11 @@ class WarmupSchedule:
         if not self.cooling or step <= self.decay_start:
             return noam_lr(step, self.d_model, self.warmup, self.factor)
         peak = noam_lr(self.decay_start, self.d_model, self.warmup, self.factor)
-        return peak * max(0.0, (self.decay_end - step) / (self.decay_end - self.decay_start))
+        return peak * max(0.0, (self.decay_end + 1 - step) / (self.decay_end + 1 - self.decay_start))
 
     def begin_cooldown(self, start: int, end: int) -> None:
-        """Fall linearly from the rate of step `start` to 0 at step `end` (> start)."""
+        """Fall linearly from the rate of step `start` to that of 0 at step `end + 1`, the first step not
+        taken: `end` - `start` steps of equal decrements, the last one at the smallest non-zero rate."""
         if end <= start:
             raise ValueError(f"cool-down must end after it starts, got {start} -> {end}")
         self.decay_start, self.decay_end = start, end
@@ -58,7 +60,7 @@ class WarmupSchedule:
         return self.decay_start is not None
 
     def done(self, step: int) -> bool:
-        """True once the cool-down has brought the rate to 0: further steps would change nothing."""
+        """True once the cool-down's last step is taken: the next would be at rate 0."""
         return self.decay_end is not None and step >= self.decay_end
 
 
