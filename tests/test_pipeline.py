@@ -32,6 +32,7 @@ from transformer.data.dataset import Corpus, encode_corpus
 from transformer.data.tokenizer import Tokenizer
 from transformer.errors import TransformerError
 from transformer.evaluate import Scores, score
+from transformer.optim import noam_lr
 from transformer.precision import decoding_cache_dtype, has_native_bf16
 from transformer.prepare import Parent, build_tokenizer
 from transformer.rundir import MetricsLog, data_sha256, run_record
@@ -609,6 +610,77 @@ def test_early_stopping_ends_the_run_patience_validations_after_its_best(
     assert (progress["step"], progress["best_bleu"], progress["stale_evals"]) == (20, 12.0, 2)
 
 
+def scored_by_step(monkeypatch: pytest.MonkeyPatch, bleu: dict[int, float], average: float) -> dict[str, int]:
+    """Validations score the BLEU `bleu` gives their step, the average of the last checkpoints `average`;
+    returns where the step being validated is noted."""
+    step = {"now": 0}
+    evaluate_and_save = train_module.TrainingLoop.evaluate_and_save
+
+    def noting_the_step(self) -> bool:
+        step["now"] = self.progress.step
+        try:
+            return evaluate_and_save(self)
+        finally:
+            step["now"] = 0  # then `finish` validates the average
+
+    def validate(*args) -> tuple[float, Scores]:
+        return 1.0, Scores(bleu[step["now"]] if step["now"] else average, 0.0, 0.0, "", "", "", 20)
+
+    monkeypatch.setattr(train_module.TrainingLoop, "evaluate_and_save", noting_the_step)
+    monkeypatch.setattr(train_module, "validate", validate)
+    return step
+
+
+def test_a_resume_replaces_an_averaged_best_only_with_better_weights(
+    data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The first run's average (BLEU 20) beat its checkpoints (12) and became `best`. Resumed for more
+    steps, a checkpoint of 15 beats the run's best single one, not the average: `best` stays."""
+    scored_by_step(monkeypatch, {5: 10.0, 10: 12.0, 15: 15.0, 20: 11.0}, average=20.0)
+    run = tmp_path / "run"
+    train(tiny_recipe(data_dir, max_steps=10, eval_every=5, test_split=""), TINY_MODEL, run)
+    averaged = load_weights(run / "best.safetensors")
+    assert not all(
+        torch.equal(averaged[key], value)
+        for key, value in load_weights(run / "step-0000010.safetensors").items()
+    )
+    scored_by_step(monkeypatch, {5: 10.0, 10: 12.0, 15: 15.0, 20: 11.0}, average=5.0)
+    results = train(
+        tiny_recipe(data_dir, max_steps=20, eval_every=5, test_split=""), TINY_MODEL, run, resume=True
+    )
+    assert results["valid_best_single"] == 15.0 and results["valid_averaged"] == 5.0
+    best = load_weights(run / "best.safetensors")
+    assert all(torch.equal(best[key], value) for key, value in averaged.items())
+
+
+class Killed(BaseException):
+    """A kill at a checkpoint save: nothing after it runs, nothing catches it."""
+
+
+@pytest.mark.parametrize("killed_at", ["best", "step-0000010", "last"])
+def test_a_kill_between_the_saves_of_a_validation_leaves_best_the_best_after_a_resume(
+    data_dir: Path, tmp_path: Path, monkeypatch, killed_at: str
+) -> None:
+    """The validation at step 10 improves on step 5's (BLEU 12 against 10): whichever of its saves a kill
+    stops, the resumed run's `best` is step 10's weights."""
+    step = scored_by_step(monkeypatch, {5: 10.0, 10: 12.0}, average=0.0)
+    save_checkpoint, kills = train_module.checkpoint.save_checkpoint, [killed_at]
+
+    def killing(run_dir, name, *args, **kwargs) -> None:
+        if step["now"] == 10 and name in kills:
+            kills.remove(name)  # once: the resumed run saves it
+            raise Killed
+        save_checkpoint(run_dir, name, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.checkpoint, "save_checkpoint", killing)
+    recipe, run = tiny_recipe(data_dir, max_steps=10, eval_every=5, test_split=""), tmp_path / "run"
+    with pytest.raises(Killed):
+        train(recipe, TINY_MODEL, run)
+    train(recipe, TINY_MODEL, run, resume=True)
+    best, tenth = (load_weights(run / f"{name}.safetensors") for name in ("best", "step-0000010"))
+    assert all(torch.equal(best[key], tenth[key]) for key in tenth)
+
+
 def test_same_seed_same_losses(data_dir: Path, tmp_path: Path, capsys) -> None:
     recipe = tiny_recipe(data_dir, max_steps=10, eval_every=0, test_split="", average_last=0)
     for name in ("a", "b"):
@@ -647,6 +719,41 @@ def test_a_setting_given_again_overrides_the_earlier_value() -> None:
     ):
         _, model = load_train_settings(None, parse_overrides(given))
         assert model == {"d_model": d_model}
+
+
+def test_a_budget_is_raised_against_the_checkpoints_not_the_record_of_a_resume_that_failed(
+    run_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """A resume writes config.json before its first save: one that stops in between leaves the larger
+    budget recorded. The next resume must still see it raised against the one the checkpoint's cool-down
+    was planned for, reset the cool-down and train to the new end."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    record = json.loads((run / "config.json").read_text())
+    record["train"]["max_steps"] = 40  # as the failed resume left it
+    (run / "config.json").write_text(json.dumps(record))
+    train(tiny_recipe(data_dir, max_steps=40), TINY_MODEL, run, resume=True)
+    assert records(run, "cooldown_reset") == [{"event": "cooldown_reset", "step": 30}]
+    assert [r["step"] for r in records(run, "train")][-1] == 40
+
+
+def test_a_missing_test_split_or_an_unusable_validation_split_stops_the_run_before_it_trains(
+    run_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Both were found only at the end, or at the first validation, after the training they waste. The
+    test split may change on a resume: it is scored after training."""
+    with pytest.raises(TransformerError, match="tset2016"):
+        train(tiny_recipe(data_dir, test_split="tset2016"), TINY_MODEL, tmp_path / "typo")
+    assert not list((tmp_path / "typo").glob("*.safetensors"))
+    with pytest.raises(
+        TransformerError, match="the 'val' split has no pair left to validate on: 20 of 20 have more"
+    ):
+        train(tiny_recipe(data_dir, max_len=3), {**TINY_MODEL, "max_len": 4}, tmp_path / "short")
+    assert not list((tmp_path / "short").glob("*.safetensors"))
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    results = train(tiny_recipe(data_dir, test_split="val"), TINY_MODEL, run, resume=True)
+    assert "val" in results and "test2016" not in results
 
 
 def test_command_line_values_are_read_by_their_settings_type() -> None:
@@ -716,9 +823,14 @@ def test_resume_goes_on_with_the_runs_own_settings(run_dir: Path, tmp_path: Path
         "lr_factor=0.5",
         "warmup=20",
         "clip_norm=1",
+        "log_every=1",
     ]
     assert main(argv) == 0
     assert [r["step"] for r in records(run, "valid")][-1] == 45
+    # ...and the schedule takes them: the cool-down over steps 41-45 falls from step 41's rate under the
+    # new factor and warm-up (logged with step 41: the rate of step 42)
+    lr = {r["step"]: r["lr"] for r in records(run, "train")}
+    assert lr[41] == pytest.approx(noam_lr(41, 32, 20, 0.5) * 4 / 5, rel=1e-9)
 
 
 def test_the_command_re_executes_before_it_imports_torch() -> None:

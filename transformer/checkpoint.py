@@ -240,8 +240,15 @@ def _dedupe_shared(
     return {k: t.cpu().contiguous() for k, t in kept.items()}, aliases
 
 
-def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, state: dict | None = None) -> None:
-    """Save `model`'s weights as `NAME.safetensors` and, if given, `state` as `NAME.state.pt`.
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    model: torch.nn.Module,
+    state: dict | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Save `model`'s weights as `NAME.safetensors` (with `metadata` in its header) and, if given, `state`
+    as `NAME.state.pt`.
 
     Order: the state file is written first and the weights file last, because the weights file is what
     makes a checkpoint exist (`list_checkpoints`, `checkpoint_path`). A crash between the two writes then
@@ -269,16 +276,21 @@ def save_checkpoint(run_dir: Path, name: str, model: torch.nn.Module, state: dic
             atomic_write(state_path, lambda tmp: torch.save(envelope, tmp))
     except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a full disk as RuntimeError
         raise _unwritable(weights_path, error) from error
-    save_weights(weights_path, model.state_dict(), checkpoint_id)
+    save_weights(weights_path, model.state_dict(), checkpoint_id, metadata)
 
 
 def save_weights(
-    weights_path: Path, weights: dict[str, torch.Tensor], checkpoint_id: str | None = None
+    weights_path: Path,
+    weights: dict[str, torch.Tensor],
+    checkpoint_id: str | None = None,
+    extra: dict[str, str] | None = None,
 ) -> None:
-    """Write a state dict as one safetensors file, atomically (e.g. averaged weights, with no state)."""
+    """Write a state dict as one safetensors file, atomically (e.g. averaged weights, with no state), with
+    `extra` beside the header's own metadata."""
     weights_path = Path(weights_path)
     tensors, aliases = _dedupe_shared(weights)
     metadata = {
+        **(extra or {}),
         "format": "pt",
         "checkpoint_id": checkpoint_id or uuid.uuid4().hex,
         "aliases": json.dumps(aliases),
@@ -339,6 +351,16 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise _unreadable(path, f"alias {alias!r} -> {kept!r} does not match the stored tensors")
         tensors[alias] = tensors[kept]  # the same tensor object, like tied parameters in the model
     return tensors, metadata
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header, without reading its tensors; {} where the file is
+    missing or unreadable (whoever loads it reports that)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

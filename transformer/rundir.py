@@ -3,10 +3,12 @@
 A run may be killed at any instant (SIGKILL, power cut, full disk). Checkpoint files are replaced
 atomically (`checkpoint.atomic_write`), but a checkpoint is two files, and a kill between their two
 renames leaves `last` torn: new training state beside old weights. `resume_point` then falls back to the
-newest complete checkpoint, which the evaluation save order (`step-N`, then `best`, then `last`) makes the
-same step. A resumed run must also be the run it claims to continue: `config.json` records the model and
-training settings, the tokenizer's and the data's sha256 and the format version, and `check_resumable`
-refuses a resume under which any of those changed, saying what changed. For the same reason
+newest complete checkpoint, which the evaluation save order (`best`, `step-N`, then `last`) makes the same
+step, or the one before it, whose resume validates that step again. `best` records the validation BLEU it
+was saved with, so that it is replaced only by better weights, whatever the resumed progress knows of.
+A resumed run must also be the run it claims to continue: `config.json` records the model and training
+settings, the tokenizer's and the data's sha256 and the format version, and `check_resumable` refuses a
+resume under which any of those changed, saying what changed. For the same reason
 `average_into` averages only checkpoints of one tokenizer and model, and writes only into a new directory.
 The training split's token ids are kept beside the checkpoints (`TRAIN_IDS`), under a key of what they
 derive from, so that a resume reads them instead of tokenising the corpus again.

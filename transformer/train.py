@@ -182,15 +182,17 @@ def _non_finite(loss_sum: float, model: nn.Module, mixed: MixedPrecision) -> str
     return None if torch.isfinite(torch.nn.utils.get_total_norm(grads)) else "non-finite gradient"
 
 
+BUDGETS = ("max_steps", "time_budget_minutes", "max_epochs")
+
+
 def _budget_raised(saved: dict[str, Any], tc: TrainConfig) -> bool:
-    """Whether a resumed run was given a larger step, time or epoch budget than it was started with
-    (0 meaning no limit)."""
+    """Whether a resumed run was given a larger step, time or epoch budget than the `saved` one (0 meaning
+    no limit)."""
 
     def limit(value: float) -> float:
         return value or float("inf")
 
-    budgets = ("max_steps", "time_budget_minutes", "max_epochs")
-    return any(limit(getattr(tc, key)) > limit(saved.get(key, getattr(tc, key))) for key in budgets)
+    return any(limit(getattr(tc, key)) > limit(saved.get(key, getattr(tc, key))) for key in BUDGETS)
 
 
 @dataclasses.dataclass
@@ -256,6 +258,8 @@ def train(
     )
     train_digest = distributed.from_main(train_text.digest if train_text is not None else "")
     valid_pairs = read_pairs(tc, tc.valid_split)
+    # The test split is scored only at the end, but a missing or broken one is known before training.
+    test_pairs = read_split(tc.data_dir, tc.test_split, tc.src_lang, tc.tgt_lang) if tc.test_split else []
     if resume:
         if not checkpoint.list_checkpoints(run_dir):
             raise TransformerError(f"cannot resume: {run_dir} holds no checkpoint")
@@ -320,6 +324,12 @@ def train(
     train_data, train_stats, ids_read = training_ids(tc, tokenizer, run_dir, ids_key)
     release_free_memory()
     valid_data, valid_stats = encode_corpus(valid_pairs, tokenizer, longest)
+    if len(valid_data) == 0:  # now, not at the first validation
+        raise TransformerError(
+            f"the {tc.valid_split!r} split has no pair left to validate on: {valid_stats['too_long']} of "
+            f"{valid_stats['pairs']} have more than the model's {longest} tokens a side (raise "
+            f"model.max_len), {valid_stats['empty']} an empty side"
+        )
     if valid_stats["too_long"]:
         tqdm.write(
             f"warning: {valid_stats['too_long']} {tc.valid_split} pairs have more than the model's {longest} "
@@ -376,7 +386,7 @@ def train(
         lambda: validate(model, tokenizer, valid_data, tc),
     )
     loop.run(train_data)
-    results = finish(model, tokenizer, tc, run_dir, valid_data, log, started, progress.best_bleu)
+    results = finish(model, tokenizer, tc, run_dir, valid_data, test_pairs, log, started, progress.best_bleu)
     del loop  # its DistributedDataParallel wrapper holds the process group
     distributed.shutdown()
     return results
@@ -405,14 +415,20 @@ def _restore(
     if own_rng is None:  # resumed on a different number of processes: derive the streams anew
         distributed.seed_rank(tc.seed, progress.step)
     log.write(event="resume", step=progress.step, checkpoint=name)
-    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule
-    if _budget_raised(saved_train_config, tc) and schedule.cooling:
+    schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule, as saved: with the run's old factor and warm-up
+    schedule.factor, schedule.warmup = (
+        tc.lr_factor,
+        tc.warmup,
+    )  # which a resume may change (rundir.MAY_CHANGE)
+    # The budget the checkpoint's cool-down was planned for: config.json may already hold a larger one, of
+    # a resume that stopped before it saved.
+    if _budget_raised(saved.get("budget", saved_train_config), tc) and schedule.cooling:
         # The run was given more steps or time than its cool-down was planned for: return to the
         # paper's rate, and cool down anew over the last `cooldown` of the new budget.
         schedule.cancel_cooldown()
-        for group in optimizer.param_groups:  # the next step's rate, as LambdaLR sets it
-            group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
         log.write(event="cooldown_reset", step=progress.step)
+    for group in optimizer.param_groups:  # the next step's rate, as LambdaLR sets it
+        group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
     return progress
 
 
@@ -634,6 +650,9 @@ class TrainingLoop:
         valid_loss, valid_scores = self.validate()
         p.validated_step = p.step
         improved = valid_scores.bleu > p.best_bleu
+        # `best` may hold more than this run's progress knows of: an average (`finish`) or, after a kill,
+        # this very step (see the save order below).
+        beats_best = valid_scores.bleu > max(p.best_bleu, kept_best_bleu(self.run_dir))
         if improved:
             p.best_bleu, p.stale_evals = valid_scores.bleu, 0
         else:
@@ -653,18 +672,21 @@ class TrainingLoop:
             f"step {p.step}: valid loss {valid_loss:.3f} ppl {ppl:.2f} "
             f"BLEU {valid_scores.bleu:.2f}{' (best)' if improved else ''}"
         )
+        # `best` first: a kill after it leaves `last` (or an older `step-N`) to resume from, which validates
+        # this step again and saves `best` anew; after `step-N` it would leave a resume from `step-N`,
+        # whose progress counts this score as the best, with `best` never saved.
+        if beats_best:
+            self.save("best", valid_bleu=valid_scores.bleu)
         self.save(f"step-{p.step:07d}")
         distributed.on_main(
             partial(checkpoint.prune_checkpoints, self.run_dir, keep=max(self.tc.average_last, 1))
         )
-        if improved:
-            self.save("best")
         self.save("last")
         return bool(self.tc.patience and p.stale_evals >= self.tc.patience)
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, valid_bleu: float | None = None) -> None:
         """Checkpoint the weights with all a resumed run needs: optimizer, schedule, progress, and every
-        process's random streams."""
+        process's random streams; `best` with the validation BLEU it beat the others with."""
         self.progress.seconds = time.monotonic() - self.started
         rng_per_rank = distributed.all_gather(_rng_state())  # every process's, to resume each exactly
         state = {
@@ -673,9 +695,24 @@ class TrainingLoop:
             "rng": rng_per_rank[0],
             "rng_per_rank": rng_per_rank,
             "progress": self.progress.to_dict(),
+            "budget": {key: getattr(self.tc, key) for key in BUDGETS},  # what the cool-down is planned for
         }
         # Rank 0 writes; a write that fails (a full disk) stops every process with its error.
-        distributed.on_main(partial(checkpoint.save_checkpoint, self.run_dir, name, self.model, state))
+        scored = None if valid_bleu is None else {VALID_BLEU: repr(valid_bleu)}
+        distributed.on_main(
+            partial(checkpoint.save_checkpoint, self.run_dir, name, self.model, state, scored)
+        )
+
+
+VALID_BLEU = "valid_bleu"  # the header entry of `best` that holds its validation BLEU
+
+
+def kept_best_bleu(run_dir: Path) -> float:
+    """The validation BLEU that `best` was saved with (rank 0's file), which a checkpoint or an average must
+    beat to replace it; -1 where none is recorded (a new run, one saved before it was recorded)."""
+    path = run_dir / f"best{checkpoint.WEIGHTS_SUFFIX}"
+    metadata = distributed.from_main(distributed.on_main(partial(checkpoint.read_metadata, path)))
+    return float(metadata.get(VALID_BLEU, -1.0))
 
 
 def finish(
@@ -684,11 +721,13 @@ def finish(
     tc: TrainConfig,
     run_dir: Path,
     valid_data: Corpus,
+    test_pairs: list[tuple[str, str]],
     log: MetricsLog,
     started: float,
     best_bleu: float,
 ) -> dict[str, Any]:
-    """Average the last checkpoints (kept as `best` if it validates better), then score the test split."""
+    """Average the last checkpoints (kept as `best` if it validates better), then score the test split
+    (`test_pairs`, read when the run started)."""
     # Rank 0's disk decides (the others may not share it); its weights are then copied to all processes.
     names = distributed.from_main([n for n in checkpoint.list_checkpoints(run_dir) if n.startswith("step-")])
     recent = (
@@ -706,10 +745,11 @@ def finish(
             f"average of the last {len(recent)} checkpoints: valid BLEU {avg_scores.bleu:.2f} "
             f"(best single {best_bleu:.2f})"
         )
-        average_is_best = avg_scores.bleu > best_bleu
+        average_is_best = avg_scores.bleu > max(best_bleu, kept_best_bleu(run_dir))  # an earlier average's
         if average_is_best:
             state = {"source": "average", "checkpoints": names[-len(recent) :]}
-            distributed.on_main(partial(checkpoint.save_checkpoint, run_dir, "best", model, state))
+            scored = {VALID_BLEU: repr(avg_scores.bleu)}
+            distributed.on_main(partial(checkpoint.save_checkpoint, run_dir, "best", model, state, scored))
     if not average_is_best:
         distributed.on_main(
             lambda: model.load_state_dict(checkpoint.load_weights(run_dir / "best.safetensors"))
@@ -717,9 +757,7 @@ def finish(
         distributed.sync_from_main(model)
 
     if tc.test_split:
-        test_data, _ = encode_corpus(
-            read_split(tc.data_dir, tc.test_split, tc.src_lang, tc.tgt_lang), tokenizer, None
-        )
+        test_data, _ = encode_corpus(test_pairs, tokenizer, None)
         model.eval()
         search = SearchConfig(beam=tc.beam, length_penalty=tc.length_penalty)
         hypotheses, test_scores = translate_and_score(model, tokenizer, test_data, search)
