@@ -756,7 +756,7 @@ def test_a_missing_test_split_or_an_unusable_validation_split_stops_the_run_befo
     assert "val" in results and "test2016" not in results
 
 
-def test_command_line_values_are_read_by_their_settings_type() -> None:
+def test_command_line_values_are_read_by_their_settings_type(tmp_path: Path) -> None:
     """Not as YAML 1.1, which made Norwegian False, a split named 2016 an int, 010 eight, and `*x` a
     syntax error; a bool still takes 1 and 0."""
     given = {"src_lang": "no", "tgt_lang": "on", "test_split": "2016", "max_steps": "010", "init_from": "*x"}
@@ -765,6 +765,10 @@ def test_command_line_values_are_read_by_their_settings_type() -> None:
     assert (tc.compile, model) == (True, {"share_embeddings": False})
     with pytest.raises(TransformerError, match=r"max_tokens must be of type int, got '\[1'"):
         load_train_settings(None, {"max_tokens": "[1"})
+    recipe = tmp_path / "recipe.yaml"  # where YAML reads an unquoted `no` as false, the error says so
+    recipe.write_text("src_lang: no\n")
+    with pytest.raises(TransformerError, match="src_lang must be of type str, got False: quote it in a YAML"):
+        load_train_settings(str(recipe), {})
 
     @dataclasses.dataclass(frozen=True)
     class Settings:  # no config has a union field yet: the first member that takes the value wins

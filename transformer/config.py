@@ -222,6 +222,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (bool, int, float)):  # YAML's reading of `no`, `on` or `2016`, unquoted
+            raise TransformerError(f"{where} must be of type str, got {value!r}: quote it in a YAML recipe")
     else:
         return value
     raise TransformerError(f"{where} must be of type {hint.__name__}, got {value!r}")
