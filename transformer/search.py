@@ -172,9 +172,9 @@ def sample(logits: Tensor, sampling: Sampling, uniform: Tensor) -> Tensor:
     The row's maximum is subtracted before dividing, and the temperature taken as at least float32's
     smallest normal number, so that a tiny temperature draws the most probable token, as its limit does,
     rather than an infinity over another (NaN)."""
-    scores = logits.float()  # (rows, vocab)
+    logits = logits.float()
     temperature = max(sampling.temperature, torch.finfo(torch.float32).tiny)
-    scores = (scores - scores.amax(-1, keepdim=True)) / temperature
+    scores = (logits - logits.amax(-1, keepdim=True)).div_(temperature)  # (rows, vocab)
     candidates = None  # (rows, n) the token each column of `scores` is, where not every token is one
     if 0 < sampling.top_k < scores.size(-1):
         scores, candidates = topk(scores, sampling.top_k)  # (rows, k), most probable first
