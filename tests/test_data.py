@@ -92,11 +92,13 @@ def test_read_parallel_two_files(tmp_path: Path, src_name: str, tgt_name: str) -
 
 @pytest.mark.parametrize("name", ["pairs.tsv", "pairs.tsv.gz"])
 def test_read_parallel_tsv(tmp_path: Path, name: str) -> None:
-    path = write(tmp_path / name, "Ein Hund .\tA dog .\n Zwei Katzen \t Two cats \n\tempty source\n")
+    path = write(tmp_path / name, "Ein Hund .\tA dog .\n Zwei Katzen \t Two cats \n\tempty source\n \n\n")
     assert read_parallel(path) == [
         ("Ein Hund .", "A dog ."),
         ("Zwei Katzen", "Two cats"),
         ("", "empty source"),
+        ("", ""),  # blank lines: empty pairs, as blank lines in two files give
+        ("", ""),
     ]
 
 

@@ -263,7 +263,7 @@ class TrainConfig:
     time_budget_minutes: float = 37.0  # then average and evaluate; 0: no limit
     eval_every: int = 250  # optimiser steps between validations; 0: once per epoch
     patience: int = 0  # stop after this many validations without a better BLEU; 0: never
-    average_last: int = 4  # average the last N validated checkpoints at the end (0: don't)
+    average_last: int = 4  # average the last N validated checkpoints at the end (0 or 1: don't)
     beam: int = 4
     length_penalty: float = 0.6
     valid_beam: int = 1  # validation BLEU during training decodes greedily, for speed

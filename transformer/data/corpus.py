@@ -103,7 +103,9 @@ def _aligned_blocks(
 def _tsv_blocks(lines: Iterator[list[str]], path: str | Path, block: int) -> Iterator[list[tuple[str, str]]]:
     pairs: list[tuple[str, str]] = []
     for number, line in enumerate(chain.from_iterable(lines), start=1):
-        columns = line.split("\t")
+        # A blank line is an empty pair, as a blank line in both files of a two-file split is: the
+        # filters drop it from training, and a test set keeps its place.
+        columns = line.split("\t") if line.strip() else ["", ""]
         if len(columns) != 2:
             raise TransformerError(
                 f"{path} line {number} has {len(columns) - 1} tabs, expected exactly 1: a single parallel "
