@@ -514,9 +514,10 @@ class TrainingLoop:
                 continue
             if tc.cooldown and not self.schedule.cooling:
                 self.maybe_begin_cooldown(steps_per_epoch)
+            taken = self.optimizer.param_groups[0]["lr"]  # the rate of the step just taken, which is logged
             self.scheduler.step()  # the rate of the next step
             if p.step % tc.log_every == 0:
-                self.log_window(bar)
+                self.log_window(bar, taken)
             if tc.eval_every and p.step % tc.eval_every == 0:
                 paused = time.monotonic()
                 stop = self.evaluate_and_save()
@@ -590,15 +591,16 @@ class TrainingLoop:
         window.tokens += tokens
         return True
 
-    def log_window(self, bar: tqdm) -> None:
-        """Write the `train` record of the steps since the last one, and show it on the progress bar."""
+    def log_window(self, bar: tqdm, lr: float) -> None:
+        """Write the `train` record of the steps since the last one, and show it on the progress bar; `lr`
+        is the rate of the last of them."""
         p, window, now = self.progress, self.progress.window, time.monotonic()
         record = {
             "event": "train",
             "step": p.step,
             "epoch": p.epoch,
             "loss": window.loss / max(window.tokens, 1),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "tokens_per_s": window.tokens / max(now - self.window_started, 1e-9),
             "padding": window.pad / max(window.batches, 1),
             "tokens_seen": p.tokens_seen,
