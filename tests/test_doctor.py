@@ -14,6 +14,7 @@ from transformer.doctor import run_checks
 from transformer.model import attention as attention_module
 from transformer.model import transformer as transformer_module
 from transformer.train import train
+from transformer.translate import Translator
 
 
 def test_a_trained_checkpoint_passes(run_dir: Path, capsys) -> None:
@@ -71,3 +72,14 @@ def test_an_attention_lstm_passes(data_dir: Path, tmp_path: Path) -> None:
     assert checks.pop("fused == explicit attention") == "skip"  # not a Transformer
     assert checks["no NaN on fully padded input"] == "pass" and "bf16 agrees with fp32" in checks
     assert set(checks.values()) == {"pass"}
+
+
+def test_a_model_too_short_for_every_validation_pair_is_one_error_line(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The sample is the first pairs the model can take whole; none at all is said in one line, not a
+    traceback from collating nothing."""
+    monkeypatch.setattr(Translator, "max_source_len", property(lambda self: 1))
+    assert main(["doctor", "--checkpoint", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: doctor needs validation pairs the model can take: none of the 20 in 'val'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,12 @@ VARIANTS = {
     },
     "separate-relu": {
         "share_embeddings": False,
+        "tie_output": False,
+        "activation": "relu",
+        "output_bias": False,
+    },
+    "shared-untied": {  # one embedding, a separate output projection
+        "share_embeddings": True,
         "tie_output": False,
         "activation": "relu",
         "output_bias": False,
@@ -99,10 +106,12 @@ def in_our_order(logits: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_logits(theirs: torch.Tensor, ours: torch.Tensor) -> None:
-    """Same logits on every token but pad, which the export never generates (-inf)."""
+    """Same logits on every token but pad and BOS, which no search generates (-inf in the export)."""
     theirs = in_our_order(theirs)
-    assert torch.isneginf(theirs[..., PAD_ID]).all()
-    error = (theirs[..., PAD_ID + 1 :] - ours[..., PAD_ID + 1 :]).abs().max().item()
+    never = torch.tensor([PAD_ID, BOS_ID])
+    assert torch.isneginf(theirs[..., never]).all()
+    kept = torch.ones(theirs.size(-1), dtype=torch.bool).index_fill_(0, never, False)
+    error = (theirs[..., kept] - ours[..., kept]).abs().max().item()
     assert error < TOLERANCE, error
 
 
@@ -299,7 +308,7 @@ def test_ctranslate2_scores_tokens_like_our_model(run_dir: Path, tmp_path: Path,
     src, tgt = ids(model.config.src_vocab_size)
     with torch.no_grad():
         logits = model(src, tgt)
-    logits[..., PAD_ID] = float("-inf")  # the export never generates pad
+    logits[..., [PAD_ID, BOS_ID]] = float("-inf")  # the export never generates pad or BOS
     targets = torch.cat([tgt[:, 1:], torch.full((tgt.size(0), 1), EOS_ID)], 1)
     ours = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)  # (batch, tgt_len)
 
@@ -310,3 +319,16 @@ def test_ctranslate2_scores_tokens_like_our_model(run_dir: Path, tmp_path: Path,
     theirs = torch.tensor([r.log_probs for r in results])  # (batch, tgt_len): EOS's log-probability last
     error = (theirs - ours).abs().max().item()
     assert error < TOLERANCE, error
+
+
+def test_without_protobuf_export_is_one_error_line_before_the_model_loads(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import sentencepiece
+
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)  # import fails,
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)  # if imported before too
+    monkeypatch.setattr(Translator, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "marian")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: export needs protobuf to rewrite the tokenizer")

@@ -50,8 +50,18 @@ def run_checks(checkpoint: Path, name: str = "best") -> list[Check]:
     except TransformerError as error:
         raise TransformerError(f"doctor needs the run's validation data: {error}") from None
     limit = translator.max_source_len  # a target has the same room, for BOS
-    encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in pairs[:SAMPLE]]
-    sample = [(s, t) for s, t in encoded if 0 < len(s) <= limit and 0 < len(t) <= limit]
+    sample = []  # the first SAMPLE pairs that the model can take whole
+    for source, target in pairs:
+        s, t = tokenizer.encode(source), tokenizer.encode(target)
+        if 0 < len(s) <= limit and 0 < len(t) <= limit:
+            sample.append((s, t))
+        if len(sample) == SAMPLE:
+            break
+    if not sample:
+        raise TransformerError(
+            f"doctor needs validation pairs the model can take: none of the {len(pairs)} in "
+            f"{tc.valid_split!r} has both sides within its {limit} tokens"
+        )
     batch = collate(sample)
     src, tgt = batch.src, batch.tgt_in
     logits = model(src, tgt)

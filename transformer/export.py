@@ -39,6 +39,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -145,7 +146,8 @@ def to_marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     """Our weights under Marian's names, with the residual stream permuted to Marian's position layout and
     the vocabulary reordered by `marian_vocab_order`; BOS's input moved into the decoder's position 0.
 
-    Tied matrices are written once, under the name Marian ties the others to."""
+    Tied matrices are written once, under the name Marian ties the others to, but for shared embeddings
+    beside an untied output: those are written under every name."""
     c = check_exportable(model.config)
     ours = model.state_dict()
     p = marian_permutation(c.d_model)
@@ -159,6 +161,9 @@ def to_marian_state_dict(model: Transformer) -> dict[str, Tensor]:
     out = {theirs: _permute(ours[key], axes, p) for key, theirs, axes in _parameter_map(c)}
     if c.share_embeddings:
         out["model.shared.weight"] = vocabulary_rows(ours["src_embed.weight"])
+        if not c.tie_output:  # transformers 5 ties the two to `shared` only with tie_word_embeddings
+            for side in ("encoder", "decoder"):
+                out[f"model.{side}.embed_tokens.weight"] = out["model.shared.weight"].clone()
     else:
         out["model.encoder.embed_tokens.weight"] = vocabulary_rows(ours["src_embed.weight"])
         out["model.decoder.embed_tokens.weight"] = vocabulary_rows(ours["tgt_embed.weight"])
@@ -166,7 +171,8 @@ def to_marian_state_dict(model: Transformer) -> dict[str, Tensor]:
         out["lm_head.weight"] = vocabulary_rows(ours["out_proj.weight"])
     bias = ours["out_proj.bias"] if c.output_bias else torch.zeros(c.tgt_vocab_size)
     bias = bias.index_select(0, order)
-    bias[-1] = float("-inf")  # pad is never generated
+    # Padding and BOS are never generated, as our searches exclude them (`search._Stepper.logits`).
+    bias[[-1, MARIAN_BOS_ID]] = float("-inf")
     out["final_logits_bias"] = bias.reshape(1, -1)
     table = sinusoidal_table(c.max_len, c.d_model)[:, p]  # (max_len, d_model), Marian's layout
     out["model.encoder.embed_positions.weight"] = table
@@ -219,12 +225,22 @@ def _marian_special_ids(vocab_size: int) -> dict[str, int]:
 def marian_spm(tokenizer: Tokenizer) -> bytes:
     """Our SentencePiece model with `add_dummy_prefix` on: Marian's tokenizer encodes the raw sentence,
     and the dummy prefix supplies the leading space our `Tokenizer.encode` adds by hand."""
-    from sentencepiece import sentencepiece_model_pb2  # needs protobuf (the `export` extra)
-
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = _sentencepiece_proto().ModelProto()
     proto.ParseFromString(tokenizer.model_bytes)
     proto.normalizer_spec.add_dummy_prefix = True
     return proto.SerializeToString()
+
+
+def _sentencepiece_proto() -> Any:
+    """SentencePiece's model protobuf module, which needs protobuf (the `export` extra): one error line
+    without it."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as error:
+        raise TransformerError(
+            f"export needs protobuf to rewrite the tokenizer ({error}): pip install -e '.[export]'"
+        ) from None
+    return sentencepiece_model_pb2
 
 
 def export_marian(checkpoint: str | Path, out: str | Path, name: str = "best") -> Path:
@@ -238,6 +254,7 @@ def export_marian(checkpoint: str | Path, out: str | Path, name: str = "best") -
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TransformerError(f"{out} already exists and is not an empty directory: choose a new --out")
+    _sentencepiece_proto()  # before the model is loaded
     translator = Translator.from_checkpoint(checkpoint, name)
     config = check_exportable(translator.model.config)
     tokenizer = translator.tokenizer
