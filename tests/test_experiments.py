@@ -8,17 +8,19 @@ import json
 import math
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, tiny_recipe
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformer.cli import main
 from transformer.config import TransformerConfig
+from transformer.data.tokenizer import Tokenizer
 from transformer.experiments import (
     alignment,
     cost,
@@ -38,10 +40,12 @@ from transformer.experiments.common import (
     mean_sd,
     small_transformer,
 )
+from transformer.experiments.common import test_sentences as bundled_test_sentences  # not a test
 from transformer.experiments.training import remove_causal_mask, remove_scaling, task_for
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.transformer import sinusoidal_table
 from transformer.report import Section, render_markdown
+from transformer.train import train
 
 
 @pytest.mark.parametrize(("n", "d"), [(12, 16), (40, 8)])
@@ -74,6 +78,30 @@ def test_explicit_attention_memory_grows_with_the_square_of_n() -> None:
     assert peaks[512][0] >= weights
     assert peaks[512][1] < weights / 4
     assert 3.5 < peaks[512][0] / peaks[256][0] < 4.5
+
+
+def test_memory_slope_is_fitted_over_the_larger_n_and_says_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The finding named the whole grid (n = 16…256) while the slope was fitted over its larger half, and
+    over other n for the explicit path, which stops short of the largest."""
+    ns = [16, 32, 64, 128, 256]
+    assert cost._log_slope([(16, 1), (32, 10**6), *((n, n * n) for n in ns[2:])]) == pytest.approx(2.0)
+    assert [len(cost._fitted(ns[:k])) for k in (2, 3, 4, 5)] == [2, 2, 3, 3]
+    sizes = {
+        **cost.SIZES["tiny"],
+        "n": [16],
+        "d": [32],
+        "memory_d": 32,
+        "memory_n": ns,
+        "explicit_max_n": 128,
+    }
+    monkeypatch.setitem(cost.SIZES, "tiny", sizes)
+    result = cost.run("tiny", tmp_path, Context())
+    assert result.findings[1].endswith(
+        "(log–log slope over n = 64…256 for attention (fused) and GRU; n = 32…128 for attention (explicit))."
+    )
+    assert result.numbers["memory_exponent_n"]["attention (explicit)"] == "32…128"
 
 
 def test_recurrent_chain_grows_with_n_and_attention_chain_does_not() -> None:
@@ -139,6 +167,13 @@ def test_diagonal_dominates_without_projections() -> None:
     )
     assert without > 0.9
     assert with_projections < 3 / 16  # near uniform (1/16)
+
+
+def test_uniform_baseline_is_averaged_per_token_as_the_diagonal_mass_is() -> None:
+    mask = torch.tensor([[True, True, False, False, False, False], [True] * 6])
+    uniform = mask[:, None, None, :].float().expand(2, 3, 6, 6) / mask.sum(1)[:, None, None, None]
+    assert projections.uniform_mass(mask) == pytest.approx(projections.diagonal_mass(uniform, mask))
+    assert projections.uniform_mass(mask) == pytest.approx(2 / 8)  # not (1/2 + 1/6) / 2
 
 
 def test_identity_baseline_splits_into_the_same_heads() -> None:
@@ -372,6 +407,10 @@ def test_model1_verdict_reads_the_best_layer_against_the_diagonal() -> None:
 def test_position_verdict_follows_the_mispaired_control() -> None:
     assert "more than attention to the words" in alignment.position_verdict(0.75, 0.70, 2)
     assert "follows the words" in alignment.position_verdict(0.75, 0.30, 2)
+    # a correlation near zero, negative or undefined has no diagonal for the control to take apart
+    for trained, mismatched in ((0.04, -0.03), (-0.3, -0.1), (-0.3, -0.5), (math.nan, 0.1)):
+        text = alignment.position_verdict(trained, mismatched, 2)
+        assert text.startswith("The correlation is too weak to tell what it measures"), (trained, mismatched)
 
 
 def test_longest_recalled_distance_stops_at_the_first_failure() -> None:
@@ -421,6 +460,52 @@ def test_report_command_writes_markdown_html_and_figures(run_dir: Path, tmp_path
     assert "<table>" in (out / "seed-claims.html").read_text()
     assert (out / "projections.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".partial-*"))
+    # the uniform baseline per token, as the diagonal masses beside it: 1/mean(n), not mean(1/n)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    lengths = [
+        len(tokenizer.encode(de)) + 1
+        for de, _ in bundled_test_sentences()[: projections.SIZES["tiny"]["sentences"]]
+    ]
+    record = json.loads((out / "seed-claims.json").read_text())
+    uniform = record["results"]["projections"]["trained"]["uniform"]
+    assert uniform == pytest.approx(len(lengths) / sum(lengths))
+    assert uniform != pytest.approx(sum(1 / n for n in lengths) / len(lengths))
+
+
+def _edited_run(run_dir: Path, to: Path, **train: str) -> Path:
+    """A copy of a run whose record says other training settings."""
+    shutil.copytree(run_dir, to)
+    record = json.loads((to / "config.json").read_text())
+    record["train"].update(train)
+    (to / "config.json").write_text(json.dumps(record))
+    return to
+
+
+def test_report_refuses_another_family_or_pair_in_one_line_the_default_run_too(
+    run_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default runs/multi30k-de-en went unchecked (an RNN there: AttributeError halfway through), and
+    an en→de run was fed German sources, exit 0."""
+    out = ["--preset", "tiny", "--only", "projections", "--out", str(tmp_path / "report")]
+    recipe = tiny_recipe(data_dir, model="rnn", max_steps=4, eval_every=2)
+    train(recipe, {"emb_dim": 32, "hidden_size": 32}, tmp_path / "runs" / "multi30k-de-en")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", *out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "error: runs/multi30k-de-en (the default --checkpoint) is a model=rnn run: the report studies a "
+        "Transformer's attention, give a Transformer run with --checkpoint"
+    )
+    en_de = _edited_run(run_dir, tmp_path / "en-de", src_lang="en", tgt_lang="de")
+    assert main(["report", "--checkpoint", str(en_de), *out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "en-de translates en→de, the report's experiments de→en" in error
+    assert not (tmp_path / "report").exists()
 
 
 def test_report_command_refuses_unknown_experiments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

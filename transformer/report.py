@@ -24,23 +24,36 @@ from pathlib import Path
 from typing import Any
 
 from transformer.errors import TransformerError
-from transformer.experiments.common import escape_cell
+from transformer.experiments.common import LANGUAGES, escape_cell
 
 DEFAULT_CHECKPOINT = Path("runs/multi30k-de-en")
 REPORT_NAME = "seed-claims"
 
 
-def _check_transformer_run(checkpoint: Path) -> None:
-    """The experiments study attention heads, positions and projections, which only a Transformer has:
-    refuse another family's run now, not halfway through the report."""
+def _check_transformer_run(checkpoint: Path, default: bool = False) -> None:
+    """The experiments study attention heads, positions and projections, which only a Transformer has,
+    on the sentence pairs they read: refuse another family's run, or another language pair's, now, not
+    halfway through the report (or, for the pair, with numbers that look fine)."""
+    from transformer.config import TrainConfig
     from transformer.rundir import read_run_record
 
     run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    family = read_run_record(run_dir)["train"].get("model", "transformer")
+    train = read_run_record(run_dir)["train"]
+    # the default is used unasked: say so, and how to get past it
+    given = f"{checkpoint} (the default --checkpoint)" if default else str(checkpoint)
+    how = " with --checkpoint" if default else " (or none, and the report trains its own)"
+    family = train.get("model", "transformer")
     if family != "transformer":
         raise TransformerError(
-            f"{checkpoint} is a model={family} run: the report studies a Transformer's attention, give "
-            f"a Transformer run (or none, and the report trains its own)"
+            f"{given} is a model={family} run: the report studies a Transformer's attention, give "
+            f"a Transformer run{how}"
+        )
+    pair = (train.get("src_lang", TrainConfig.src_lang), train.get("tgt_lang", TrainConfig.tgt_lang))
+    if pair != LANGUAGES:
+        ours = "→".join(LANGUAGES)
+        raise TransformerError(
+            f"{given} translates {'→'.join(pair)}, the report's experiments {ours} (they feed it Multi30k's "
+            f"{LANGUAGES[0]} sentences and fit IBM Model 1 {ours}): give a {ours} run{how}"
         )
 
 
@@ -228,11 +241,11 @@ def run_report(
         )
     if checkpoint is not None and not checkpoint.exists():
         raise TransformerError(f"no checkpoint at {checkpoint}")
-    if checkpoint is not None:
-        _check_transformer_run(checkpoint)
     given = checkpoint
     if checkpoint is None and (DEFAULT_CHECKPOINT / "config.json").is_file():
         checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is not None:
+        _check_transformer_run(checkpoint, default=given is None)
     if out.exists() and not out.is_dir():
         raise TransformerError(f"--out {out} exists and is not a directory")
     kept_sections, kept_numbers = earlier_report(out, preset) if only else ([], {})

@@ -42,6 +42,7 @@ from torch import Tensor
 from transformer.data.batching import collate
 from transformer.data.corpus import read_split
 from transformer.experiments.common import (
+    LANGUAGES,
     Context,
     Result,
     Table,
@@ -65,6 +66,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "report": {"sentences": 1000, "shown": 3, "model1_pairs": None},
 }
 MODEL1_ITERATIONS = 5  # GIZA++'s default for Model 1
+WEAK_CORRELATION = 0.3  # below it (weak, by the usual reading of a correlation) `position_verdict` says so
 
 
 def cross_attention(model: Any, src: Tensor, hypotheses: list[list[int]]) -> list[Tensor]:
@@ -243,7 +245,15 @@ def agreement(
 
 
 def position_verdict(trained: float, mismatched: float, layer: int) -> str:
-    """What the mispaired control says the correlation measures, in words chosen by the two numbers."""
+    """What the mispaired control says the correlation measures, in words chosen by the two numbers. A
+    weak trained correlation (or a negative or undefined one) leaves nothing for the control to split
+    into words and position: a drop from 0.04 to -0.03 is no evidence that attention follows the words."""
+    if not trained >= WEAK_CORRELATION:  # NaN too
+        return (
+            f"The correlation is too weak to tell what it measures ({trained:.2f} in layer {layer}, "
+            f"{mismatched:.2f} with another sentence's source): the mispaired control needs a diagonal "
+            f"to take apart."
+        )
     if mismatched >= 0.8 * trained:
         return (
             f"Most of that correlation survives pairing each translation with another sentence's source "
@@ -316,7 +326,7 @@ def agreement_table(a: Agreement, caption: str) -> Table:
 
 def training_model1(translator: Translator, data_dir: Path, pairs: int | None) -> Model1:
     """Model 1 fitted on the first `pairs` training pairs (all for None), in the translator's pieces."""
-    corpus = read_split(data_dir, "train", "de", "en")[:pairs]
+    corpus = read_split(data_dir, "train", *LANGUAGES)[:pairs]
     sources = translator.tokenizer.encode_batch([de for de, _ in corpus])
     targets = translator.tokenizer.encode_batch([en for _, en in corpus])
     return fit_model1(list(zip(sources, targets, strict=True)), translator.tokenizer.vocab_size)

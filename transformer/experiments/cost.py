@@ -176,6 +176,8 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     result.numbers["peak_memory"] = memory
     slopes = {name: _log_slope(points) for name, points in memory.items()}
     result.numbers["memory_exponent"] = slopes
+    fitted = {name: f"{_fitted(points)[0][0]}…{points[-1][0]}" for name, points in memory.items()}
+    result.numbers["memory_exponent_n"] = fitted
     weights_bytes = {n: size["heads"] * n * n * 4 for n, _ in memory["attention (explicit)"]}
     result.tables.append(
         Table(
@@ -219,7 +221,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
         f"Peak memory grows as n^{slopes['attention (explicit)']:.2f} on the explicit path "
         "(the (heads, n, n) "
         f"weights), n^{slopes['attention (fused)']:.2f} on the fused path and n^{slopes['GRU']:.2f} for the "
-        f"GRU (log–log slope over n = {memory_n[0]}…{memory_n[-1]}).",
+        f"GRU (log–log slope over {_fitted_text(fitted)}).",
     ]
     result.notes.append(
         "On a CPU at batch 1 the GRU's n small sequential matrix–vector products are slow per FLOP, while "
@@ -229,10 +231,26 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
     return result
 
 
+def _fitted(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The points a memory slope is fitted over: the last ⌊k/2⌋ + 1 of k (all of 2, 2 of 3, 3 of 4 or 5),
+    the larger n, where the growing term dominates the fixed cost of weights and buffers."""
+    return points[len(points) // 2 - (len(points) % 2 == 0) :] if len(points) > 2 else points
+
+
+def _fitted_text(fitted: dict[str, str]) -> str:
+    """'n = 1024…4096', or the range each layer was fitted over where they differ (the explicit path stops
+    short of the largest n)."""
+    names: dict[str, list[str]] = {}
+    for name, span in fitted.items():
+        names.setdefault(span, []).append(name)
+    if len(names) == 1:
+        return f"n = {next(iter(names))}"
+    return "; ".join(f"n = {span} for {' and '.join(group)}" for span, group in names.items())
+
+
 def _log_slope(points: list[tuple[int, int]]) -> float:
-    """Least-squares slope of log(bytes) against log(n) over the larger half of the points (where the
-    growing term dominates the fixed cost of weights and buffers)."""
-    points = points[len(points) // 2 - (len(points) % 2 == 0) :] if len(points) > 2 else points
+    """Least-squares slope of log(bytes) against log(n) over `_fitted(points)`."""
+    points = _fitted(points)
     xs = [math.log(n) for n, _ in points]
     ys = [math.log(max(b, 1)) for _, b in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

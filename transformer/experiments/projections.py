@@ -51,6 +51,13 @@ def diagonal_mass(weights: Tensor, mask: Tensor | None = None) -> float:
     return float(diagonal[keep].mean())
 
 
+def uniform_mass(mask: Tensor) -> float:
+    """`diagonal_mass` of attention spread evenly over each sentence's real tokens: 1/n per token, averaged
+    per token as `diagonal_mass` averages, so 1/mean(n). The mean of 1/n per sentence weighs short
+    sentences more than the measured columns do, and sits above it (by 13% on 100 test2016 sentences)."""
+    return float(mask.shape[0] / mask.sum())
+
+
 def identity_attention(x: Tensor, mask: Tensor | None = None, heads: int = 1) -> Tensor:
     """Attention with Q = K = V = X split into `heads` slices of d_k = d/heads, as multi-head attention
     splits its projections: per head softmax(XᵢXᵢᵀ/√d_k); (batch, n, d) -> (batch, heads, n, n)."""
@@ -130,7 +137,7 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
             projected_attention(random_projections(d_model, model_heads), x, mask), mask
         ),
         "trained_projections": diagonal_mass(projected_attention(first_layer, x, mask), mask),
-        "uniform": float((1 / mask.sum(1).float()).mean()),
+        "uniform": uniform_mass(mask),
     }
     rows.append(
         [
@@ -151,13 +158,15 @@ def run(preset: str, out_dir: Path, context: Context) -> Result:
                 "Q=K=V=X, h heads of d_k",
                 "random W_Q, W_K, h heads",
                 "trained W_Q, W_K (encoder layer 1)",
-                "uniform 1/n",
+                "uniform",
             ],
             rows,
             f"Mean attention weight of a token on itself. Random: {size['batch']}×{n} tokens, h={heads} "
             f"heads. Trained: embeddings·√d_model + positions of {len(sentences)} test2016 sentences, from "
             f"{translator.description}, h={model_heads} heads. The columns with h heads split the vectors "
-            "the same way (d_k = d/h), so they compare like with like.",
+            "the same way (d_k = d/h), so they compare like with like. Uniform: attention spread evenly "
+            "over the n tokens, 1/n; for the sentences averaged per token as the other columns are, "
+            "1/mean(n).",
         )
     )
 
