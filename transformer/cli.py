@@ -262,16 +262,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from transformer.train import parse_overrides
 
     overrides = parse_overrides(args.overrides)
+    if args.minutes is not None and not 0 <= args.minutes < float("inf"):  # NaN fails too
+        raise TransformerError(f"--minutes must be 0 (no time limit) or more, got {args.minutes}")
     base, transformer_overrides = load_train_settings(args.config, overrides)
+    if args.minutes is None:  # the recipe's or the command line's time_budget_minutes, else the card's 10
+        recipe = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if args.config else None
+        if "time_budget_minutes" not in {**(recipe or {}), **overrides}:
+            base = dataclasses.replace(base, time_budget_minutes=10.0)
+    elif "time_budget_minutes" in overrides and base.time_budget_minutes != args.minutes:
+        raise TransformerError(
+            f"time_budget_minutes={base.time_budget_minutes:g} and --minutes {args.minutes:g} disagree: "
+            "give one of them"
+        )
+    else:  # as any command-line setting, --minutes beats the recipe's
+        base = dataclasses.replace(base, time_budget_minutes=args.minutes)
     if args.jobs < 1:
         raise TransformerError(f"--jobs must be at least 1, not {args.jobs}")
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         raise TransformerError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    for option, values in (("--models", args.models), ("--seeds", args.seeds)):
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:  # a second run of one family and seed would train into the first's directory
+            raise TransformerError(f"{option} names {', '.join(map(str, repeated))} more than once")
     settings = CompareSettings(
         models=tuple(args.models),
         seeds=tuple(args.seeds),
-        base=dataclasses.replace(base, time_budget_minutes=args.minutes),
+        base=base,
         transformer_overrides=tuple(transformer_overrides.items()),
         jobs=args.jobs,
     )
@@ -489,7 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="train the Transformer and the RNN baselines alike and write a comparison card"
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every run (as for train)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="settings for every run (as for train); model settings are the Transformer's: the RNNs keep "
+        "their own (RNNConfig's dropout), sized to its parameter count",
+    )
     p.add_argument("--config", help="a YAML recipe for every run (default: the bundled Multi30k one)")
     p.add_argument(
         "--models",
@@ -500,7 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[1, 2, 3], help="one run per seed and family (default: 1 2 3)"
     )
-    p.add_argument("--minutes", type=float, default=10.0, help="training time budget of each run")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="training time budget of each run; 0: none (max_steps or max_epochs ends it). Beats the "
+        "recipe's time_budget_minutes; a time_budget_minutes=N that differs is refused. Default: "
+        "time_budget_minutes where the recipe or a KEY=VALUE sets it, else 10",
+    )
     p.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each on an equal share of the cores (default 1)"
     )

@@ -10,7 +10,8 @@ perplexity and test BLEU/chrF, beside the published figures of a well-known tuto
 
 A finished run (its results.json exists) is reused and a stopped one resumed, so an interrupted card
 continues where it stopped; but only when it was trained with the settings the card will state: a run of
-other settings or data is refused before anything trains, as `train --resume` refuses a changed run.
+other settings or data (threads included: the card's speeds are its runs') is refused before anything trains,
+as `train --resume` refuses a changed run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformer import rundir
-from transformer.checkpoint import load_state
+from transformer.checkpoint import list_checkpoints
 from transformer.config import RNNConfig, TrainConfig, TransformerConfig, config_to_dict
 from transformer.data.batching import collate
 from transformer.data.corpus import corpus_paths, iter_split, read_split
@@ -125,9 +126,9 @@ def model_overrides(settings: CompareSettings, kind: str) -> dict[str, Any]:
     return {"emb_dim": emb_dim, "hidden_size": hidden, **SHARING}
 
 
-# What a reused run may have been trained with otherwise: only the speed of training and its log depend on
-# these (a card run with --jobs 2 trains on fewer threads per run), not what the card reports it trained.
-MAY_DIFFER = frozenset({"threads", "compile", "log_every"})
+# What a reused run may have been trained with otherwise: only its log. Threads and compilation change no
+# weight but the training speed, which the card reports as measured on its stated threads.
+MAY_DIFFER = frozenset({"log_every"})
 
 
 def _run_dir(out: Path, kind: str, seed: int) -> Path:
@@ -139,8 +140,9 @@ def _cell_config(settings: CompareSettings, kind: str, seed: int) -> TrainConfig
 
 
 def _reused_or_resumed(run_dir: Path) -> bool:
-    """Whether `run_one` would reuse or resume the run rather than train it from the start."""
-    return (run_dir / "results.json").is_file() or (run_dir / "last.safetensors").is_file()
+    """Whether `run_one` would reuse or resume the run rather than train it from the start: any checkpoint
+    counts, as for `train` (a kill between saving `step-N` and `last` leaves no `last`)."""
+    return (run_dir / "results.json").is_file() or bool(list_checkpoints(run_dir))
 
 
 def _data_digests(tc: TrainConfig) -> dict[str, str]:
@@ -188,7 +190,7 @@ def run_one(settings: CompareSettings, kind: str, seed: int, out: Path) -> Path:
     if (run_dir / "results.json").is_file():
         return run_dir
     tc = _cell_config(settings, kind, seed)
-    train(tc, model_overrides(settings, kind), run_dir, resume=(run_dir / "last.safetensors").is_file())
+    train(tc, model_overrides(settings, kind), run_dir, resume=bool(list_checkpoints(run_dir)))
     return run_dir
 
 
@@ -209,19 +211,27 @@ def _config_hash(run_dir: Path) -> str:
     return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def flops_per_target_token(translator: Translator, pairs: list[tuple[list[int], list[int]]]) -> float:
-    """Training FLOPs (forward + backward, counted by torch's FlopCounterMode) per target token, measured
-    on a batch of real training pairs."""
-    model = translator.model
-    batch = collate(pairs)
+def flops_per_target_token(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]) -> float:
+    """Training FLOPs (forward + backward, counted by torch's FlopCounterMode) per target token, on real
+    pairs one at a time: a batch of mixed lengths would count every padded position too (2.2× on 64
+    unsorted validation pairs), which training's length-bucketed batches hardly have."""
     model.train()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss = label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.1)
-        loss.backward()
+    flops = tokens = 0
+    for pair in pairs:
+        batch = collate([pair])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            label_smoothed_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.1).backward()
+        flops += counter.get_total_flops()
+        tokens += batch.n_tgt_tokens
     model.zero_grad(set_to_none=True)
     model.eval()
-    return counter.get_total_flops() / batch.n_tgt_tokens
+    return flops / tokens
+
+
+# A kept measurement of another version is taken again, not put on the card: version 1 counted FLOPs with
+# padding and did not record the dropout.
+MEASURE_VERSION = 2
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
@@ -251,7 +261,9 @@ def measure(run_dir: Path) -> dict[str, Any]:
     with torch.no_grad():
         valid_loss = teacher_forced_loss(model, valid_data, tc.max_tokens)
     sample = list(zip(valid_data.src[:64], valid_data.tgt[:64], strict=True))
-    progress = load_state(run_dir / "last.state.pt")["progress"]
+    # `last`'s, or a newer `step-N`'s: a run killed before saving `last` at its end resumes to save none
+    _, _, state, _ = rundir.resume_point(run_dir)
+    progress = state["progress"]
     tokens_seen = progress.get("tokens_seen", 0)
     return {
         "model": tc.model,
@@ -263,9 +275,11 @@ def measure(run_dir: Path) -> dict[str, Any]:
         "minutes_to_best_valid": best_valid["elapsed"] / 60,
         "updates": progress["step"],
         "valid_ppl": math.exp(min(valid_loss, 50)),
-        "training_flops": flops_per_target_token(translator, sample) * tokens_seen,
+        "training_flops": flops_per_target_token(model, sample) * tokens_seen,
         "wall_minutes": results.get("wall_seconds", 0.0) / 60,
         "config_hash": _config_hash(run_dir),
+        "dropout": json.loads((run_dir / "config.json").read_text())["model"]["dropout"],
+        "measure_version": MEASURE_VERSION,
         **{f"{name}_{key}": value for name, entry in decoding.items() for key, value in entry.items()},
     }
 
@@ -289,6 +303,22 @@ def hardware(threads: int = 0) -> str:
 
 def _threads(n: int) -> str:
     return f"{n} thread" if n == 1 else f"{n} threads"
+
+
+def _budget(tc: TrainConfig) -> str:
+    """How long each run trains: until the first of the limits it has (0 is none, but max_epochs)."""
+
+    def count(n: float, unit: str) -> str:
+        return f"{n:g} {unit}" if n == 1 else f"{n:g} {unit}s"
+
+    limits = [count(tc.time_budget_minutes, "minute")] if tc.time_budget_minutes else []
+    limits += [count(tc.max_steps, "update")] if tc.max_steps else []
+    limits.append(count(tc.max_epochs, "epoch"))
+    if tc.patience:
+        limits.append(f"{count(tc.patience, 'validation')} without a better BLEU")
+    if len(limits) == 1:
+        return limits[0]
+    return f"{', '.join(limits[:-1])} or {limits[-1]}, whichever ends first"
 
 
 def _mean_std(values: Sequence[float], fmt: str) -> str:
@@ -376,10 +406,10 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         f"batches of ≤ {tc.max_tokens} tokens, Adam with warm-up {tc.warmup}, "
         f"label smoothing {tc.label_smoothing}"
         + (f", the rate falling linearly to 0 over the last {tc.cooldown:.0%}" if tc.cooldown else "")
-        + f", average of the last {tc.average_last} checkpoints kept where it validates better), "
-        f"{tc.time_budget_minutes:g} minutes of training per run, seeds "
-        f"{', '.join(map(str, settings.seeds))}; "
-        "mean ± standard deviation over seeds."
+        + f", average of the last {tc.average_last} checkpoints kept where it validates better); "
+        f"training per run: {_budget(tc)}; seeds {', '.join(map(str, settings.seeds))}; "
+        "mean ± standard deviation over seeds. Model settings are each family's own, at about the same "
+        "parameter count (dropout: see the table)."
         + (
             f" {settings.jobs} runs at a time, each training and decoding on {_threads(tc.threads)}."
             if settings.jobs > 1
@@ -400,6 +430,7 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         lines.append(
             "| published (bentrevett/pytorch-seq2seq, lowercased, greedy) | " + " | ".join(published) + " |"
         )
+    lines.append("| dropout | " + " | ".join(f"{by_model[k][0]['dropout']:g}" for k in kinds) + " |")
     lines.append("| config hash (seed excluded) | " + " | ".join(hashes) + " |")
     lines += ["", "## Verdicts", "", *verdicts({k: by_model[k] for k in kinds}, published_comparable), ""]
     lines += [
@@ -415,8 +446,8 @@ def write_card(measured: list[dict[str, Any]], settings: CompareSettings, comman
         "spirit, not to the decimal."
         if published_comparable
         else "- No published figures: they were measured on Multi30k de→en test2016, not on this data.",
-        "- Training FLOPs: torch's FlopCounterMode on a forward+backward pass of 64 validation pairs, per "
-        "target token, times the target tokens trained on.",
+        "- Training FLOPs: torch's FlopCounterMode on a forward+backward pass of 64 validation pairs, one at "
+        "a time (no padding), per target token, times the target tokens trained on.",
         "",
     ]
     text = "\n".join(lines)
@@ -435,8 +466,8 @@ def train_and_measure(settings: CompareSettings, kind: str, seed: int, out: Path
     kept = run_dir / "measured.json"
     if kept.is_file():
         row = json.loads(kept.read_text())
-        row.setdefault("vocab_size", _vocab_size(run_dir))  # measured before the card stated it
-        return row
+        if row.get("measure_version") == MEASURE_VERSION:
+            return row
     row = measure(run_dir)
     kept.write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -450,12 +481,17 @@ def compare(settings: CompareSettings, out: Path, card: Path, command: str) -> s
     products do not split well), and every run still sees the same conditions as the others.
     """
     cells = [(kind, seed) for kind in settings.models for seed in settings.seeds]
+    # Stated on the card and recorded in each run (0 would record "torch's default", whatever that was), so
+    # that a run reused from a card of other threads is refused rather than its speed stated as this one's.
+    if settings.jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // settings.jobs)
+    else:
+        threads = settings.base.threads or torch.get_num_threads()
+    settings = replace(settings, base=replace(settings.base, threads=threads))
     check_reusable(settings, out)
     if settings.jobs <= 1:
         measured = [train_and_measure(settings, kind, seed, out) for kind, seed in cells]
         return write_card(measured, settings, command, card)
-    threads = max(1, (os.cpu_count() or 1) // settings.jobs)
-    settings = replace(settings, base=replace(settings.base, threads=threads))
     context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
     with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
         futures = [pool.submit(train_and_measure, settings, kind, seed, out) for kind, seed in cells]
