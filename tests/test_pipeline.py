@@ -306,6 +306,10 @@ def test_evaluate_cli_json(run_dir: Path, data_dir: Path, capsys, monkeypatch) -
         assert json.loads(capsys.readouterr().out) == expected.to_dict()
     assert main(["evaluate", "--checkpoint", str(run_dir), "--source", str(val_de)]) == 2
     assert one_error_line(capsys) == "error: --source and --reference go together"
+    assert main(["evaluate", "--checkpoint", str(run_dir), *files, "--split", "val"]) == 2  # not one ignored
+    assert (
+        one_error_line(capsys) == "error: --split and --source/--reference each name what is scored: give one"
+    )
 
 
 def test_evaluate_finds_a_relative_data_dir_from_elsewhere(

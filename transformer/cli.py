@@ -212,12 +212,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from transformer.search import search_name
     from transformer.translate import Translator
 
+    if (args.source or args.reference) and not (args.source and args.reference):  # before loading a model
+        raise TransformerError("--source and --reference go together")
+    if args.source and args.split:
+        raise TransformerError("--split and --source/--reference each name what is scored: give one")
     warn_if_emulated(args.precision)
     translator = Translator.from_checkpoints(args.checkpoint, args.name, precision=args.precision)
     tc = translator.train_config
-    if args.source or args.reference:
-        if not (args.source and args.reference):
-            raise TransformerError("--source and --reference go together")
+    if args.source:
         pairs = read_parallel(args.source, args.reference)
         scored = args.source
     else:
