@@ -661,17 +661,20 @@ class Killed(BaseException):
     """A kill at a checkpoint save: nothing after it runs, nothing catches it."""
 
 
-@pytest.mark.parametrize("killed_at", ["best", "step-0000010", "last"])
+@pytest.mark.parametrize(
+    ("killed_step", "killed_at"), [(10, "best"), (10, "step-0000010"), (10, "last"), (5, "step-0000005")]
+)
 def test_a_kill_between_the_saves_of_a_validation_leaves_best_the_best_after_a_resume(
-    data_dir: Path, tmp_path: Path, monkeypatch, killed_at: str
+    data_dir: Path, tmp_path: Path, monkeypatch, killed_step: int, killed_at: str
 ) -> None:
     """The validation at step 10 improves on step 5's (BLEU 12 against 10): whichever of its saves a kill
-    stops, the resumed run's `best` is step 10's weights."""
+    stops, the resumed run's `best` is step 10's weights. Killed after `best` at the first validation,
+    the run has `best` alone to resume from."""
     step = scored_by_step(monkeypatch, {5: 10.0, 10: 12.0}, average=0.0)
     save_checkpoint, kills = train_module.checkpoint.save_checkpoint, [killed_at]
 
     def killing(run_dir, name, *args, **kwargs) -> None:
-        if step["now"] == 10 and name in kills:
+        if step["now"] == killed_step and name in kills:
             kills.remove(name)  # once: the resumed run saves it
             raise Killed
         save_checkpoint(run_dir, name, *args, **kwargs)

@@ -447,16 +447,18 @@ def resume_point(run_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str,
     """The newest complete checkpoint with training state: (name, weights, state, notes on skipped ones).
 
     `last` is preferred unless it is torn or unreadable, or a `step-N` checkpoint is newer than it (a kill
-    after saving `step-N` but before `last` was replaced).
+    after saving `step-N` but before `last` was replaced). `best`, saved first at each validation, is the
+    run's only checkpoint where a kill came right after it at the first validation: then it is the one
+    (an averaged `best` has no training state).
     """
     notes: list[str] = []
-    best: tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    chosen: tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None = None
     try:
         weights, state = load_checkpoint(run_dir, "last", with_state=True)
-        best = ("last", weights, state or {})
+        chosen = ("last", weights, state or {})
     except TransformerError as error:
         notes.append(f"last: {error}")
-    last_step = best[2]["progress"]["step"] if best else -1
+    last_step = chosen[2]["progress"]["step"] if chosen else -1
     for name in reversed(list_checkpoints(run_dir)):
         step = step_of(name)
         if step is None or step <= last_step:
@@ -467,11 +469,18 @@ def resume_point(run_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str,
             notes.append(f"{name}: {error}")
             continue
         return name, weights, state or {}, notes
-    if best is None:
+    if chosen is None and list_checkpoints(run_dir) == ["best"]:
+        try:
+            weights, state = load_checkpoint(run_dir, "best", with_state=True)
+            if state and "progress" in state:
+                return "best", weights, state, notes
+        except TransformerError as error:
+            notes.append(f"best: {error}")
+    if chosen is None:
         raise TransformerError(
             f"cannot resume {run_dir}: it holds no complete checkpoint with training state ({notes[0]})"
         )
-    return (*best, notes)
+    return (*chosen, notes)
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[str]:
