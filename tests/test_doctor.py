@@ -8,19 +8,20 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
+from transformer import translate as translate_module
 from transformer.cli import main
 from transformer.data.tokenizer import Tokenizer
 from transformer.doctor import run_checks
 from transformer.model import attention as attention_module
 from transformer.model import transformer as transformer_module
 from transformer.train import train
-from transformer.translate import Translator
+from transformer.translate import Translator, ready_for_decoding
 
 
 def test_a_trained_checkpoint_passes(run_dir: Path, capsys) -> None:
     assert main(["doctor", "--checkpoint", str(run_dir)]) == 0
     table = capsys.readouterr().out
-    assert "FAIL" not in table and table.count("pass") == 8
+    assert "FAIL" not in table and table.count("pass") == 9
 
 
 def test_a_decoder_that_sees_the_future_fails(run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -61,6 +62,17 @@ def test_each_broken_promise_fails_its_own_check(run_dir: Path, monkeypatch: pyt
     with monkeypatch.context() as m:
         m.setattr(Tokenizer, "decode_batch", lambda self, ids: ["" for _ in ids])
         assert failed_checks() == {"tokenizer round-trips the validation set"}
+
+    def scrambled(model, device="cpu", dtype=torch.float32, **kwargs):  # a bf16 cast that mixes up rows
+        if dtype == torch.bfloat16:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.copy_(parameter[torch.randperm(parameter.size(0))])
+        return ready_for_decoding(model, device, dtype, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(translate_module, "ready_for_decoding", scrambled)
+        assert failed_checks() == {"bf16 weights agree with fp32"}
 
 
 def test_an_attention_lstm_passes(data_dir: Path, tmp_path: Path) -> None:
