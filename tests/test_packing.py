@@ -111,6 +111,30 @@ def test_a_changed_weight_is_packed_again(fp32_kernel: str) -> None:
     assert not torch.allclose(before, packed(x))
 
 
+def test_another_weight_tensor_or_dtype_is_packed_again_and_a_packed_layer_copies(fp32_kernel: str) -> None:
+    """A weight replaced by another tensor of the same version (load_state_dict(assign=True)), or cast
+    in place by `.to` (which bumps no version), is not served from the old pack; copy.deepcopy, which an
+    opaque pack would stop, copies all but the pack."""
+    _, packed = packed_pair()
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        for _ in range(2):  # a first weight of version 0 packed, then a second of version 0
+            other = {key: torch.randn_like(value) for key, value in packed.state_dict().items()}
+            packed.load_state_dict(other, assign=True)
+            packed(x)
+        assert packed.weight._version == 0
+        torch.testing.assert_close(
+            packed(x), F.linear(x, other["weight"], other["bias"]), rtol=1e-5, atol=1e-5
+        )
+        copied = copy.deepcopy(packed)
+        torch.testing.assert_close(copied(x), packed(x))
+        if packing.onednn_packing_available():
+            packed.to(torch.bfloat16)
+            low = x.bfloat16()
+            expected = F.linear(low, packed.weight, packed.bias).float()
+            torch.testing.assert_close(packed(low).float(), expected, rtol=2e-2, atol=2e-2)
+
+
 @needs_packing
 def test_gradients_autocast_and_other_devices_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
     linear, packed = packed_pair()

@@ -120,13 +120,19 @@ class SharedLinear(nn.Linear):
 class PackedLinear(SharedLinear):
     """`nn.Linear` whose CPU inference in fp32 or bf16 reads a packed copy of its weight.
 
-    The packed copy is a plain attribute, never saved. A write through `weight.data` does not bump the
-    version it checks (autograd does not see it either): code that edits weights that way should edit an
-    unpacked model."""
+    The packed copy is a plain attribute, never saved, copied or pickled (a copy packs anew). It is rebuilt
+    when the weight is another tensor (a `load_state_dict(assign=True)`, a cast) or changed in place; but a
+    write through `weight.data` does not bump the version it checks (autograd does not see it either):
+    code that edits weights that way should edit an unpacked model."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        self._packed: tuple[int | None, int, Tensor] | None = None  # (rows or None, weight version, pack)
+        # (rows or None, the weight's version, storage and dtype, pack)
+        self._packed: tuple[int | None, tuple[int, int, torch.dtype], Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle take: all but the pack, an opaque tensor neither can read."""
+        return {**self.__dict__, "_packed": None}
 
     def forward(self, x: Tensor) -> Tensor:
         # ~25 calls per decoding step: cheapest checks first; both kernels take x (…, in) as it is
@@ -141,7 +147,7 @@ class PackedLinear(SharedLinear):
 
     def _packed_for(self, weight: Tensor, rows: int | None) -> Tensor:
         """The weight packed for `rows` rows (None: any count), kept while the weight and count stay."""
-        version, cached = weight._version, self._packed
+        version, cached = (weight._version, weight.data_ptr(), weight.dtype), self._packed
         if cached is not None and cached[0] == rows and cached[1] == version:
             return cached[2]
         packed = _mkl_pack(weight.detach(), rows) if rows is not None else _onednn_pack(weight.detach())
