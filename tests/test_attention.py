@@ -279,10 +279,11 @@ def test_fused_qkv_projection_equals_separate_projections() -> None:
 def test_qkv_projections_are_fused_by_default_only_on_cuda() -> None:
     """`fuse_qkv` None (the default) runs the three projections on a CPU tensor (measured no faster fused
     there) and one stacked matmul only on CUDA; True fuses everywhere (w_q's weight is read, the module
-    not called)."""
+    not called) but where a projection has a hook, which must run."""
     mha = MultiHeadAttention(16, 4)
     calls = []
-    mha.w_q.register_forward_hook(lambda *_: calls.append("w_q"))
+    forward = mha.w_q.forward
+    mha.w_q.forward = lambda x: (calls.append("w_q"), forward(x))[1]
     x = torch.randn(2, 5, 16)
     assert mha.fuse_qkv is None
     mha(x)
@@ -290,6 +291,13 @@ def test_qkv_projections_are_fused_by_default_only_on_cuda() -> None:
     mha.fuse_qkv = True
     mha(x)
     assert calls == ["w_q"]
+    # the report's unscaled variant: a hook scales W_Q's output, fused or not
+    unfused = MultiHeadAttention(16, 4)
+    unfused.load_state_dict(mha.state_dict())
+    for module in (mha, unfused):
+        module.w_q.register_forward_hook(lambda module, args, out: out * 3.0)
+    unfused.fuse_qkv = False
+    assert torch.allclose(mha(x)[0], unfused(x)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize(

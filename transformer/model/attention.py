@@ -243,7 +243,9 @@ class MultiHeadAttention(nn.Module):
     def _self_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x·W_Q, x·W_K, x·W_V, each (batch, len, d_model): one matmul with the stacked weights, or three."""
         fuse = x.device.type == "cuda" if self.fuse_qkv is None else self.fuse_qkv
-        if not fuse:
+        projections = (self.w_q, self.w_k, self.w_v)
+        if not fuse or any(p._forward_hooks or p._forward_pre_hooks for p in projections):
+            # (a hook is the projection's: the report's unscaled variant scales W_Q's output with one)
             return self.w_q(x), self.w_k(x), self.w_v(x)
         weight = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight])  # (3·d_model, d_model)
         bias = torch.cat([self.w_q.bias, self.w_k.bias, self.w_v.bias])
