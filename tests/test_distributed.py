@@ -121,6 +121,9 @@ def test_two_processes_train_like_one_with_their_batches_accumulated(runs) -> No
     one_losses = [r["loss"] for r in records(one, "train")]
     assert [r["step"] for r in records(two, "train")] == [1, 2, 3, 4]
     assert two_losses == pytest.approx(one_losses, rel=TOLERANCE, abs=0)
+    # ...and the padding logged is of both processes' batches, not rank 0's alone
+    paddings = [[r["padding"] for r in records(run, "train")] for run in (two, one)]
+    assert paddings[0] == pytest.approx(paddings[1], rel=1e-12)
     # The steps' weights, before and after the resumption.
     first = max_difference(after_two_steps["weights"], load_weights(one / "step-0000002.safetensors"))
     resumed = load_weights(two / "last.safetensors")
@@ -140,6 +143,18 @@ def test_each_process_saves_and_resumes_its_own_random_stream(runs) -> None:
     assert len(per_rank) == 2
     assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])  # dropout masks differ by rank
     assert torch.equal(after_two_steps["state"]["rng"]["torch"], per_rank[0]["torch"])
+
+
+def test_a_one_process_run_resumes_mid_epoch_on_two(data_dir: Path, tmp_path: Path) -> None:
+    """Stopped at batch 3 of 28 by one process, the epoch's steps for two from there end at batch 27: a
+    step must not take the odd last batch, which one process would then train alone (the other would
+    skip DDP's all-reduce, and gloo abort)."""
+    run = tmp_path / "run"
+    train(tiny_recipe(data_dir, **RECIPE, max_steps=3), MODEL, run)
+    torchrun(run, data_dir, 20, "--resume")
+    assert [r["step"] for r in records(run, "train")][-1] == 20
+    assert next(r["epoch"] for r in records(run, "train") if r["step"] == 15) == 0  # batches 25, 26
+    assert next(r["epoch"] for r in records(run, "train") if r["step"] == 16) == 1
 
 
 def test_a_resumed_two_process_run_with_dropout_is_the_unbroken_one(data_dir: Path, tmp_path: Path) -> None:
@@ -327,6 +342,23 @@ def test_a_ctrl_c_in_long_work_is_raised_at_once_while_the_others_work_on(group_
     with pytest.raises(KeyboardInterrupt):
         distributed.on_each(work)
     assert 0.3 <= time.monotonic() - started < 1.5 and tidied == ["MainThread"]
+    others_done.set()
+
+
+def test_a_ctrl_c_while_waiting_for_the_others_still_waits_for_the_beats(group_of_one, monkeypatch) -> None:
+    """Rank 0's work in `training_ids` returns at once, and it waits for the others': a Ctrl-C there still
+    waits CTRL_C_WAIT for the heartbeat thread, which is inside a collective. (An interrupted Thread.join
+    marks the thread ended, and the join after it returned at once: the process aborted at exit.)"""
+    others_done = threading.Event()
+    monkeypatch.setattr(distributed, "HEARTBEAT", datetime.timedelta(seconds=0.05))
+    monkeypatch.setattr(distributed, "CTRL_C_WAIT", datetime.timedelta(seconds=0.5))
+    monkeypatch.setattr(distributed, "all_sum", lambda values: [0.0 if others_done.wait() else 1.0])
+    main = threading.main_thread().ident
+    threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT)).start()  # a Ctrl-C while waiting
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        distributed.on_each(lambda: "done")
+    assert 0.2 + 0.5 <= time.monotonic() - started < 2.0
     others_done.set()
 
 

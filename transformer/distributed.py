@@ -274,17 +274,19 @@ def _beating(work: Callable[[], T], over: Callable[[bool], bool]) -> T:
     thread only sends one small collective a minute. After a Ctrl-C it is waited for CTRL_C_WAIT at
     most: torchrun sends the signal to every process, whose beats then end at once, while a process
     interrupted alone should not wait for the others' work (its thread is a daemon, left behind)."""
-    finished = threading.Event()
+    finished, beaten = threading.Event(), threading.Event()  # this process's work; the beats' end
     device = _collective_device()
 
     def beat() -> None:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # the current device is the thread's own
-        while not over(finished.wait(HEARTBEAT.total_seconds())):
-            pass
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is the thread's own
+            while not over(finished.wait(HEARTBEAT.total_seconds())):
+                pass
+        finally:
+            beaten.set()
 
-    beats = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    beats.start()
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     interrupted = False
     try:
         return work()
@@ -293,10 +295,12 @@ def _beating(work: Callable[[], T], over: Callable[[bool], bool]) -> T:
         raise
     finally:  # the processes leave the beats together, before an error is shared
         finished.set()
+        # An Event, not Thread.join: a Ctrl-C inside join (Python 3.11) marks the thread as ended, and the
+        # join after it returns at once, leaving the thread in a collective as the process exits (abort).
         try:
-            beats.join(CTRL_C_WAIT.total_seconds() if interrupted else None)
+            beaten.wait(CTRL_C_WAIT.total_seconds() if interrupted else None)
         except KeyboardInterrupt:  # while waiting for the others' work
-            beats.join(CTRL_C_WAIT.total_seconds())
+            beaten.wait(CTRL_C_WAIT.total_seconds())
             raise
 
 

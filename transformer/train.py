@@ -503,11 +503,15 @@ class TrainingLoop:
         bars.callback(bar.close)
         # A step takes `accumulate` batches per process; `p.batch` counts the batches of all processes.
         per_step = tc.accumulate * distributed.world_size()
-        usable = distributed.usable(len(batches))
-        steps_per_epoch = math.ceil(usable / per_step)
+        steps_per_epoch = math.ceil(distributed.usable(len(batches)) / per_step)
+        # Where this epoch's steps end: a whole number of batches per process from where it stands, which a
+        # run resumed on another number of processes may leave anywhere, so that no process is given none
+        # (it would skip DDP's all-reduce that the others wait in).
+        left = len(batches) - p.batch
+        end = p.batch + left - left % distributed.world_size()
         stop = False
-        while p.batch < usable:
-            step_batches = batches[p.batch : p.batch + per_step]
+        while p.batch < end:
+            step_batches = batches[p.batch : min(p.batch + per_step, end)]
             updated = self.step(train_data, step_batches)
             bar.update(len(step_batches))
             if not updated:
@@ -538,7 +542,7 @@ class TrainingLoop:
                 stop = True
                 break
         bar.close()
-        if p.batch >= usable:  # the epoch is done (a stop may come at its last step)
+        if p.batch >= end:  # the epoch is done (a stop may come at its last step)
             p.epoch, p.batch = p.epoch + 1, 0
             p.batch_order = BATCH_ORDER  # an older run's next epoch may shuffle as this version does
             if not tc.eval_every and self.evaluate_and_save():
@@ -557,16 +561,18 @@ class TrainingLoop:
         # The mean over the target tokens of the whole step, EOS included as in `collate`; DDP's average
         # over the processes cancels the factor world_size.
         tokens = sum(train_data.tgt.length(i) + 1 for ids in step_batches for i in ids)
-        loss_sum = 0.0
+        loss_sum = padding = 0.0
         for k, batch in enumerate(collated):
             with distributed.gradient_sync(self.train_model, k == len(collated) - 1):
                 with self.mixed.autocast():
                     loss = batch_loss(self.forward, self.model, batch, self.tc.label_smoothing)
                 self.mixed.backward(loss / tokens * distributed.world_size())
             loss_sum += float(loss.detach())
-            window.pad += batch.padding_fraction
-            window.batches += 1
-        loss_sum = distributed.all_sum([loss_sum])[0]  # all processes judge the same number
+            padding += batch.padding_fraction
+        # All processes judge the same loss; the log's padding is of every process's batches.
+        loss_sum, padding, batches = distributed.all_sum([loss_sum, padding, float(len(collated))])
+        window.pad += padding
+        window.batches += int(batches)
         p.batch += len(step_batches)
         problem = _non_finite(loss_sum, self.model, self.mixed)
         if problem:
