@@ -345,6 +345,15 @@ def test_a_ctrl_c_in_long_work_is_raised_at_once_while_the_others_work_on(group_
     others_done.set()
 
 
+def test_a_warning_of_another_rank_is_on_stderr_with_its_rank(monkeypatch, capsys) -> None:
+    """Ranks but 0 have their stdout silenced: their warnings (kept ids they cannot read) go to stderr."""
+    distributed.warn("warning: rank 0's")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    distributed.warn("warning: the kept ids cannot be read")
+    out, err = capsys.readouterr()
+    assert out == "warning: rank 0's\n" and err == "[rank 1] warning: the kept ids cannot be read\n"
+
+
 def test_a_ctrl_c_while_waiting_for_the_others_still_waits_for_the_beats(group_of_one, monkeypatch) -> None:
     """Rank 0's work in `training_ids` returns at once, and it waits for the others': a Ctrl-C there still
     waits CTRL_C_WAIT for the heartbeat thread, which is inside a collective. (An interrupted Thread.join

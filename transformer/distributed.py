@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from transformer.errors import TransformerError
 
@@ -124,6 +125,15 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0 (or the only process): the one that logs, prints and writes checkpoints."""
     return rank() == 0
+
+
+def warn(message: str) -> None:
+    """A warning of this process: written by rank 0 as any line, by the others on stderr with their rank,
+    since their stdout is silenced (`init`) and what they warn of (ids they cannot read, say) is theirs."""
+    if is_main():
+        tqdm.write(message)  # above a progress bar, if one is drawn
+    else:
+        print(f"[rank {rank()}] {message}", file=sys.stderr, flush=True)
 
 
 def backend() -> str | None:

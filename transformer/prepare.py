@@ -195,7 +195,7 @@ def _tokenise_into(
                 writer.add(src, tgt)
             writer.finish(counts)
     except OSError as error:  # a full disk: the checkpoints will say so too
-        tqdm.write(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
+        distributed.warn(f"warning: the training ids were not kept ({error}): a resume will tokenise again")
         return _tokenise_training_text(tc, tokenizer, key)
     return rundir.load_training_ids(run_dir, key) or _tokenise_training_text(tc, tokenizer, key)
 
@@ -235,7 +235,7 @@ def _read_training_ids(run_dir: Path, key: dict[str, str]) -> tuple[Corpus, dict
     try:
         loaded = rundir.load_training_ids(run_dir, key)
     except TransformerError as error:  # kept ids are a saving, not a need: tokenise again
-        tqdm.write(f"warning: {error}: tokenising the training data again")
+        distributed.warn(f"warning: {error}: tokenising the training data again")
         return None
     if loaded is not None:
         tqdm.write(f"train: token ids read from {run_dir / rundir.TRAIN_IDS}")
