@@ -238,6 +238,13 @@ def test_torch_peer_is_our_model_in_nn_transformer() -> None:
     with torch.no_grad():
         torch.testing.assert_close(peer(src, tgt), ours(src, tgt), rtol=1e-4, atol=1e-5)
     assert peer.dropout.p == c.dropout > 0  # and dropout on the embeddings in training, as ours
+    # In training too: dropout on the sublayers' outputs, but not on attention weights or the
+    # feed-forward's hidden units, which ours leaves at 0 (and which would send the peer's attention to
+    # torch's slower math path)
+    for layer in [*peer.core.encoder.layers, *peer.core.decoder.layers]:
+        attentions = [layer.self_attn, getattr(layer, "multihead_attn", layer.self_attn)]
+        assert [a.dropout for a in attentions] == [c.attention_dropout] * 2 and c.attention_dropout == 0.0
+        assert layer.dropout.p == c.activation_dropout == 0.0 and layer.dropout1.p == c.dropout
 
 
 def test_marian_matches_our_configuration() -> None:
