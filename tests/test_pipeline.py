@@ -262,6 +262,15 @@ def test_translate_cli_prints_n_best_lists(run_dir: Path, tmp_path: Path, capsys
         assert "translations per sentence must be 1 to 128, got " + n in one_error_line(capsys)
 
 
+def test_invisible_characters_are_left_out_of_the_sentence_to_translate(run_dir: Path) -> None:
+    """A BOM where files were joined, a zero-width space, NUL: a line of them is blank, and beside words
+    they change nothing (SentencePiece had given them pieces, which the model translated)."""
+    translator = Translator.from_checkpoint(run_dir)
+    plain = translator.translate(["Ein Mann fährt Fahrrad."], beam=1)
+    marked = ["\ufeffEin Mann fährt Fahrrad.", "Ein Mann\u200b fährt Fahrrad.\x00", "\ufeff", " \u200b\x00 "]
+    assert translator.translate(marked, beam=1) == plain * 2 + ["", ""]
+
+
 def test_translator_api(run_dir: Path) -> None:
     translator = Translator.from_checkpoint(run_dir)
     out = translator.translate(["Ein Mann.", "", "Eine Frau."], beam=2)

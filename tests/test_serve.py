@@ -100,6 +100,14 @@ def test_attention_weights_are_the_models(client: TestClient, translator: Transl
         (b'{"sentences": ["a", "b", "c", "d", "e"]}', 413, "at most 4 per request"),
         (b'{"sentences": ["' + b"a" * 201 + b'"]}', 413, "201 characters"),
         (b'{"sentences": ["' + b"a" * 2000 + b'"]}', 413, "at most 2000"),
+        (  # attention weights grow with the square of the lengths: a few short sentences' only
+            b'{"sentences": ["'
+            + b'", "'.join([b"Zwei Hunde spielen im Schnee und ein Mann ruft. " * 4] * 4)
+            + b'"], '
+            b'"attention": true}',
+            413,
+            "source tokens; at most 128 per request",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(client: TestClient, body: bytes, status: int, message: str) -> None:

@@ -112,6 +112,17 @@ def test_page_translates_and_draws_attention(run_dir: Path, browser, tmp_path: P
         assert drawn == "encoder:0:mean"
         assert browser.execute_script(COUNT_INK)[0] > 0
         browser.save_screenshot(str(tmp_path / "page.png"))
+
+        # A blank sentence has no attention: the last one's is hidden, not left on show.
+        source.clear()
+        source.send_keys("   ")
+        browser.find_element(By.ID, "translate").click()
+        wait.until(lambda b: b.find_element(By.ID, "translation").get_attribute("textContent") == "(empty)")
+        assert not browser.find_element(By.ID, "attention-panel").is_displayed()
+        source.clear()
+        source.send_keys(sentence)  # and a sentence again has its own
+        browser.find_element(By.ID, "translate").click()
+        wait.until(lambda b: b.find_element(By.ID, "attention-panel").is_displayed())
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 

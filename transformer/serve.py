@@ -52,6 +52,9 @@ class Limits:
     max_chars: int = 1000  # per sentence
     max_body_bytes: int = 64 * 1024
     max_beam: int = 8
+    # Source tokens of a request with attention weights, which grow with the square of the lengths (4
+    # sentences of 800 tokens gave a 190 MB answer); 128: one long sentence, or a few of ~30 tokens.
+    max_attention_tokens: int = 128
     max_batch_sentences: int = 64  # sentences the worker puts into one model call
     batch_window_s: float = 0.005  # how long the worker waits for more requests after the first
 
@@ -317,6 +320,7 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
                 "max_chars": limits.max_chars,
                 "max_body_bytes": limits.max_body_bytes,
                 "max_beam": limits.max_beam,
+                "max_attention_tokens": limits.max_attention_tokens,
             },
             "model_calls": batcher.model_calls,
         }
@@ -347,6 +351,13 @@ def create_app(translator: Translator, limits: Limits | None = None) -> FastAPI:
             served = f"an ensemble of {engine.members}" if engine.members > 1 else "an RNN"
             raise RequestError(422, f"attention weights need one Transformer checkpoint (this is {served})")
         sources = engine.encode(query.sentences)
+        tokens = sum(map(len, sources))
+        if query.attention and tokens > limits.max_attention_tokens:
+            raise RequestError(
+                413,
+                f"attention weights of {tokens} source tokens; at most {limits.max_attention_tokens} "
+                "per request (they grow with the square of the length)",
+            )
         started = time.perf_counter()
         results = await batcher.submit(sources, beam, query.attention)
         for sentence, result in zip(query.sentences, results, strict=True):

@@ -316,10 +316,17 @@ class Translator:
         return next(self.model.parameters()).device
 
 
+# Characters that show nothing and say nothing in a sentence to translate: a byte-order mark (where files
+# were joined, `cat a b`), a zero-width space, NUL. SentencePiece gives them pieces, which the model then
+# translated: "\ufeffEin Mann." came out "Plawcaving man.", a line of one BOM as a sentence of nonsense.
+_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\x00"))
+
+
 def source_ids(tokenizer: Tokenizer, sentences: Sequence[str]) -> list[list[int]]:
-    """Token ids per sentence, stripped; [] for a blank one, which every search answers with an empty
-    translation. Callers decide what a sentence longer than the model takes means."""
-    return tokenizer.encode_batch([sentence.strip() for sentence in sentences])
+    """Token ids per sentence, stripped, without `_INVISIBLE` characters; [] for a blank one, which every
+    search answers with an empty translation. Callers decide what a sentence longer than the model takes
+    means."""
+    return tokenizer.encode_batch([sentence.translate(_INVISIBLE).strip() for sentence in sentences])
 
 
 def load_run_config(run_dir: Path) -> tuple[ModelConfig, TrainConfig]:

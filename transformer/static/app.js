@@ -19,6 +19,7 @@ async function init() {
   $("translate-form").addEventListener("submit", translate);
   for (const id of ["kind", "layer", "head"]) {
     $(id).addEventListener("change", () => {
+      if (!current || !current.attention) return;
       if (id === "kind") fillLayerAndHead();
       draw();
     });
@@ -72,6 +73,8 @@ function show() {
     logProb.textContent = alt.log_prob.toFixed(3);
     logProb.className = "num";
   });
+  // An empty sentence has no attention: hide the last sentence's rather than leave it on show.
+  $("attention-panel").hidden = !(health.attention && current.attention);
   if (current.attention) {
     fillLayerAndHead();
     draw();
