@@ -148,9 +148,11 @@ def measure(
             rows[name]["profile"] = profile_step(step, flops, peak)
     rows = {name: rows[name] for name in variants if name in rows}  # in the order asked for
     if "s_per_step" in rows.get("ours", {}):
+        ours = [t / VARIANTS["ours"].steps_per_call for t in times["ours"]]
         for variant, row in rows.items():
             if variant != "ours" and "s_per_step" in row:  # > 1: ours takes less time per step
-                row["ours_speedup"] = round(row["s_per_step"] / rows["ours"]["s_per_step"], 2)
+                theirs = [t / VARIANTS[variant].steps_per_call for t in times[variant]]
+                row["ours_speedup"] = common.paired_speedup(ours, theirs)  # per round, as everywhere else
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else common.machine_info()["cpu"]
     return {
         "device": name,

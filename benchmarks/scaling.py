@@ -4,15 +4,15 @@ against torch.nn.Transformer (training) and MarianMTModel (training and decoding
     python benchmarks/scaling.py                        # lengths 64 … 2048, batch 2
     python benchmarks/scaling.py --lengths 64 256 1024 --batch 4
 
-Training uses targets as long as the sources and each model's own step (as benchmarks/train_step.py:
-ours as `transformer train` steps, the peers with F.cross_entropy over all logits and torch's default
-Adam); decoding generates `--new-tokens` tokens from each source (ours with packed weights, as
-`transformer translate` loads a model; Marian's `generate`). At each length the models run interleaved in
-one process for the times, and each again in a fresh child process for its peak memory, which a process
-keeps only one high-water mark of. Attention is quadratic in length and everything else linear, so time
-per token should stay flat while the projections dominate and rise once the attention scores do; a model
-that writes the attention weights out grows its memory with the square of the length. Prints JSON and
-updates benchmarks/RESULTS.md.
+Training uses targets as long as the sources and each model's own step (as benchmarks/train_step.py: ours as
+`transformer train` steps, the peers with F.cross_entropy over all logits; every model with torch's fused
+Adam, `peers.Variant`'s default); decoding generates `--new-tokens` tokens from each source (ours with
+packed weights, as `transformer translate` loads a model; Marian's `generate`). At each length the models
+run interleaved in one process for the times, and each again in a fresh child process for its peak memory,
+which a process keeps only one high-water mark of. Attention is quadratic in length and everything else
+linear, so time per token should stay flat while the projections dominate and rise once the attention scores
+do; a model that writes the attention weights out grows its memory with the square of the length. Prints
+JSON and updates benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -377,8 +377,8 @@ def test_gpu_benchmark_runs_dry_on_the_cpu() -> None:
     rows = measured["variants"]
     assert list(rows) == ["ours", "nn.Transformer", "MarianMTModel"]
     for peer in ("nn.Transformer", "MarianMTModel"):  # how much longer the peer's step took than ours
-        ratio = rows[peer]["s_per_step"] / rows["ours"]["s_per_step"]
-        assert rows[peer]["ours_speedup"] == pytest.approx(ratio, abs=0.006)  # rounded to hundredths
+        ratio = rows[peer]["s_per_step"] / rows["ours"]["s_per_step"]  # one round: the round's own ratio,
+        assert rows[peer]["ours_speedup"] == pytest.approx(ratio, rel=0.05)  # from times rounded to 0.1 ms
     assert "ours_speedup" not in rows["ours"]
     row = rows["ours"]
     assert measured["batch"] == {"sentences": 4, "source_tokens": 6, "target_tokens": 6}
