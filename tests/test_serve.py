@@ -97,6 +97,7 @@ def test_attention_weights_are_the_models(client: TestClient, translator: Transl
         (b'{"sentences": ["a"], "beam": "2"}', 422, "beam"),
         (b'{"sentences": ["a"], "attention": "yes"}', 422, "attention"),
         (b'{"sentences": ["a"], "temperature": 2}', 422, "temperature"),
+        (b'{"sentences": ["a"], "ev\\nil": 2}', 422, "ev il: Extra inputs"),  # one line, as the key's newline
         (b'{"sentences": ["a", "b", "c", "d", "e"]}', 413, "at most 4 per request"),
         (b'{"sentences": ["' + b"a" * 201 + b'"]}', 413, "201 characters"),
         (b'{"sentences": ["' + b"a" * 2000 + b'"]}', 413, "at most 2000"),

@@ -203,7 +203,8 @@ class Batcher:
         self.wake: asyncio.Event | None = None
         self.worker: asyncio.Task | None = None
         self.model_calls = 0
-        self.batch_sizes: list[int] = []  # sentences per model call, for /health and the load test
+        # sentences per model call, the last 1,024 (for the tests and the load test): a list grew for ever
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)
 
     async def submit(self, sources: list[list[int]], beam: int, attention: bool) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
@@ -377,7 +378,7 @@ def _first_error(errors: Sequence[Any]) -> str:
     valid integer`); the client fixes one thing at a time, and a line reads better than the whole list."""
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
-    return f"{where}: {first['msg']}"
+    return " ".join(f"{where}: {first['msg']}".split())  # one line, whatever a client's key holds
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
