@@ -53,6 +53,34 @@ def test_translations_are_the_translators_with_the_beams_alternatives(
     assert results[2] == {**empty, "alternatives": [empty], "source": " "}
 
 
+def test_a_request_is_searched_in_batches_of_a_token_budget(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `translate` batches: a request of long sentences at a wide beam is not one batch, whose cache
+    would grow with sentences × beam × length; the answers are those of one batch."""
+    from transformer import serve as serve_module
+
+    app = create_app(translator, LIMITS)
+    whole = TestClient(app).post("/translate", json={"sentences": SENTENCES[:4], "beam": 3}).json()
+    calls = []
+    n_best = serve_module.n_best
+    monkeypatch.setattr(
+        serve_module,
+        "n_best",
+        lambda model, src, search: calls.append(len(src)) or n_best(model, src, search),
+    )
+    monkeypatch.setattr(serve_module, "MAX_TOKENS", 3 * 12)  # 12 source tokens a batch at beam 3
+    split = TestClient(create_app(translator, LIMITS)).post(
+        "/translate", json={"sentences": SENTENCES[:4], "beam": 3}
+    )
+    assert len(calls) > 1 and sum(calls) == 4
+    for a, b in zip(split.json()["translations"], whole["translations"], strict=True):  # batches pad apart
+        assert [x["translation"] for x in a["alternatives"]] == [x["translation"] for x in b["alternatives"]]
+        assert [x["score"] for x in a["alternatives"]] == pytest.approx(
+            [x["score"] for x in b["alternatives"]]
+        )
+
+
 def test_attention_weights_are_the_models(client: TestClient, translator: Translator) -> None:
     answer = client.post("/translate", json={"sentences": SENTENCES[:2], "beam": 2, "attention": True})
     assert answer.status_code == 200, answer.text

@@ -39,7 +39,7 @@ from transformer.model import Transformer
 from transformer.model.attention import AttentionRecord
 from transformer.model.ensemble import Ensemble
 from transformer.search import SearchConfig
-from transformer.translate import Translator, n_best, source_ids
+from transformer.translate import MAX_TOKENS, Translator, n_best, source_batches, source_ids
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -102,17 +102,21 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, sources: list[list[int]], beam: int, attention: list[bool]) -> list[dict[str, Any]]:
-        """Translate `sources` in one beam search; with attention weights where `attention` says so. An
-        empty source's one alternative is the empty translation, as `--nbest`'s, and it has no attention."""
+        """Translate `sources` by beam search, in batches of similar length and at most MAX_TOKENS padded
+        source tokens × beam, as `translate` makes them (one batch of 64 long sentences at beam 8 would
+        hold GBs of cache); with attention weights where `attention` says so. An empty source's one
+        alternative is the empty translation, as `--nbest`'s, and it has no attention."""
         search = SearchConfig(beam=beam, length_penalty=self.train_config.length_penalty)
         present = [i for i, ids in enumerate(sources) if ids]
         empty = {"translation": "", "score": 0.0, "log_prob": 0.0}
         results: list[dict[str, Any]] = [{**empty, "alternatives": [{**empty}]} for _ in sources]
-        if not present:
-            return results
         device = next(self.model.parameters()).device
-        src = collate([(sources[i], []) for i in present]).src.to(device)
-        for i, hypotheses in zip(present, n_best(self.model, src, search), strict=True):
+        beams = [
+            (i, hypotheses)
+            for chunk, src in source_batches(sources, beam, MAX_TOKENS)
+            for i, hypotheses in zip(chunk, n_best(self.model, src.to(device), search), strict=True)
+        ]
+        for i, hypotheses in beams:
             texts = self.tokenizer.decode_batch([h.tokens for h in hypotheses])
             alternatives = [
                 {"translation": text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}
