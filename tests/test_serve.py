@@ -59,15 +59,16 @@ def test_a_request_is_searched_in_batches_of_a_token_budget(
     """As `translate` batches: a request of long sentences at a wide beam is not one batch, whose cache
     would grow with sentences × beam × length; the answers are those of one batch."""
     from transformer import serve as serve_module
+    from transformer import translate as translate_module
 
     app = create_app(translator, LIMITS)
     whole = TestClient(app).post("/translate", json={"sentences": SENTENCES[:4], "beam": 3}).json()
     calls = []
-    n_best = serve_module.n_best
+    search = translate_module.beam_search_n_best
     monkeypatch.setattr(
-        serve_module,
-        "n_best",
-        lambda model, src, search: calls.append(len(src)) or n_best(model, src, search),
+        translate_module,
+        "beam_search_n_best",
+        lambda model, src, **how: calls.append(len(src)) or search(model, src, **how),
     )
     monkeypatch.setattr(serve_module, "MAX_TOKENS", 3 * 12)  # 12 source tokens a batch at beam 3
     split = TestClient(create_app(translator, LIMITS)).post(

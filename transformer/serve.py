@@ -39,7 +39,7 @@ from transformer.model import Transformer
 from transformer.model.attention import AttentionRecord
 from transformer.model.ensemble import Ensemble
 from transformer.search import SearchConfig
-from transformer.translate import MAX_TOKENS, Translator, n_best, source_batches, source_ids
+from transformer.translate import MAX_TOKENS, Translator, n_best, source_ids
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -111,12 +111,9 @@ class Engine:
         empty = {"translation": "", "score": 0.0, "log_prob": 0.0}
         results: list[dict[str, Any]] = [{**empty, "alternatives": [{**empty}]} for _ in sources]
         device = next(self.model.parameters()).device
-        beams = [
-            (i, hypotheses)
-            for chunk, src in source_batches(sources, beam, MAX_TOKENS)
-            for i, hypotheses in zip(chunk, n_best(self.model, src.to(device), search), strict=True)
-        ]
-        for i, hypotheses in beams:
+        beams = n_best(self.model, sources, search, max_tokens=MAX_TOKENS, device=device)
+        for i in present:
+            hypotheses = beams[i]
             texts = self.tokenizer.decode_batch([h.tokens for h in hypotheses])
             alternatives = [
                 {"translation": text, "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}

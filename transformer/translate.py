@@ -100,12 +100,23 @@ def translate_ids(
     return results
 
 
-def n_best(model: nn.Module, src: torch.Tensor, search: SearchConfig) -> list[list[Hypothesis]]:
+def n_best(
+    model: nn.Module,
+    sources: Sequence[list[int]],
+    search: SearchConfig,
+    *,
+    max_tokens: int = MAX_TOKENS,
+    device: torch.device | str = "cpu",
+) -> list[list[Hypothesis]]:
     """Every hypothesis of each source's beam, best first (`beam_search_n_best` with the project's special
-    tokens and the model's length limit)."""
-    return beam_search_n_best(
-        model, src, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, config=search, max_len=model.config.max_len
-    )
+    tokens and the model's length limit), batched as `translate_ids` batches; [] for an empty source."""
+    results: list[list[Hypothesis]] = [[] for _ in sources]
+    for chunk, src in source_batches(sources, search.beam, max_tokens):
+        how = {"bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID, "max_len": model.config.max_len}
+        beams = beam_search_n_best(model, src.to(device), config=search, **how)
+        for i, hypotheses in zip(chunk, beams, strict=True):
+            results[i] = hypotheses
+    return results
 
 
 def source_batches(
@@ -249,9 +260,8 @@ class Translator:
             )
         for part in self._source_blocks(sentences, strict, first, block):
             results: list[list[tuple[str, float]]] = [[("", 0.0)] for _ in part]
-            for chunk, src in source_batches(part, search.beam, MAX_TOKENS):
-                beams = n_best(self.model, src.to(self._device()), search)
-                for i, hypotheses in zip(chunk, beams, strict=True):
+            for i, hypotheses in enumerate(n_best(self.model, part, search, device=self._device())):
+                if hypotheses:  # else an empty source
                     best = hypotheses[:n]
                     texts = self.tokenizer.decode_batch([h.tokens for h in best])
                     results[i] = [(text, h.score) for text, h in zip(texts, best, strict=True)]
