@@ -416,10 +416,8 @@ def _restore(
         distributed.seed_rank(tc.seed, progress.step)
     log.write(event="resume", step=progress.step, checkpoint=name)
     schedule = scheduler.lr_lambdas[0]  # a WarmupSchedule, as saved: with the run's old factor and warm-up
-    schedule.factor, schedule.warmup = (
-        tc.lr_factor,
-        tc.warmup,
-    )  # which a resume may change (rundir.MAY_CHANGE)
+    schedule.factor = tc.lr_factor  # which a resume may change (rundir.MAY_CHANGE)
+    schedule.warmup = tc.warmup
     # The budget the checkpoint's cool-down was planned for: config.json may already hold a larger one, of
     # a resume that stopped before it saved.
     if _budget_raised(saved.get("budget", saved_train_config), tc) and schedule.cooling:
