@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformer import distributed, rundir
 from transformer.config import ModelConfig, TrainConfig, config_to_dict
 from transformer.data.corpus import count_pairs, iter_split, read_split, split_paths
-from transformer.data.dataset import ENCODE_CHUNK, Corpus, TokenSequences, encode_stream, new_counts
+from transformer.data.dataset import ENCODE_CHUNK, Corpus, encode_stream, new_counts
 from transformer.data.tokenizer import Tokenizer, round_trip_mismatches
 from transformer.errors import TransformerError
 from transformer.rundir import MetricsLog
@@ -204,8 +204,7 @@ def _tokenise_training_text(
     tc: TrainConfig, tokenizer: Tokenizer, key: dict[str, str]
 ) -> tuple[Corpus, dict[str, int]]:
     """The training split's ids and filter counts, in this process's memory."""
-    held = {"vocab_size": tokenizer.vocab_size}  # 16-bit ids where they fit: half the memory
-    corpus, counts = Corpus(TokenSequences(**held), TokenSequences(**held), []), new_counts()
+    corpus, counts = Corpus.empty(tokenizer.vocab_size), new_counts()
     for src, tgt in _training_text_ids(tc, tokenizer, key, counts):
         corpus.src.extend(src)
         corpus.tgt.extend(tgt)

@@ -120,6 +120,11 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.src)
 
+    @classmethod
+    def empty(cls, vocab_size: int) -> Corpus:
+        """A corpus to extend with a tokenizer's ids: 16-bit where its vocabulary fits, half the memory."""
+        return cls(TokenSequences(vocab_size=vocab_size), TokenSequences(vocab_size=vocab_size), [])
+
     def batches(
         self, max_tokens: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, order: int = BATCH_ORDER
     ) -> TokenBatches:
@@ -142,8 +147,7 @@ def encode_corpus(
     ever Python lists. `keep_text=False` keeps no reference text: training needs none. `progress` shows a
     bar when there is more than one chunk (4.5M pairs take about two minutes on two cores).
     """
-    held = {"vocab_size": tokenizer.vocab_size}
-    corpus, counts = Corpus(TokenSequences(**held), TokenSequences(**held), []), new_counts()
+    corpus, counts = Corpus.empty(tokenizer.vocab_size), new_counts()
     chunks = (pairs[start : start + ENCODE_CHUNK] for start in range(0, len(pairs), ENCODE_CHUNK))
     progress = progress and len(pairs) > ENCODE_CHUNK
     for chunk, keep, src, tgt in encode_stream(chunks, tokenizer, max_len, counts, progress, len(pairs)):
